@@ -1,0 +1,537 @@
+//! Configuration: the file format, its layering and its validation.
+//!
+//! figment layers built-in defaults < a TOML file < environment variables
+//! (`PGPIVOT_` prefix, `__` between nesting levels, e.g.
+//! `PGPIVOT_MONITOR__PASSWORD`). The result deserializes into [`FileConfig`]
+//! (the format, every key documented in `config/pgpivot.toml`) and is then
+//! validated into [`Settings`] (typed runtime values: `SocketAddr`,
+//! `Duration`, a loaded TLS config). A bad config becomes one [`ConfigError`]
+//! that names the key and the problem.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::routing::{LagBudget, Target};
+
+/// A configuration problem: the key and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("config error: {key}: {problem}")]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, problem: impl std::fmt::Display) -> Self {
+        ConfigError {
+            key: key.into(),
+            problem: problem.to_string(),
+        }
+    }
+}
+
+/// The configuration as written: every field optional where a default exists.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// Client-facing listeners; each has a default target.
+    pub listeners: Vec<ListenerConfig>,
+    /// The PostgreSQL servers pgpivot may route to. Required.
+    pub nodes: Vec<NodeConfig>,
+    pub monitor: MonitorConfig,
+    pub failover: FailoverConfig,
+    pub limits: LimitsConfig,
+    /// TLS for client connections; absent means plaintext only.
+    pub tls: Option<TlsConfig>,
+    /// The admin HTTP endpoint; absent means off.
+    pub admin: Option<AdminConfig>,
+    pub log: LogConfig,
+    /// On SIGTERM/SIGINT, how long sessions get to reach an idle point
+    /// before the process exits anyway, in milliseconds.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        FileConfig {
+            listeners: vec![ListenerConfig {
+                address: "127.0.0.1:6432".into(),
+                target: Target::ReadWrite,
+                max_lag_bytes: None,
+                max_lag_ms: None,
+                max_connections: None,
+            }],
+            nodes: Vec::new(),
+            monitor: MonitorConfig::default(),
+            failover: FailoverConfig::default(),
+            limits: LimitsConfig::default(),
+            tls: None,
+            admin: None,
+            log: LogConfig::default(),
+            shutdown_timeout_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// `host:port` to accept clients on.
+    pub address: String,
+    /// Default `target_session_attrs` for sessions on this listener.
+    #[serde(default)]
+    pub target: Target,
+    /// Standbys further behind the primary than this many bytes of WAL get
+    /// no new sessions from this listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lag_bytes: Option<u64>,
+    /// Standbys further behind than this (milliseconds, on pgpivot's clock)
+    /// get no new sessions from this listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lag_ms: Option<u64>,
+    /// Cap on concurrent client sessions on this listener (default: the
+    /// global `limits.max_client_connections`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// A short unique name used in logs, metrics and errors.
+    pub name: String,
+    /// `host:port` of the server.
+    pub address: String,
+    /// Relative share of read sessions (0 = never chosen for reads unless it
+    /// is the primary).
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    /// Role the monitor logs in as (needs `pg_monitor` or superuser).
+    pub user: String,
+    /// Its password; prefer `PGPIVOT_MONITOR__PASSWORD` to writing it here.
+    pub password: String,
+    pub database: String,
+    /// Time between polls of each node, in milliseconds.
+    pub interval_ms: u64,
+    /// Connect and statement timeout of a poll, in milliseconds.
+    pub timeout_ms: u64,
+    /// Consecutive failed polls before a node counts as down.
+    pub failures: u32,
+    /// Consecutive good polls before a down node counts as up again.
+    pub successes: u32,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        MonitorConfig {
+            user: "postgres".into(),
+            password: String::new(),
+            database: "postgres".into(),
+            interval_ms: 250,
+            timeout_ms: 1000,
+            failures: 2,
+            successes: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverConfig {
+    /// How long a new session waits for an eligible node before 57P03, in
+    /// milliseconds.
+    pub hold_timeout_ms: u64,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            hold_timeout_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Concurrent client sessions over all listeners; more get 53300.
+    pub max_client_connections: usize,
+    /// A client must finish its startup packet(s) within this many ms.
+    pub startup_timeout_ms: u64,
+    /// Timeout for the TCP connect to a backend, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Largest message a client may send, in bytes (PostgreSQL's own limit
+    /// is 1 GiB).
+    pub max_message_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_client_connections: 10_000,
+            startup_timeout_ms: 10_000,
+            connect_timeout_ms: 5_000,
+            max_message_bytes: 0x3fff_ffff,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain presented to clients.
+    pub cert: PathBuf,
+    /// PEM private key of that certificate.
+    pub key: PathBuf,
+    /// `disable`, `prefer` (TLS when the client asks) or `require`.
+    #[serde(default)]
+    pub mode: TlsMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    Disable,
+    #[default]
+    Prefer,
+    Require,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `host:port` of the admin HTTP endpoint.
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A RUST_LOG-style filter; the RUST_LOG variable overrides it.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Validated runtime settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listeners: Vec<ListenerSettings>,
+    pub nodes: Vec<NodeSettings>,
+    pub monitor: MonitorSettings,
+    pub hold_timeout: Duration,
+    pub max_client_connections: usize,
+    pub startup_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub tls: Option<TlsSettings>,
+    pub admin: Option<SocketAddr>,
+    pub log: LogConfig,
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerSettings {
+    pub address: SocketAddr,
+    pub target: Target,
+    pub budget: LagBudget,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSettings {
+    pub name: String,
+    /// As configured (a host name is resolved at each connect).
+    pub address: String,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct MonitorSettings {
+    pub user: String,
+    pub password: String,
+    pub database: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub failures: u32,
+    pub successes: u32,
+}
+
+#[derive(Clone)]
+pub struct TlsSettings {
+    pub mode: TlsMode,
+    pub server: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings").field("mode", &self.mode).finish()
+    }
+}
+
+/// Loads defaults < `path` < environment into a [`FileConfig`].
+pub fn load(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
+    let mut figment = Figment::from(Serialized::defaults(FileConfig::default()));
+    if let Some(path) = path {
+        if !path.exists() {
+            return Err(ConfigError::new("--config", format!("{} not found", path.display())));
+        }
+        figment = figment.merge(Toml::file(path));
+    }
+    figment
+        .merge(Env::prefixed("PGPIVOT_").split("__"))
+        .extract()
+        .map_err(figment_error)
+}
+
+fn figment_error(e: figment::Error) -> ConfigError {
+    let key = if e.path.is_empty() {
+        "config".to_string()
+    } else {
+        e.path.join(".")
+    };
+    ConfigError::new(key, e.kind)
+}
+
+impl FileConfig {
+    /// Parses TOML text (no environment), for tests and `--check-config`.
+    pub fn from_toml(text: &str) -> Result<FileConfig, ConfigError> {
+        Figment::from(Serialized::defaults(FileConfig::default()))
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(figment_error)
+    }
+
+    /// The effective config as TOML, with the monitor password masked.
+    pub fn to_toml_masked(&self) -> String {
+        let mut shown = self.clone();
+        if !shown.monitor.password.is_empty() {
+            shown.monitor.password = "********".into();
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot print: {e}"))
+    }
+
+    /// Checks every key and builds the runtime settings.
+    pub fn validate(&self) -> Result<Settings, ConfigError> {
+        let limits = &self.limits;
+        Ok(Settings {
+            listeners: self.validate_listeners()?,
+            nodes: self.validate_nodes()?,
+            monitor: self.validate_monitor()?,
+            hold_timeout: Duration::from_millis(self.failover.hold_timeout_ms),
+            max_client_connections: positive("limits.max_client_connections", limits.max_client_connections)?,
+            startup_timeout: millis("limits.startup_timeout_ms", limits.startup_timeout_ms)?,
+            connect_timeout: millis("limits.connect_timeout_ms", limits.connect_timeout_ms)?,
+            max_message_bytes: positive("limits.max_message_bytes", limits.max_message_bytes)?,
+            tls: self.tls.as_ref().map(validate_tls).transpose()?,
+            admin: self
+                .admin
+                .as_ref()
+                .map(|a| socket_addr("admin.address", &a.address))
+                .transpose()?,
+            log: self.validate_log()?,
+            shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
+        })
+    }
+
+    fn validate_listeners(&self) -> Result<Vec<ListenerSettings>, ConfigError> {
+        if self.listeners.is_empty() {
+            return Err(ConfigError::new("listeners", "at least one listener is required"));
+        }
+        let mut seen = Vec::new();
+        self.listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let key = format!("listeners[{i}]");
+                let address = socket_addr(&format!("{key}.address"), &l.address)?;
+                if seen.contains(&address) {
+                    return Err(ConfigError::new(format!("{key}.address"), "used by two listeners"));
+                }
+                seen.push(address);
+                Ok(ListenerSettings {
+                    address,
+                    target: l.target,
+                    budget: LagBudget {
+                        max_bytes: l.max_lag_bytes,
+                        max_lag: l.max_lag_ms.map(Duration::from_millis),
+                    },
+                    max_connections: l.max_connections.unwrap_or(self.limits.max_client_connections),
+                })
+            })
+            .collect()
+    }
+
+    fn validate_nodes(&self) -> Result<Vec<NodeSettings>, ConfigError> {
+        if self.nodes.is_empty() {
+            return Err(ConfigError::new("nodes", "at least one node is required"));
+        }
+        let mut names: Vec<&str> = Vec::new();
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let key = format!("nodes[{i}]");
+                if n.name.is_empty() || names.contains(&n.name.as_str()) {
+                    return Err(ConfigError::new(format!("{key}.name"), "must be non-empty and unique"));
+                }
+                names.push(&n.name);
+                host_port(&format!("{key}.address"), &n.address)?;
+                Ok(NodeSettings {
+                    name: n.name.clone(),
+                    address: n.address.clone(),
+                    weight: n.weight,
+                })
+            })
+            .collect()
+    }
+
+    fn validate_monitor(&self) -> Result<MonitorSettings, ConfigError> {
+        let m = &self.monitor;
+        if m.user.is_empty() {
+            return Err(ConfigError::new("monitor.user", "must not be empty"));
+        }
+        let interval = millis("monitor.interval_ms", m.interval_ms)?;
+        let timeout = millis("monitor.timeout_ms", m.timeout_ms)?;
+        Ok(MonitorSettings {
+            user: m.user.clone(),
+            password: m.password.clone(),
+            database: m.database.clone(),
+            interval,
+            timeout,
+            failures: positive("monitor.failures", m.failures as usize)? as u32,
+            successes: positive("monitor.successes", m.successes as usize)? as u32,
+        })
+    }
+
+    fn validate_log(&self) -> Result<LogConfig, ConfigError> {
+        tracing_subscriber::EnvFilter::try_new(&self.log.filter)
+            .map_err(|e| ConfigError::new("log.filter", e))?;
+        Ok(self.log.clone())
+    }
+}
+
+fn validate_tls(tls: &TlsConfig) -> Result<TlsSettings, ConfigError> {
+    let server = crate::tls::server_config(&tls.cert, &tls.key).map_err(|e| {
+        let key = match e {
+            crate::tls::TlsError::Key { .. } => "tls.key",
+            _ => "tls.cert",
+        };
+        ConfigError::new(key, e)
+    })?;
+    Ok(TlsSettings {
+        mode: tls.mode,
+        server,
+    })
+}
+
+fn socket_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| ConfigError::new(key, format!("{value:?} is not an ip:port address")))
+}
+
+/// A `host:port` whose host may be a name; checked to resolve now.
+fn host_port(key: &str, value: &str) -> Result<(), ConfigError> {
+    let resolved = value.to_socket_addrs().map_err(|e| {
+        ConfigError::new(key, format!("{value:?} is not a reachable host:port ({e})"))
+    })?;
+    if resolved.count() == 0 {
+        return Err(ConfigError::new(key, format!("{value:?} resolves to no address")));
+    }
+    Ok(())
+}
+
+fn millis(key: &str, ms: u64) -> Result<Duration, ConfigError> {
+    positive(key, ms as usize).map(|_| Duration::from_millis(ms))
+}
+
+fn positive(key: &str, n: usize) -> Result<usize, ConfigError> {
+    if n == 0 {
+        return Err(ConfigError::new(key, "must be greater than 0"));
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [[nodes]]
+        name = "pg1"
+        address = "127.0.0.1:5432"
+    "#;
+
+    fn check(text: &str) -> Result<Settings, ConfigError> {
+        FileConfig::from_toml(text)?.validate()
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let s = check(MINIMAL).unwrap();
+        assert_eq!(s.listeners.len(), 1);
+        assert_eq!(s.listeners[0].target, Target::ReadWrite);
+        assert_eq!(s.monitor.interval, Duration::from_millis(250));
+        assert_eq!(s.hold_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn the_design_contract_parses() {
+        let text = include_str!("../config/pgpivot.toml");
+        let file = FileConfig::from_toml(text).unwrap();
+        assert_eq!(file.listeners.len(), 2);
+        assert_eq!(file.nodes.len(), 3);
+        assert_eq!(file.listeners[1].target, Target::PreferStandby);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = check(&format!("{MINIMAL}\n[monitor]\nintervall_ms = 5")).unwrap_err();
+        assert_eq!(e.key, "monitor.intervall_ms", "{e}");
+        assert!(e.problem.contains("intervall_ms"), "{e}");
+        let e = check("[[nodes]]\nname='a'\naddress='nope'").unwrap_err();
+        assert_eq!(e.key, "nodes[0].address", "{e}");
+        let e = check("").unwrap_err();
+        assert_eq!(e.key, "nodes");
+        let e = check(&format!("{MINIMAL}\n[[listeners]]\naddress='1.2.3.4'")).unwrap_err();
+        assert_eq!(e.key, "listeners[0].address", "{e}");
+        let e = check(&format!("{MINIMAL}\n[[listeners]]\naddress='127.0.0.1:1'\ntarget='leader'"))
+            .unwrap_err();
+        assert!(e.key.starts_with("listeners"), "{e}");
+        let e = check(&format!("{MINIMAL}\n[tls]\ncert='/nonexistent.crt'\nkey='/x.key'")).unwrap_err();
+        assert_eq!(e.key, "tls.cert", "{e}");
+        assert!(!e.to_string().contains('\n'));
+    }
+}

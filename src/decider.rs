@@ -1,0 +1,272 @@
+//! The decider: the one writer of the topology snapshot.
+//!
+//! It receives every monitor [`Report`], applies hysteresis, records the
+//! primary's WAL position for lag, and runs the pure
+//! [`topology::decide`](crate::topology::decide). Each result is stored in an
+//! `ArcSwap` (sessions `load()` it to route); when the generation changes it
+//! is also announced on a `watch` channel, so sessions whose node stopped
+//! being eligible learn of it at once, and the change is logged with its
+//! figures.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::MonitorSettings;
+use crate::monitor::Report;
+use crate::topology::{
+    decide, Health, LsnHistory, NodeId, NodeInput, NodeSpec, Role, Status, Topology,
+};
+
+/// Read side of the snapshot, cloned into every session.
+#[derive(Debug, Clone)]
+pub struct TopologyHandle {
+    current: Arc<ArcSwap<Topology>>,
+    changes: watch::Receiver<u64>,
+    events: Arc<ChangeLog>,
+}
+
+impl TopologyHandle {
+    /// The current snapshot (cheap: an atomic load and a refcount).
+    pub fn load(&self) -> Arc<Topology> {
+        self.current.load_full()
+    }
+
+    /// A receiver that wakes on every new generation.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
+    }
+
+    /// Recent topology changes, newest last.
+    pub fn changes(&self) -> Vec<ChangeRecord> {
+        self.events.recent()
+    }
+}
+
+/// One topology change and its figures.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ChangeRecord {
+    /// Wall-clock time, for humans.
+    pub at: SystemTime,
+    pub generation: u64,
+    /// `promotion`, `primary_lost`, `fenced`, `node_down`, `node_up`,
+    /// `stale_primary`, `foreign_system`, `initial`.
+    pub kind: &'static str,
+    pub summary: String,
+    /// Primary lost → new primary published (writes unavailable), when this
+    /// change ended such a gap.
+    pub write_gap_ms: Option<u64>,
+}
+
+/// Bounded history of changes (a std Mutex: pushed by the decider, read by
+/// the admin endpoint, never held across an await).
+#[derive(Debug, Default)]
+struct ChangeLog(Mutex<VecDeque<ChangeRecord>>);
+
+const CHANGES_KEPT: usize = 64;
+
+impl ChangeLog {
+    fn push(&self, record: ChangeRecord) {
+        let mut log = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if log.len() == CHANGES_KEPT {
+            log.pop_front();
+        }
+        log.push_back(record);
+    }
+
+    fn recent(&self) -> Vec<ChangeRecord> {
+        let log = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        log.iter().cloned().collect()
+    }
+}
+
+/// The decider task's state.
+pub struct Decider {
+    specs: Vec<NodeSpec>,
+    inputs: Vec<NodeInput>,
+    health: Vec<Health>,
+    history: LsnHistory,
+    settings: MonitorSettings,
+    current: Arc<ArcSwap<Topology>>,
+    changes: watch::Sender<u64>,
+    events: Arc<ChangeLog>,
+    /// When writes last became impossible (primary lost or fenced).
+    write_gap_since: Option<Instant>,
+}
+
+impl Decider {
+    /// A decider for `specs` and the handle sessions read from.
+    pub fn new(specs: Vec<NodeSpec>, settings: MonitorSettings) -> (Decider, TopologyHandle) {
+        let initial = Topology::initial(&specs);
+        let current = Arc::new(ArcSwap::from_pointee(initial));
+        let (changes, rx) = watch::channel(0);
+        let events = Arc::new(ChangeLog::default());
+        let handle = TopologyHandle {
+            current: current.clone(),
+            changes: rx,
+            events: events.clone(),
+        };
+        let n = specs.len();
+        let decider = Decider {
+            specs,
+            inputs: vec![NodeInput::default(); n],
+            health: vec![Health::default(); n],
+            history: LsnHistory::default(),
+            settings,
+            current,
+            changes,
+            events,
+            write_gap_since: None,
+        };
+        (decider, handle)
+    }
+
+    /// Applies reports until shutdown or until every monitor is gone.
+    pub async fn run(mut self, mut reports: mpsc::Receiver<Report>, stop: CancellationToken) {
+        loop {
+            let report = tokio::select! {
+                r = reports.recv() => match r { Some(r) => r, None => return },
+                _ = stop.cancelled() => return,
+            };
+            self.apply(report);
+        }
+    }
+
+    fn apply(&mut self, report: Report) {
+        let id = report.node;
+        let s = &self.settings;
+        let up = self.health[id].record(report.result.is_ok(), s.failures, s.successes);
+        match &report.result {
+            Ok(obs) => self.inputs[id].last = Some(*obs),
+            Err(e) => tracing::debug!(node = %self.specs[id].name, error = %e, "poll failed"),
+        }
+        if let Some(obs) = report.result.as_ref().ok().filter(|o| o.role == Role::Primary) {
+            self.history.record(report.at, obs.lsn);
+        }
+        let was_up = self.inputs[id].up;
+        self.inputs[id].up = up;
+        if was_up && !up {
+            if let Err(e) = &report.result {
+                tracing::warn!(node = %self.specs[id].name, error = %e, "node is down");
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&mut self) {
+        let prev = self.current.load_full();
+        let next = decide(&prev, &self.specs, &self.inputs, &self.history, Instant::now());
+        let changed = next.generation != prev.generation;
+        if changed {
+            self.describe(&prev, &next);
+        }
+        let generation = next.generation;
+        self.current.store(Arc::new(next));
+        if changed {
+            self.changes.send_replace(generation);
+        }
+    }
+
+    /// Logs and records what changed between two generations.
+    fn describe(&mut self, prev: &Topology, next: &Topology) {
+        let name = |id: NodeId| next.nodes[id].name.as_str();
+        let now = Instant::now();
+        for (before, after) in prev.nodes.iter().zip(&next.nodes) {
+            if before.status == after.status {
+                continue;
+            }
+            let (kind, summary) = node_change(&after.name, before.status, after.status);
+            if kind == "stale_primary" || kind == "foreign_system" {
+                tracing::error!(generation = next.generation, "{summary}");
+            } else {
+                tracing::info!(generation = next.generation, "{summary}");
+            }
+            self.record(next, kind, summary, None);
+        }
+        match (prev.primary, next.primary) {
+            (old, Some(new)) if old != Some(new) => {
+                let gap = self.write_gap_since.take().map(|t| now - t);
+                let timeline = next.nodes[new].timeline.unwrap_or(0);
+                let summary = match (old, gap) {
+                    (_, Some(gap)) => format!(
+                        "{} is primary on timeline {timeline}; writes were unavailable for {} ms",
+                        name(new),
+                        gap.as_millis()
+                    ),
+                    (None, None) => format!("{} is primary on timeline {timeline}", name(new)),
+                    (Some(old), None) => format!(
+                        "{} promoted on timeline {timeline}, replacing {}",
+                        name(new),
+                        name(old)
+                    ),
+                };
+                tracing::info!(generation = next.generation, "{summary}");
+                let kind = if prev.generation == 0 { "initial" } else { "promotion" };
+                self.record(next, kind, summary, gap.map(|g| g.as_millis() as u64));
+            }
+            (Some(old), None) => {
+                self.write_gap_since = Some(now);
+                let why = if next.fenced { "writes fenced" } else { "no primary" };
+                let kind = if next.fenced { "fenced" } else { "primary_lost" };
+                let summary = format!("primary {} lost: {why}; new write sessions are held", name(old));
+                if next.fenced {
+                    tracing::error!(generation = next.generation, "{summary}");
+                } else {
+                    tracing::warn!(generation = next.generation, "{summary}");
+                }
+                self.record(next, kind, summary, None);
+            }
+            _ => {}
+        }
+    }
+
+    fn record(&self, t: &Topology, kind: &'static str, summary: String, gap: Option<u64>) {
+        self.events.push(ChangeRecord {
+            at: SystemTime::now(),
+            generation: t.generation,
+            kind,
+            summary,
+            write_gap_ms: gap,
+        });
+    }
+}
+
+/// Kind and sentence for one node's status change.
+fn node_change(name: &str, before: Status, after: Status) -> (&'static str, String) {
+    match after {
+        Status::Down => ("node_down", format!("{name} is down (was {})", label(before))),
+        Status::StalePrimary { timeline, current } => (
+            "stale_primary",
+            format!(
+                "{name} is a primary on old timeline {timeline} (newest is {current}): never a write target"
+            ),
+        ),
+        Status::ForeignSystem { system_id } => (
+            "foreign_system",
+            format!("{name} belongs to another cluster (system identifier {system_id}): excluded"),
+        ),
+        Status::Fenced => ("fenced", format!("{name} is fenced: another primary on the same timeline")),
+        _ if before == Status::Down => ("node_up", format!("{name} is up as {}", label(after))),
+        _ => ("role_change", format!("{name} is now {} (was {})", label(after), label(before))),
+    }
+}
+
+fn label(s: Status) -> &'static str {
+    match s {
+        Status::Primary => "primary",
+        Status::Standby => "standby",
+        Status::Down => "down",
+        Status::StalePrimary { .. } => "stale primary",
+        Status::Fenced => "fenced",
+        Status::ForeignSystem { .. } => "foreign",
+    }
+}
+
+/// How long a session should wait before concluding no route will appear.
+pub fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}

@@ -1,0 +1,43 @@
+//! # pgpivot
+//!
+//! A failover-aware PostgreSQL proxy: one stable endpoint; read-write
+//! sessions go to the current primary, read-only sessions to hot standbys
+//! within a lag budget; promotions are detected by watching every node's
+//! replication state, and the view of the cluster is swapped atomically.
+//!
+//! # Layout
+//!
+//! Data path, one task per client session (see [`session`]):
+//! - [`listener`]: accept loops and connection limits.
+//! - [`session`]: handshake → params → connect (route + hold) → auth
+//!   (pass-through) → relay → end, one module per stage.
+//! - [`protocol`]: startup packets, the header framer, the few messages the
+//!   proxy reads or writes.
+//! - [`routing`]: target + lag budget + snapshot → node (pure).
+//! - [`cancel`]: proxy-issued cancel keys → real backends.
+//! - [`tls`]: rustls server config.
+//!
+//! Control path, one task per node plus one decider:
+//! - [`monitor`]: tokio-postgres pollers, one per node.
+//! - [`decider`]: hysteresis, lag history, publishes [`topology::Topology`]
+//!   snapshots through arc-swap and announces generations on a watch channel.
+//! - [`topology`]: the snapshot types and the rules (pure).
+//!
+//! Around them: [`config`] (figment, validation), [`proxy`] (shared state,
+//! start and graceful shutdown), [`metrics`], [`localcluster`] (a real
+//! primary + standbys for tests, benches and the demo).
+
+pub mod cancel;
+pub mod config;
+pub mod decider;
+pub mod demo;
+pub mod listener;
+pub mod localcluster;
+pub mod metrics;
+pub mod monitor;
+pub mod protocol;
+pub mod proxy;
+pub mod routing;
+pub mod session;
+pub mod tls;
+pub mod topology;

@@ -1,0 +1,49 @@
+//! Accepting clients: one loop per configured listener.
+//!
+//! Connection limits are checked here (global and per listener, with
+//! semaphores); a client over the limit still gets its session task, which
+//! reads its startup packet and answers 53300, as PostgreSQL does.
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ListenerSettings;
+use crate::proxy::Shared;
+use crate::session;
+
+/// Accepts until shutdown.
+pub async fn accept_loop(
+    listener: TcpListener,
+    config: Arc<ListenerSettings>,
+    shared: Arc<Shared>,
+    sessions: TaskTracker,
+) {
+    let global = Arc::new(Semaphore::new(shared.settings().max_client_connections));
+    let local = Arc::new(Semaphore::new(config.max_connections));
+    tracing::info!(address = %config.address, target = %config.target, "listening");
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shared.shutdown.cancelled() => return,
+        };
+        shared.metrics.sessions_accepted.inc();
+        let permits = (global.clone().try_acquire_owned(), local.clone().try_acquire_owned());
+        let (shared, config) = (shared.clone(), config.clone());
+        sessions.spawn(async move {
+            let admitted = permits.0.is_ok() && permits.1.is_ok();
+            session::serve(shared, config, tcp, peer, admitted).await;
+            drop(permits);
+        });
+    }
+}

@@ -1,0 +1,101 @@
+//! The `pgpivot` binary: parses the command line, loads the config and runs
+//! the library. Config errors exit with status 2 and one line naming the key.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pgpivot::config::{self, LogConfig, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "pgpivot", version, about = "A failover-aware PostgreSQL proxy")]
+struct Cli {
+    /// TOML config file (defaults < file < PGPIVOT_* environment).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Validate the config, print the effective config and exit.
+    #[arg(long)]
+    check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a local primary with hot standbys and pgpivot in front of it.
+    Demo {
+        /// Number of hot standbys.
+        #[arg(long, default_value_t = 2)]
+        standbys: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Demo { standbys }) => {
+            init_logging(&LogConfig::default());
+            runtime(pgpivot::demo::run(standbys))
+        }
+        None => run_proxy(cli.config, cli.check_config),
+    }
+}
+
+fn run_proxy(path: Option<PathBuf>, check_only: bool) -> ExitCode {
+    let loaded = config::load(path.as_deref()).and_then(|file| file.validate().map(|s| (file, s)));
+    let (file, settings) = match loaded {
+        Ok(pair) => pair,
+        Err(e) => {
+            eprintln!("pgpivot: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if check_only {
+        println!("{}", file.to_toml_masked());
+        return ExitCode::SUCCESS;
+    }
+    init_logging(&settings.log);
+    runtime(serve(settings))
+}
+
+async fn serve(settings: config::Settings) -> anyhow::Result<()> {
+    let timeout = settings.shutdown_timeout;
+    let proxy = pgpivot::proxy::Proxy::start(settings).await?;
+    wait_for_signal().await?;
+    tracing::info!("shutting down: ending sessions at their next idle point");
+    let left = proxy.shutdown(timeout).await;
+    if left > 0 {
+        tracing::warn!(sessions = left, "shutdown timeout passed with sessions still open");
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r,
+        _ = term.recv() => Ok(()),
+    }
+}
+
+fn runtime(main: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    match rt.block_on(main) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgpivot: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(log: &LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.filter));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

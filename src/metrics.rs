@@ -1,0 +1,138 @@
+//! Counters and latency histograms, shared by every session.
+//!
+//! Counters are relaxed atomics (one add per relayed chunk, not per
+//! message). Latencies go into hdrhistogram behind a std Mutex held only to
+//! record one value. The admin endpoint renders them for Prometheus.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+/// A monotonically increasing counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down (sessions open now).
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Counts one until the guard drops.
+    pub fn track(&self) -> GaugeGuard<'_> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        GaugeGuard(self)
+    }
+}
+
+pub struct GaugeGuard<'a>(&'a Gauge);
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Latencies in microseconds, 1 µs to 1 hour, 3 significant digits.
+#[derive(Debug)]
+pub struct Latency(Mutex<Histogram<u64>>);
+
+impl Default for Latency {
+    fn default() -> Self {
+        let h = Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds");
+        Latency(Mutex::new(h))
+    }
+}
+
+impl Latency {
+    pub fn record(&self, d: Duration) {
+        let micros = (d.as_micros() as u64).clamp(1, 3_600_000_000);
+        let mut h = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = h.record(micros);
+    }
+
+    /// (quantile, microseconds) for the usual quantiles, plus max and count.
+    pub fn snapshot(&self) -> LatencySnapshot {
+        let h = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        LatencySnapshot {
+            count: h.len(),
+            quantiles: [0.5, 0.9, 0.99, 0.999].map(|q| (q, h.value_at_quantile(q))),
+            max: h.max(),
+            sum: (h.mean() * h.len() as f64) as u64,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LatencySnapshot {
+    pub count: u64,
+    pub quantiles: [(f64, u64); 4],
+    pub max: u64,
+    pub sum: u64,
+}
+
+/// Everything pgpivot counts.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub sessions_accepted: Counter,
+    pub sessions_active: Gauge,
+    pub sessions_rejected_limit: Counter,
+    pub sessions_held: Counter,
+    pub sessions_released: Counter,
+    pub sessions_hold_timeout: Counter,
+    pub fallbacks: Counter,
+    pub cancel_requests: Counter,
+    pub backend_connect_failures: Counter,
+    pub bytes_from_clients: Counter,
+    pub bytes_to_clients: Counter,
+    /// Sessions the proxy ended, by reason (see `session::ending`).
+    pub ended_demoted: Counter,
+    pub ended_node_lost: Counter,
+    pub ended_promoted: Counter,
+    pub ended_shutdown: Counter,
+    /// Backend connect latency, per node (indexed like the node list).
+    pub connect_latency: Vec<Latency>,
+}
+
+impl Metrics {
+    pub fn new(nodes: usize) -> Metrics {
+        Metrics {
+            connect_latency: (0..nodes).map(|_| Latency::default()).collect(),
+            ..Metrics::default()
+        }
+    }
+
+    pub fn record_connect(&self, node: usize, d: Duration) {
+        if let Some(l) = self.connect_latency.get(node) {
+            l.record(d);
+        }
+    }
+
+    pub fn ended(&self, kind: &str) {
+        match kind {
+            "demoted" => self.ended_demoted.inc(),
+            "node_lost" => self.ended_node_lost.inc(),
+            "promoted" => self.ended_promoted.inc(),
+            _ => self.ended_shutdown.inc(),
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Node monitors: one task per node, each on its own tokio-postgres
+//! connection, polling the node's replication state every interval.
+//!
+//! A poll reads role, timeline, WAL position and system identifier in one
+//! prepared query and reports the result (or the failure) to the
+//! [`decider`](crate::decider). The connect and the query are each bounded by
+//! `monitor.timeout_ms`, so a node that hangs (postmaster stopped with
+//! SIGSTOP) counts as a failed poll instead of stalling the monitor. Sessions
+//! that notice a role change first (ParameterStatus `in_hot_standby`, SQLSTATE
+//! 25006) [`poke`](MonitorHandle::poke) the node's monitor to poll at once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Notify};
+use tokio_postgres::types::PgLsn;
+use tokio_postgres::{Client, NoTls, Statement};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::MonitorSettings;
+use crate::topology::{NodeId, Observation, Role};
+
+/// One poll's outcome, sent to the decider.
+#[derive(Debug)]
+pub struct Report {
+    pub node: NodeId,
+    pub at: Instant,
+    pub result: Result<Observation, PollError>,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PollError {
+    #[error("connect failed: {0}")]
+    Connect(String),
+    #[error("poll query failed: {0}")]
+    Query(String),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("bad address {0:?}")]
+    Address(String),
+}
+
+/// Role, WAL position, timeline and system identifier in one round trip.
+/// The timeline of a primary comes from its current WAL file name, which
+/// changes the moment it is promoted (the checkpoint timeline can trail).
+const POLL_SQL: &str = "\
+SELECT pg_is_in_recovery(),
+       CASE WHEN pg_is_in_recovery() THEN coalesce(pg_last_wal_replay_lsn(), '0/0'::pg_lsn)
+            ELSE pg_current_wal_lsn() END,
+       CASE WHEN pg_is_in_recovery()
+            THEN coalesce((SELECT received_tli FROM pg_stat_wal_receiver),
+                          (SELECT timeline_id FROM pg_control_checkpoint()))
+            ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END,
+       (SELECT system_identifier FROM pg_control_system())";
+
+/// Wakes node monitors for an immediate poll.
+#[derive(Debug, Clone, Default)]
+pub struct MonitorHandle {
+    pokes: Arc<Vec<Arc<Notify>>>,
+}
+
+impl MonitorHandle {
+    /// Asks node `id`'s monitor to poll now rather than at its next interval.
+    pub fn poke(&self, id: NodeId) {
+        if let Some(n) = self.pokes.get(id) {
+            n.notify_one();
+        }
+    }
+
+    pub fn poke_all(&self) {
+        self.pokes.iter().for_each(|n| n.notify_one());
+    }
+}
+
+/// Starts one monitor task per node address.
+pub fn spawn(
+    addresses: &[String],
+    settings: &MonitorSettings,
+    reports: mpsc::Sender<Report>,
+    shutdown: CancellationToken,
+) -> MonitorHandle {
+    let pokes: Vec<Arc<Notify>> = addresses.iter().map(|_| Arc::default()).collect();
+    for (id, address) in addresses.iter().enumerate() {
+        let poller = Poller {
+            node: id,
+            address: address.clone(),
+            settings: settings.clone(),
+            session: None,
+        };
+        let run = poller.run(reports.clone(), pokes[id].clone(), shutdown.clone());
+        tokio::spawn(run);
+    }
+    MonitorHandle {
+        pokes: Arc::new(pokes),
+    }
+}
+
+struct Poller {
+    node: NodeId,
+    address: String,
+    settings: MonitorSettings,
+    /// The open connection and its prepared poll statement.
+    session: Option<(Client, Statement)>,
+}
+
+impl Poller {
+    async fn run(mut self, reports: mpsc::Sender<Report>, poke: Arc<Notify>, stop: CancellationToken) {
+        let mut failures = 0u32;
+        loop {
+            let result = self.poll().await;
+            failures = if result.is_ok() { 0 } else { failures + 1 };
+            let report = Report {
+                node: self.node,
+                at: Instant::now(),
+                result,
+            };
+            if reports.send(report).await.is_err() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.delay(failures)) => {}
+                _ = poke.notified() => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// The interval, backed off (up to 4x) while a node keeps failing, so a
+    /// dead node costs little; the first failures are retried at the normal
+    /// pace so that the down threshold is reached quickly.
+    fn delay(&self, failures: u32) -> Duration {
+        let over = failures.saturating_sub(self.settings.failures + 1).min(2);
+        self.settings.interval * (1 << over)
+    }
+
+    async fn poll(&mut self) -> Result<Observation, PollError> {
+        let timeout = self.settings.timeout;
+        let result = tokio::time::timeout(timeout, self.poll_once())
+            .await
+            .unwrap_or(Err(PollError::Timeout(timeout)));
+        if result.is_err() {
+            // Never reuse a connection that failed or timed out mid-query.
+            self.session = None;
+        }
+        result
+    }
+
+    async fn poll_once(&mut self) -> Result<Observation, PollError> {
+        if self.session.is_none() {
+            self.session = Some(self.connect().await?);
+        }
+        let (client, statement) = self.session.as_ref().expect("connected above");
+        let row = client
+            .query_one(statement, &[])
+            .await
+            .map_err(|e| PollError::Query(e.to_string()))?;
+        let in_recovery: bool = row.get(0);
+        let lsn: PgLsn = row.get(1);
+        let timeline: i32 = row.get(2);
+        let system_id: i64 = row.get(3);
+        Ok(Observation {
+            role: if in_recovery {
+                Role::Standby
+            } else {
+                Role::Primary
+            },
+            timeline: timeline as u32,
+            lsn: u64::from(lsn),
+            system_id: system_id as u64,
+        })
+    }
+
+    async fn connect(&self) -> Result<(Client, Statement), PollError> {
+        let (host, port) = self
+            .address
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+            .ok_or_else(|| PollError::Address(self.address.clone()))?;
+        let s = &self.settings;
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(host)
+            .port(port)
+            .user(&s.user)
+            .password(&s.password)
+            .dbname(&s.database)
+            .application_name("pgpivot-monitor")
+            .connect_timeout(s.timeout);
+        let (client, connection) = config
+            .connect(NoTls)
+            .await
+            .map_err(|e| PollError::Connect(e.to_string()))?;
+        tokio::spawn(async move {
+            // Ends when the client is dropped or the server goes away; the
+            // next poll notices and reconnects.
+            let _ = connection.await;
+        });
+        let statement = client
+            .prepare(POLL_SQL)
+            .await
+            .map_err(|e| PollError::Query(e.to_string()))?;
+        Ok((client, statement))
+    }
+}

@@ -1,0 +1,152 @@
+//! Stage 4 of a session: the authentication exchange, passed through.
+//!
+//! The backend authenticates the client itself (trust, password, md5,
+//! SCRAM-SHA-256); the proxy relays each request and answer unchanged and
+//! knows no password. It changes exactly two things:
+//! - AuthenticationSASL loses its `-PLUS` mechanisms: the client's TLS
+//!   session ends at the proxy, so channel binding cannot work end to end.
+//! - BackendKeyData keeps the real pid but carries a proxy-issued secret,
+//!   registered for CancelRequest routing.
+//!
+//! It also reads `in_hot_standby` so that a read-write session never starts
+//! on a node that turned out to be a standby.
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use super::error::SessionError;
+use crate::cancel::{CancelRegistry, Registration};
+use crate::protocol::frame::{read_message, ReadError, HEADER_LEN};
+use crate::protocol::messages::{self, tag, TxStatus};
+use crate::protocol::startup::CancelKey;
+
+/// Authentication messages are small; SCRAM's are the largest, well under this.
+const AUTH_MESSAGE_LIMIT: usize = 64 * 1024;
+
+/// What the session knows once the backend is ready for queries.
+pub struct Authenticated {
+    pub status: TxStatus,
+    /// Kept alive for the session: dropping it forgets the cancel key.
+    pub cancel: Option<Registration>,
+    /// The backend reported `in_hot_standby = on`.
+    pub in_hot_standby: bool,
+}
+
+/// Context for [`authenticate`].
+pub struct AuthContext<'a> {
+    pub backend_address: &'a str,
+    pub cancels: &'a std::sync::Arc<CancelRegistry>,
+    /// The session must be on a primary: abort if the backend is a standby.
+    pub needs_primary: bool,
+}
+
+/// Relays the exchange from the backend's first answer to the startup packet
+/// up to its first ReadyForQuery.
+pub async fn authenticate<C, B>(
+    client: &mut C,
+    backend: &mut B,
+    ctx: AuthContext<'_>,
+) -> Result<Authenticated, SessionError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut from_backend = BytesMut::with_capacity(8 * 1024);
+    let mut from_client = BytesMut::with_capacity(1024);
+    let mut out = BytesMut::with_capacity(8 * 1024);
+    let mut cancel = None;
+    let mut in_hot_standby = false;
+    loop {
+        let (t, body) = read_message(backend, &mut from_backend, AUTH_MESSAGE_LIMIT)
+            .await
+            .map_err(backend_error)?
+            .ok_or(SessionError::BackendClosedDuringAuth)?;
+        match t {
+            tag::AUTHENTICATION => {
+                let code = messages::auth_code(&body)
+                    .ok_or_else(|| SessionError::BackendProtocol("short authentication message".into()))?;
+                if code == 10 {
+                    if !messages::sasl_without_channel_binding(&body, &mut out) {
+                        return Err(SessionError::BackendProtocol("bad SASL mechanism list".into()));
+                    }
+                } else {
+                    put_message(&mut out, t, &body);
+                }
+                if messages::auth_expects_reply(code) {
+                    flush(client, &mut out).await?;
+                    let (ct, cbody) = read_message(client, &mut from_client, AUTH_MESSAGE_LIMIT)
+                        .await?
+                        .ok_or(SessionError::ClientClosed)?;
+                    let mut answer = BytesMut::with_capacity(cbody.len() + HEADER_LEN);
+                    put_message(&mut answer, ct, &cbody);
+                    backend
+                        .write_all(&answer)
+                        .await
+                        .map_err(|_| SessionError::BackendClosedDuringAuth)?;
+                }
+            }
+            tag::BACKEND_KEY_DATA => {
+                let (pid, secret) = messages::backend_key(&body)
+                    .ok_or_else(|| SessionError::BackendProtocol("bad BackendKeyData".into()))?;
+                let real = CancelKey {
+                    pid,
+                    secret: bytes::Bytes::copy_from_slice(secret),
+                };
+                let reg = ctx.cancels.register(ctx.backend_address, real);
+                messages::put_backend_key(&mut out, pid, &reg.issued.secret);
+                cancel = Some(reg);
+            }
+            tag::PARAMETER_STATUS => {
+                if let Some((b"in_hot_standby", value)) = messages::parameter_status(&body) {
+                    in_hot_standby = value == b"on";
+                }
+                put_message(&mut out, t, &body);
+            }
+            tag::ERROR_RESPONSE => {
+                // Authentication failed (28P01 and friends) or the server
+                // refused the session: the client sees exactly its error.
+                put_message(&mut out, t, &body);
+                flush(client, &mut out).await?;
+                return Err(SessionError::AuthRejected);
+            }
+            tag::READY_FOR_QUERY => {
+                if ctx.needs_primary && in_hot_standby {
+                    // Do not forward: the session must not start here.
+                    return Err(SessionError::NotPrimaryAnymore {
+                        node: ctx.backend_address.to_string(),
+                    });
+                }
+                let status = TxStatus::from_ready_for_query(&body)
+                    .ok_or_else(|| SessionError::BackendProtocol("bad ReadyForQuery".into()))?;
+                put_message(&mut out, t, &body);
+                flush(client, &mut out).await?;
+                return Ok(Authenticated {
+                    status,
+                    cancel,
+                    in_hot_standby,
+                });
+            }
+            _ => put_message(&mut out, t, &body),
+        }
+    }
+}
+
+fn put_message(out: &mut BytesMut, t: u8, body: &[u8]) {
+    out.reserve(HEADER_LEN + body.len());
+    out.extend_from_slice(&[t]);
+    out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    out.extend_from_slice(body);
+}
+
+async fn flush<C: AsyncWrite + Unpin>(client: &mut C, out: &mut BytesMut) -> Result<(), SessionError> {
+    client.write_all(out).await?;
+    out.clear();
+    Ok(())
+}
+
+fn backend_error(e: ReadError) -> SessionError {
+    match e {
+        ReadError::Frame(f) => SessionError::BackendProtocol(f.to_string()),
+        ReadError::Truncated | ReadError::Io(_) => SessionError::BackendClosedDuringAuth,
+    }
+}

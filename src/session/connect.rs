@@ -1,0 +1,141 @@
+//! Stages 2 and 3 of a session: route to a node, and open the backend
+//! connection.
+//!
+//! When no node is eligible (no primary during a failover, no standby within
+//! budget for target `standby`), or the chosen node refuses the connection
+//! before the monitor has noticed it is gone, the session waits for the next
+//! topology generation instead of failing, up to the hold timeout. A failover
+//! then looks like a slow connect, not an error.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::error::SessionError;
+use super::params::SessionRequest;
+use crate::protocol::startup::StartupMessage;
+use crate::proxy::Shared;
+use crate::routing::{route, Choice, NoRoute};
+use crate::topology::{LoadGuard, NodeId};
+
+/// A backend connection with the startup packet sent.
+pub struct Connected {
+    pub backend: TcpStream,
+    pub node: NodeId,
+    pub name: String,
+    pub address: String,
+    pub choice: Choice,
+    /// Counts the session on its node while it lives.
+    pub load: LoadGuard,
+    /// How long the session waited for an eligible node.
+    pub held: Duration,
+}
+
+/// Why the last attempt did not produce a connection.
+enum Miss {
+    NoRoute(NoRoute),
+    Unreachable { node: String, detail: String },
+}
+
+/// Routes the session and connects to the chosen node, holding while needed.
+pub async fn connect(
+    shared: &Shared,
+    request: &SessionRequest,
+    startup: &StartupMessage,
+) -> Result<Connected, SessionError> {
+    let settings = shared.settings();
+    let started = Instant::now();
+    let deadline = started + settings.hold_timeout;
+    let mut changes = shared.topology.subscribe();
+    let mut held = false;
+    loop {
+        changes.borrow_and_update();
+        let miss = match try_once(shared, request, startup).await {
+            Ok(mut connected) => {
+                connected.held = started.elapsed();
+                if held {
+                    shared.metrics.sessions_released.inc();
+                    tracing::info!(held_ms = connected.held.as_millis() as u64, node = %connected.name, "held session released");
+                }
+                return Ok(connected);
+            }
+            Err(miss) => miss,
+        };
+        if !held {
+            held = true;
+            shared.metrics.sessions_held.inc();
+        }
+        // Wake on a new generation; after an unreachable node, also retry
+        // after one monitor interval in case nothing changes.
+        let retry = match miss {
+            Miss::NoRoute(_) => deadline,
+            Miss::Unreachable { .. } => Instant::now() + settings.monitor.interval,
+        };
+        let wake = retry.min(deadline);
+        let changed = tokio::time::timeout_at(wake.into(), changes.changed()).await;
+        if Instant::now() >= deadline && changed.is_err() {
+            shared.metrics.sessions_hold_timeout.inc();
+            let waited_ms = started.elapsed().as_millis();
+            return Err(match miss {
+                Miss::NoRoute(reason) => SessionError::NoRoute { reason, waited_ms },
+                Miss::Unreachable { node, detail } => SessionError::BackendUnavailable {
+                    node,
+                    detail,
+                    waited_ms,
+                },
+            });
+        }
+    }
+}
+
+async fn try_once(
+    shared: &Shared,
+    request: &SessionRequest,
+    startup: &StartupMessage,
+) -> Result<Connected, Miss> {
+    let topology = shared.topology.load();
+    let choice = route(&topology, request.target, &request.budget, shared.next_tiebreak())
+        .map_err(Miss::NoRoute)?;
+    let node = &topology.nodes[choice.node];
+    let load = node.load.enter();
+    let unreachable = |detail: String| {
+        shared.monitor.poke(node.id);
+        shared.metrics.backend_connect_failures.inc();
+        Miss::Unreachable {
+            node: node.name.clone(),
+            detail,
+        }
+    };
+    let started = Instant::now();
+    let timeout = shared.settings().connect_timeout;
+    let mut backend = match tokio::time::timeout(timeout, TcpStream::connect(&node.address)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(unreachable(e.to_string())),
+        Err(_) => return Err(unreachable(format!("connect timed out after {timeout:?}"))),
+    };
+    let _ = backend.set_nodelay(true);
+    let mut startup = startup.clone();
+    if choice.read_only_on_primary {
+        // A read-only session that fell back to the primary keeps its
+        // meaning: PostgreSQL itself refuses its writes with 25006.
+        startup.set_param("default_transaction_read_only", Some("on"));
+    }
+    if let Err(e) = backend.write_all(&startup.encode()).await {
+        return Err(unreachable(e.to_string()));
+    }
+    shared.metrics.record_connect(node.id, started.elapsed());
+    if choice.fell_back {
+        shared.metrics.fallbacks.inc();
+        tracing::info!(target_attrs = %request.target, node = %node.name, "no standby within budget: session placed on the primary");
+    }
+    Ok(Connected {
+        backend,
+        node: node.id,
+        name: node.name.clone(),
+        address: node.address.clone(),
+        choice,
+        load,
+        held: Duration::ZERO,
+    })
+}

@@ -1,0 +1,165 @@
+//! Why the proxy ends a session itself, and when a session's node stops
+//! being eligible for it.
+
+use crate::protocol::sqlstate;
+use crate::routing::Target;
+use crate::topology::{NodeId, Status, Topology};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndReason {
+    /// A read-write session's node is no longer the primary.
+    NotPrimary { node: String, new_primary: Option<String> },
+    /// The node is down or excluded.
+    NodeLost { node: String },
+    /// A standby session's node was promoted (targets that require a standby).
+    Promoted { node: String },
+    /// The proxy is shutting down.
+    Shutdown,
+}
+
+impl EndReason {
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            EndReason::NodeLost { .. } => sqlstate::CONNECTION_FAILURE,
+            _ => sqlstate::ADMIN_SHUTDOWN,
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            EndReason::NotPrimary { node, new_primary } => match new_primary {
+                Some(p) => format!(
+                    "pgpivot: {node} is no longer the primary; the new primary is {p}: reconnect"
+                ),
+                None => format!(
+                    "pgpivot: {node} is no longer the primary and no primary is available yet: reconnect"
+                ),
+            },
+            EndReason::NodeLost { node } => format!("pgpivot: lost server {node}"),
+            EndReason::Promoted { node } => {
+                format!("pgpivot: {node} was promoted and is no longer a standby: reconnect")
+            }
+            EndReason::Shutdown => "pgpivot is shutting down".into(),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EndReason::NotPrimary { .. } => "demoted",
+            EndReason::NodeLost { .. } => "node_lost",
+            EndReason::Promoted { .. } => "promoted",
+            EndReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Why a session on `node` with `target` must end under `topology`, if it
+/// must. Sessions that needed a primary end as soon as their node is not the
+/// primary (demoted, stale, fenced or down): none may keep writing to a stale
+/// primary. Read sessions end when their node is lost; a standby that is
+/// promoted stays valid for targets that accept a primary; `standby` and
+/// `read-only` sessions that started on it end, since it now takes writes.
+pub fn eligibility(
+    topology: &Topology,
+    node: NodeId,
+    target: Target,
+    started_on_standby: bool,
+) -> Option<EndReason> {
+    let view = topology.node(node)?;
+    let name = view.name.clone();
+    if target.needs_primary() {
+        if topology.primary == Some(node) {
+            return None;
+        }
+        let new_primary = topology.primary_view().map(|p| p.name.clone());
+        return Some(EndReason::NotPrimary {
+            node: name,
+            new_primary,
+        });
+    }
+    match view.status {
+        Status::Standby => None,
+        Status::Primary => match target {
+            Target::Standby | Target::ReadOnly if started_on_standby => {
+                Some(EndReason::Promoted { node: name })
+            }
+            _ => None,
+        },
+        _ => Some(EndReason::NodeLost { node: name }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::{decide, LsnHistory, NodeInput, NodeSpec, Observation, Role};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    fn topology(roles: &[Option<(Role, u32)>]) -> Topology {
+        let specs: Vec<NodeSpec> = (0..roles.len())
+            .map(|i| NodeSpec {
+                name: format!("pg{}", i + 1),
+                address: String::new(),
+                weight: 1,
+                load: Arc::default(),
+            })
+            .collect();
+        let inputs: Vec<NodeInput> = roles
+            .iter()
+            .map(|r| NodeInput {
+                up: r.is_some(),
+                last: r.map(|(role, timeline)| Observation {
+                    role,
+                    timeline,
+                    lsn: 0,
+                    system_id: 1,
+                }),
+            })
+            .collect();
+        decide(&Topology::initial(&specs), &specs, &inputs, &LsnHistory::default(), Instant::now())
+    }
+
+    #[test]
+    fn writers_end_when_their_node_is_not_the_primary() {
+        use Role::*;
+        let before = topology(&[Some((Primary, 1)), Some((Standby, 1))]);
+        assert_eq!(eligibility(&before, 0, Target::ReadWrite, false), None);
+        let after = topology(&[Some((Primary, 1)), Some((Primary, 2))]);
+        assert_eq!(
+            eligibility(&after, 0, Target::ReadWrite, false),
+            Some(EndReason::NotPrimary {
+                node: "pg1".into(),
+                new_primary: Some("pg2".into())
+            })
+        );
+        let down = topology(&[None, Some((Standby, 1))]);
+        assert!(matches!(
+            eligibility(&down, 0, Target::Primary, false),
+            Some(EndReason::NotPrimary { new_primary: None, .. })
+        ));
+        let fenced = topology(&[Some((Primary, 2)), Some((Primary, 2))]);
+        assert!(eligibility(&fenced, 0, Target::ReadWrite, false).is_some());
+    }
+
+    #[test]
+    fn readers_follow_their_standby() {
+        use Role::*;
+        let promoted = topology(&[None, Some((Primary, 2))]);
+        assert_eq!(eligibility(&promoted, 1, Target::PreferStandby, true), None);
+        assert_eq!(eligibility(&promoted, 1, Target::Any, true), None);
+        assert!(matches!(
+            eligibility(&promoted, 1, Target::Standby, true),
+            Some(EndReason::Promoted { .. })
+        ));
+        assert_eq!(
+            eligibility(&promoted, 1, Target::ReadOnly, false),
+            None,
+            "a read-only session placed on the primary stays"
+        );
+        assert!(matches!(
+            eligibility(&promoted, 0, Target::PreferStandby, true),
+            Some(EndReason::NodeLost { .. })
+        ));
+    }
+}

@@ -1,0 +1,165 @@
+//! One client session, from accept to end.
+//!
+//! ```text
+//! handshake ──► params ──► connect ──────────► auth ──────────► relay ──► end
+//! SSLRequest    pgpivot.*  route + hold,       pass-through,    framed     Terminate, backend
+//! (rustls),     settings   backend TCP,        proxy cancel     bulk       gone, node no longer
+//! startup/cancel           startup packet      key, in_hot_     copy       eligible, shutdown
+//!                                              standby check
+//! ```
+//!
+//! Each stage is a module with its own function; this one runs them in
+//! order inside the session's tracing span and turns a stage's error into
+//! the client's ErrorResponse.
+
+pub mod auth;
+pub mod connect;
+pub mod ending;
+pub mod error;
+pub mod handshake;
+pub mod params;
+pub mod relay;
+pub mod stream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use crate::config::{ListenerSettings, TlsMode};
+use crate::protocol::messages;
+use crate::proxy::Shared;
+use error::SessionError;
+use handshake::Hello;
+use relay::{RelayContext, RelayEnd};
+use stream::ClientStream;
+
+/// Serves one accepted connection. `admitted` is false when a connection
+/// limit was hit: the client then gets 53300 after its startup packet.
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: Arc<ListenerSettings>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    admitted: bool,
+) {
+    let id = shared.next_session_id();
+    let span = tracing::info_span!("session", id, client = %peer, listener = %listener.address, node = tracing::field::Empty);
+    async move {
+        let _active = shared.metrics.sessions_active.track();
+        match run(&shared, &listener, tcp, admitted).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == "client_closed" => tracing::debug!("{e}"),
+            Err(e) => tracing::info!(kind = e.kind(), "session failed: {e}"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn run(
+    shared: &Shared,
+    listener: &ListenerSettings,
+    tcp: TcpStream,
+    admitted: bool,
+) -> Result<(), SessionError> {
+    let settings = shared.settings();
+    let _ = tcp.set_nodelay(true);
+    let deadline = Instant::now() + settings.startup_timeout;
+    let (mut client, mut startup) = match handshake::negotiate(tcp, settings.tls.as_ref(), deadline).await? {
+        Hello::Cancel(key) => {
+            shared.metrics.cancel_requests.inc();
+            shared.cancels.cancel(&key, settings.connect_timeout).await;
+            return Ok(());
+        }
+        Hello::Startup(client, startup) => (client, startup),
+    };
+    let tls_required = settings.tls.as_ref().is_some_and(|t| t.mode == TlsMode::Require);
+    let checked = if !admitted {
+        shared.metrics.sessions_rejected_limit.inc();
+        Err(SessionError::TooManyConnections)
+    } else if tls_required && !client.is_tls() {
+        Err(SessionError::TlsRequired)
+    } else {
+        params::extract(&mut startup, listener)
+    };
+    let request = or_reply(&mut client, checked).await?;
+    tracing::debug!(user = startup.param("user"), database = startup.param("database"), target = %request.target, "startup");
+    let connected = or_reply(&mut client, connect::connect(shared, &request, &startup).await).await?;
+    tracing::Span::current().record("node", connected.name.as_str());
+    let mut backend = connected.backend;
+    let auth_ctx = auth::AuthContext {
+        backend_address: &connected.address,
+        cancels: &shared.cancels,
+        needs_primary: request.target.needs_primary(),
+    };
+    let authenticated = auth::authenticate(&mut client, &mut backend, auth_ctx).await;
+    if let Err(SessionError::NotPrimaryAnymore { .. }) = &authenticated {
+        shared.monitor.poke(connected.node);
+    }
+    let authenticated = or_reply(&mut client, authenticated).await?;
+    let ctx = RelayContext {
+        node: connected.node,
+        target: request.target,
+        on_standby: authenticated.in_hot_standby,
+        status: authenticated.status,
+        topology: &shared.topology,
+        monitor: &shared.monitor,
+        max_message_bytes: settings.max_message_bytes,
+        metrics: &shared.metrics,
+        shutdown: &shared.shutdown,
+    };
+    let end = relay_streams(client, &mut backend, &ctx).await;
+    drop(authenticated.cancel);
+    drop(connected.load);
+    match end {
+        Ok(RelayEnd::Ended(reason)) => {
+            shared.metrics.ended(reason.kind());
+            tracing::info!(reason = reason.kind(), "session ended by pgpivot: {}", reason.message());
+        }
+        Ok(RelayEnd::ClientProtocol(e)) => tracing::info!("client protocol violation: {e}"),
+        Ok(other) => tracing::debug!(end = ?other, "session ended"),
+        Err(e) => tracing::debug!("session i/o error: {e}"),
+    }
+    Ok(())
+}
+
+/// Splits both streams and relays between them.
+async fn relay_streams(
+    client: ClientStream,
+    backend: &mut TcpStream,
+    ctx: &RelayContext<'_>,
+) -> std::io::Result<RelayEnd> {
+    let (mut br, mut bw) = backend.split();
+    match client {
+        ClientStream::Plain(mut tcp) => {
+            let (mut cr, mut cw) = tcp.split();
+            relay::relay(&mut cr, &mut cw, &mut br, &mut bw, ctx).await
+        }
+        ClientStream::Tls(tls) => {
+            let (mut cr, mut cw) = tokio::io::split(*tls);
+            relay::relay(&mut cr, &mut cw, &mut br, &mut bw, ctx).await
+        }
+    }
+}
+
+/// Passes a stage's result through, telling the client about an error.
+async fn or_reply<T>(client: &mut ClientStream, result: Result<T, SessionError>) -> Result<T, SessionError> {
+    if let Err(e) = &result {
+        reply(client, e).await;
+    }
+    result
+}
+
+/// Sends the client the ErrorResponse an error calls for, if any.
+pub(crate) async fn reply<W: AsyncWrite + Unpin>(client: &mut W, e: &SessionError) {
+    if let Some((severity, code, message)) = e.client_error() {
+        let _ = client
+            .write_all(&messages::error_bytes(severity, code, &message))
+            .await;
+        let _ = client.flush().await;
+    }
+}

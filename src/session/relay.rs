@@ -1,0 +1,367 @@
+//! Stage 5 of a session: the relay.
+//!
+//! Two directions run concurrently in the session's task (a client may send
+//! a long pipeline while the backend streams results; relaying one direction
+//! at a time would deadlock both). Each direction reads what the socket has,
+//! lets the [`Framer`] find message boundaries, and writes everything up to
+//! the last boundary it reached in one write. Nothing is allocated per
+//! message; large messages pass through in pieces.
+//!
+//! Client → backend reads only type bytes: Query, Sync and FunctionCall
+//! (each will be answered by a ReadyForQuery) and Terminate.
+//!
+//! Backend → client also reads ReadyForQuery (transaction status: idle points
+//! are where a session may be ended cleanly), ParameterStatus
+//! (`in_hot_standby` changes at promotion) and ErrorResponse (25006 on a
+//! session routed as read-write; FATAL before a close). It also watches the
+//! topology: a session whose node stops being eligible is ended with an
+//! ErrorResponse at the next message boundary, and from that moment nothing
+//! more from the client reaches the backend.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::ending::{eligibility, EndReason};
+use crate::decider::TopologyHandle;
+use crate::monitor::MonitorHandle;
+use crate::protocol::frame::{Frame, FrameError, Framer};
+use crate::protocol::messages::{self, tag, Severity, TxStatus};
+use crate::protocol::sqlstate;
+use crate::routing::Target;
+use crate::topology::NodeId;
+
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Upper bound on finishing a half-relayed message before ending a session
+/// whose node was lost (the backend may be hung mid-message).
+const END_GRACE: Duration = Duration::from_secs(1);
+
+/// What the relay needs to know about its session.
+pub struct RelayContext<'a> {
+    pub node: NodeId,
+    pub target: Target,
+    /// The session was placed on a standby (not a fallback to the primary).
+    pub on_standby: bool,
+    pub status: TxStatus,
+    pub topology: &'a TopologyHandle,
+    pub monitor: &'a MonitorHandle,
+    pub max_message_bytes: usize,
+    pub metrics: &'a crate::metrics::Metrics,
+    /// Cancelled when the proxy shuts down: the session ends at its next
+    /// idle point.
+    pub shutdown: &'a tokio_util::sync::CancellationToken,
+}
+
+/// How a relay ended.
+#[derive(Debug)]
+pub enum RelayEnd {
+    /// The client sent Terminate or closed its connection.
+    ClientGone,
+    /// The backend closed; the client has been told (by the backend, or by
+    /// the proxy's 08006).
+    BackendGone,
+    /// The proxy ended the session (its node stopped being eligible).
+    Ended(EndReason),
+    /// The client broke the protocol; it got 08P01.
+    ClientProtocol(FrameError),
+}
+
+/// State shared by the two directions (same task; atomics only because the
+/// futures borrow it concurrently).
+struct Shared {
+    /// ReadyForQuery answers still expected.
+    outstanding: AtomicU32,
+    status: AtomicU8,
+    /// Set when the session is ending: nothing more goes to the backend.
+    stop_forwarding: AtomicBool,
+    /// The client stream ends at a message boundary (safe to add a message).
+    client_clean: AtomicBool,
+}
+
+impl Shared {
+    /// Between transactions with no answer pending: the session can be ended
+    /// without the client losing anything.
+    fn is_idle(&self) -> bool {
+        self.status.load(Ordering::Relaxed) == TxStatus::Idle as u8
+            && self.outstanding.load(Ordering::Relaxed) == 0
+    }
+}
+
+/// Relays until either side ends or the proxy ends the session.
+pub async fn relay<CR, CW, BR, BW>(
+    cr: &mut CR,
+    cw: &mut CW,
+    br: &mut BR,
+    bw: &mut BW,
+    ctx: &RelayContext<'_>,
+) -> std::io::Result<RelayEnd>
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    BR: AsyncRead + Unpin,
+    BW: AsyncWrite + Unpin,
+{
+    let state = Shared {
+        outstanding: AtomicU32::new(0),
+        status: AtomicU8::new(ctx.status as u8),
+        stop_forwarding: AtomicBool::new(false),
+        client_clean: AtomicBool::new(true),
+    };
+    let mut upstream = Framer::new(&[], ctx.max_message_bytes);
+    let outcome = tokio::select! {
+        end = client_to_backend(cr, bw, &state, &mut upstream, ctx) => end,
+        end = backend_to_client(br, cw, &state, ctx) => end,
+    };
+    let clean = state.client_clean.load(Ordering::Relaxed);
+    match &outcome {
+        Outcome::ClientGone | Outcome::ClientProtocol(_) => {
+            if let Outcome::ClientProtocol(e) = &outcome {
+                say(cw, clean, sqlstate::PROTOCOL_VIOLATION, &e.to_string()).await;
+            }
+            if upstream.at_boundary() {
+                // Tell the backend goodbye as a client would.
+                let _ = bw.write_all(&[tag::TERMINATE, 0, 0, 0, 4]).await;
+            }
+        }
+        Outcome::BackendGone { said_why: false } => {
+            let why = "pgpivot: connection to the server was lost";
+            say(cw, clean, sqlstate::CONNECTION_FAILURE, why).await;
+        }
+        Outcome::BackendGone { said_why: true } | Outcome::Ended(_) => {}
+    }
+    let _ = cw.shutdown().await;
+    Ok(match outcome {
+        Outcome::ClientGone => RelayEnd::ClientGone,
+        Outcome::ClientProtocol(e) => RelayEnd::ClientProtocol(e),
+        Outcome::BackendGone { .. } => RelayEnd::BackendGone,
+        Outcome::Ended(r) => RelayEnd::Ended(r),
+    })
+}
+
+enum Outcome {
+    ClientGone,
+    ClientProtocol(FrameError),
+    BackendGone { said_why: bool },
+    Ended(EndReason),
+}
+
+/// Writes a FATAL error to the client if the stream is at a boundary.
+async fn say<W: AsyncWrite + Unpin>(cw: &mut W, clean: bool, code: &str, message: &str) {
+    if clean {
+        let _ = cw.write_all(&messages::error_bytes(Severity::Fatal, code, message)).await;
+    }
+}
+
+/// Makes sure a read has room for a decent chunk without growing forever.
+fn reserve(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+}
+
+async fn client_to_backend<R, W>(
+    cr: &mut R,
+    bw: &mut W,
+    state: &Shared,
+    framer: &mut Framer,
+    ctx: &RelayContext<'_>,
+) -> Outcome
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        reserve(&mut buf);
+        match cr.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return Outcome::ClientGone,
+            Ok(_) => {}
+        }
+        let mut pos = 0;
+        let mut terminated = false;
+        loop {
+            let frame = match framer.next(&buf[pos..]) {
+                Ok(Frame::Incomplete) => break,
+                Ok(frame) => frame,
+                Err(e) => return Outcome::ClientProtocol(e),
+            };
+            if let Frame::Pass {
+                starts: Some(t), ..
+            } = frame
+            {
+                match t {
+                    tag::QUERY | tag::SYNC | tag::FUNCTION_CALL => {
+                        state.outstanding.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tag::TERMINATE => terminated = true,
+                    _ => {}
+                }
+            }
+            pos += frame.len();
+        }
+        if state.stop_forwarding.load(Ordering::Relaxed) {
+            // The session is being ended: the backend gets nothing more.
+            return std::future::pending().await;
+        }
+        if bw.write_all(&buf[..pos]).await.is_err() {
+            // The backend is gone; let the other direction deliver whatever
+            // it said before going (a FATAL, say) and end the session.
+            return std::future::pending().await;
+        }
+        ctx.metrics.bytes_from_clients.add(pos as u64);
+        buf.advance(pos);
+        if terminated {
+            return Outcome::ClientGone;
+        }
+    }
+}
+
+async fn backend_to_client<R, W>(br: &mut R, cw: &mut W, state: &Shared, ctx: &RelayContext<'_>) -> Outcome
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let inspect = [
+        tag::READY_FOR_QUERY,
+        tag::PARAMETER_STATUS,
+        tag::ERROR_RESPONSE,
+    ];
+    let mut framer = Framer::new(&inspect, usize::MAX);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut changes = ctx.topology.subscribe();
+    let mut ending: Option<(EndReason, tokio::time::Instant)> = None;
+    let mut at_idle: Option<EndReason> = None;
+    let mut last_fatal = false;
+    loop {
+        reserve(&mut buf);
+        let grace = ending.as_ref().map(|(_, at)| *at);
+        tokio::select! {
+            read = br.read_buf(&mut buf) => match read {
+                Ok(0) | Err(_) => {
+                    // Deliver whatever was left before saying anything.
+                    if !buf.is_empty() && cw.write_all(&buf).await.is_err() {
+                        return Outcome::ClientGone;
+                    }
+                    if let Some((reason, _)) = ending.take() {
+                        return finish(cw, state, reason, framer.at_boundary() && buf.is_empty()).await;
+                    }
+                    return Outcome::BackendGone { said_why: last_fatal };
+                }
+                Ok(_) => {}
+            },
+            changed = changes.changed(), if ending.is_none() => {
+                if changed.is_err() {
+                    continue;
+                }
+                if let Some(reason) = eligibility(&ctx.topology.load(), ctx.node, ctx.target, ctx.on_standby) {
+                    state.stop_forwarding.store(true, Ordering::Relaxed);
+                    if framer.at_boundary() && buf.is_empty() {
+                        return finish(cw, state, reason, true).await;
+                    }
+                    ending = Some((reason, tokio::time::Instant::now() + END_GRACE));
+                }
+                continue;
+            },
+            _ = ctx.shutdown.cancelled(), if at_idle.is_none() => {
+                at_idle = Some(EndReason::Shutdown);
+                if framer.at_boundary() && buf.is_empty() && state.is_idle() {
+                    state.stop_forwarding.store(true, Ordering::Relaxed);
+                    return finish(cw, state, EndReason::Shutdown, true).await;
+                }
+                continue;
+            },
+            _ = sleep_until(grace) => {
+                let (reason, _) = ending.take().expect("grace only while ending");
+                return finish(cw, state, reason, false).await;
+            }
+        }
+        let mut pos = 0;
+        loop {
+            let frame = match framer.next(&buf[pos..]) {
+                Ok(Frame::Incomplete) => break,
+                Ok(frame) => frame,
+                // A backend that breaks framing cannot be relayed further.
+                Err(_) => return Outcome::BackendGone { said_why: false },
+            };
+            if let Frame::Message { tag: t, body } = frame {
+                last_fatal = observe(t, body, state, ctx);
+            } else if let Frame::Pass { starts: Some(_), .. } = frame {
+                last_fatal = false;
+            }
+            pos += frame.len();
+        }
+        state.client_clean.store(false, Ordering::Relaxed);
+        if cw.write_all(&buf[..pos]).await.is_err() {
+            return Outcome::ClientGone;
+        }
+        ctx.metrics.bytes_to_clients.add(pos as u64);
+        buf.advance(pos);
+        let at_boundary = framer.at_boundary();
+        state.client_clean.store(at_boundary, Ordering::Relaxed);
+        if let Some((reason, _)) = ending.take_if(|_| at_boundary) {
+            return finish(cw, state, reason, true).await;
+        }
+        if let Some(reason) = at_idle.take_if(|_| at_boundary && state.is_idle()) {
+            state.stop_forwarding.store(true, Ordering::Relaxed);
+            return finish(cw, state, reason, true).await;
+        }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Ends the session with the reason's error, if the stream allows a message.
+async fn finish<W: AsyncWrite + Unpin>(cw: &mut W, state: &Shared, reason: EndReason, clean: bool) -> Outcome {
+    state.client_clean.store(false, Ordering::Relaxed);
+    if clean {
+        let _ = cw
+            .write_all(&messages::error_bytes(Severity::Fatal, reason.sqlstate(), &reason.message()))
+            .await;
+    }
+    Outcome::Ended(reason)
+}
+
+/// Reads one inspected backend message; returns whether it was a FATAL error.
+fn observe(t: u8, body: &[u8], state: &Shared, ctx: &RelayContext<'_>) -> bool {
+    match t {
+        tag::READY_FOR_QUERY => {
+            let _ = state
+                .outstanding
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            if let Some(status) = TxStatus::from_ready_for_query(body) {
+                state.status.store(status as u8, Ordering::Relaxed);
+            }
+            false
+        }
+        tag::PARAMETER_STATUS => {
+            if let Some((b"in_hot_standby", _)) = messages::parameter_status(body) {
+                // The node's role changed under us: have it polled now.
+                ctx.monitor.poke(ctx.node);
+            }
+            false
+        }
+        tag::ERROR_RESPONSE => {
+            if messages::sqlstate(body) == Some(sqlstate::READ_ONLY_SQL_TRANSACTION.as_bytes())
+                && ctx.target.needs_primary()
+            {
+                ctx.monitor.poke(ctx.node);
+            }
+            is_fatal(body)
+        }
+        _ => false,
+    }
+}
+
+/// Whether an ErrorResponse body has severity FATAL or PANIC.
+fn is_fatal(body: &[u8]) -> bool {
+    body.split(|&b| b == 0)
+        .any(|field| field == b"VFATAL" || field == b"VPANIC" || field == b"SFATAL" || field == b"SPANIC")
+}
