@@ -376,7 +376,7 @@ impl FileConfig {
             .map(|(i, l)| {
                 let key = format!("listeners[{i}]");
                 let address = socket_addr(&format!("{key}.address"), &l.address)?;
-                if seen.contains(&address) {
+                if address.port() != 0 && seen.contains(&address) {
                     return Err(ConfigError::new(format!("{key}.address"), "used by two listeners"));
                 }
                 seen.push(address);

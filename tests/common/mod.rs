@@ -1,0 +1,158 @@
+//! Test harness: one real cluster per test binary, and a pgpivot in front of
+//! it per test (started in-process on 127.0.0.1:0).
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::process::Output;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use pgpivot::config::{FileConfig, ListenerConfig, NodeConfig};
+use pgpivot::localcluster::{ClusterOptions, LocalCluster, PASSWORD, SUPERUSER};
+use pgpivot::proxy::Proxy;
+use pgpivot::routing::Target;
+
+/// The cluster shared by every test of this binary (the reaper stops it when
+/// the binary exits, however it exits).
+pub fn shared_cluster() -> &'static LocalCluster {
+    static CLUSTER: OnceLock<LocalCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| new_cluster(2))
+}
+
+/// A private cluster, for tests that break it.
+pub fn new_cluster(standbys: usize) -> LocalCluster {
+    init_tracing();
+    LocalCluster::start(ClusterOptions {
+        standbys,
+        ..ClusterOptions::default()
+    })
+    .expect("a local PostgreSQL cluster (are the server binaries installed?)")
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "pgpivot=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+pub fn listener(target: Target) -> ListenerConfig {
+    ListenerConfig {
+        address: "127.0.0.1:0".into(),
+        target,
+        max_lag_bytes: None,
+        max_lag_ms: None,
+        max_connections: None,
+    }
+}
+
+/// A config for a proxy in front of `cluster`: a read-write listener and a
+/// prefer-standby one, fast monitor timings.
+pub fn config_for(cluster: &LocalCluster) -> FileConfig {
+    let mut file = FileConfig {
+        listeners: vec![listener(Target::ReadWrite), listener(Target::PreferStandby)],
+        ..FileConfig::default()
+    };
+    file.nodes = cluster
+        .nodes()
+        .iter()
+        .map(|n| NodeConfig {
+            name: n.name.clone(),
+            address: n.address().to_string(),
+            weight: 1,
+        })
+        .collect();
+    file.monitor.user = SUPERUSER.into();
+    file.monitor.password = PASSWORD.into();
+    file.monitor.interval_ms = 100;
+    file.monitor.timeout_ms = 1000;
+    file.failover.hold_timeout_ms = 15_000;
+    file
+}
+
+/// Starts pgpivot with `config` and waits until it knows the primary.
+pub async fn start_proxy(config: FileConfig) -> Proxy {
+    let settings = config.validate().expect("valid test config");
+    let proxy = Proxy::start(settings).await.expect("proxy starts");
+    assert!(
+        proxy.wait_for_primary(Duration::from_secs(20)).await,
+        "pgpivot found no primary"
+    );
+    proxy
+}
+
+/// A proxy in front of the shared cluster.
+pub async fn proxy() -> Proxy {
+    start_proxy(config_for(shared_cluster())).await
+}
+
+pub fn conn_str(addr: SocketAddr, user: &str, extra: &str) -> String {
+    format!(
+        "host={} port={} user={user} password={PASSWORD} dbname=postgres {extra}",
+        addr.ip(),
+        addr.port()
+    )
+}
+
+/// A tokio-postgres client through `addr` as the superuser.
+pub async fn connect(addr: SocketAddr) -> tokio_postgres::Client {
+    connect_with(&conn_str(addr, SUPERUSER, ""))
+        .await
+        .expect("connect through pgpivot")
+}
+
+pub async fn connect_with(conn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// The SQLSTATE of an error, if the server (or pgpivot) sent one.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.as_db_error().map(|d| d.code().code().to_string())
+}
+
+/// Runs a client binary (psql, pgbench) from the cluster's bindir.
+pub async fn run_tool(cluster: &LocalCluster, tool: &str, args: &[&str]) -> Output {
+    let path = cluster.bindir().join(tool);
+    let out = tokio::process::Command::new(path)
+        .args(args)
+        .env("PGPASSWORD", PASSWORD)
+        .env("PGCONNECT_TIMEOUT", "20")
+        .output()
+        .await
+        .expect("run client tool");
+    out
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
