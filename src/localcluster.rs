@@ -665,7 +665,9 @@ impl LocalCluster {
         cmd.args(["-h", "127.0.0.1", "-p", &self.node(source).port.to_string()])
             .args(["-U", SUPERUSER, "-w", "-D"])
             .arg(&self.node(i).data_dir)
-            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"])
+            .args(["-R", "-X", "stream", "-c", "fast"])
+            // Throwaway clones: skip fsyncs and the checksummed manifest.
+            .args(["--no-sync", "--no-manifest"])
             .env("PGPASSWORD", PASSWORD);
         run(&mut cmd).map(drop)
     }
