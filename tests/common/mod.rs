@@ -21,10 +21,15 @@ pub fn shared_cluster() -> &'static LocalCluster {
 
 /// A private cluster, for tests that break it.
 pub fn new_cluster(standbys: usize) -> LocalCluster {
+    new_cluster_with(standbys, Vec::new())
+}
+
+/// A private cluster with extra `postgresql.conf` lines on every node.
+pub fn new_cluster_with(standbys: usize, extra_conf: Vec<String>) -> LocalCluster {
     init_tracing();
     LocalCluster::start(ClusterOptions {
         standbys,
-        ..ClusterOptions::default()
+        extra_conf,
     })
     .expect("a local PostgreSQL cluster (are the server binaries installed?)")
 }
@@ -110,6 +115,27 @@ pub async fn connect_with(conn: &str) -> Result<tokio_postgres::Client, tokio_po
         let _ = connection.await;
     });
     Ok(client)
+}
+
+/// A client whose connection task's outcome can be awaited: an error the
+/// server (or pgpivot) sends while the client is idle ends that task.
+pub async fn connect_watched(
+    conn: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls)
+        .await
+        .expect("connect through pgpivot");
+    (client, tokio::spawn(connection))
+}
+
+/// The message of a server error, or the error's text.
+pub fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_else(|| e.to_string())
 }
 
 /// The SQLSTATE of an error, if the server (or pgpivot) sent one.
