@@ -66,6 +66,9 @@ impl Default for FileConfig {
                 max_lag_bytes: None,
                 max_lag_ms: None,
                 max_connections: None,
+                session_max_lag_bytes: None,
+                session_max_lag_ms: None,
+                on_lag: OnLag::Stay,
             }],
             nodes: Vec::new(),
             monitor: MonitorConfig::default(),
@@ -99,6 +102,27 @@ pub struct ListenerConfig {
     /// global `limits.max_client_connections`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
+    /// The loosest byte budget a session may ask for with
+    /// `-c pgpivot.max_lag_bytes=...` (default: no ceiling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_max_lag_bytes: Option<u64>,
+    /// The loosest time budget (ms) a session may ask for with
+    /// `-c pgpivot.max_lag_ms=...` (default: no ceiling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_max_lag_ms: Option<u64>,
+    /// What happens to sessions on a standby that falls behind the budget:
+    /// `stay` (default: no new sessions go there, running ones continue) or
+    /// `disconnect` (they end at their next idle point with 57P01).
+    #[serde(default)]
+    pub on_lag: OnLag,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnLag {
+    #[default]
+    Stay,
+    Disconnect,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -266,7 +290,10 @@ pub struct ListenerSettings {
     pub address: SocketAddr,
     pub target: Target,
     pub budget: LagBudget,
+    /// The loosest budget a session may ask for.
+    pub ceiling: LagBudget,
     pub max_connections: usize,
+    pub on_lag: OnLag,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -387,7 +414,12 @@ impl FileConfig {
                         max_bytes: l.max_lag_bytes,
                         max_lag: l.max_lag_ms.map(Duration::from_millis),
                     },
+                    ceiling: LagBudget {
+                        max_bytes: l.session_max_lag_bytes,
+                        max_lag: l.session_max_lag_ms.map(Duration::from_millis),
+                    },
                     max_connections: l.max_connections.unwrap_or(self.limits.max_client_connections),
+                    on_lag: l.on_lag,
                 })
             })
             .collect()

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MonitorSettings;
+use crate::metrics::Metrics;
 use crate::monitor::Report;
 use crate::topology::{
     decide, Health, LsnHistory, NodeId, NodeInput, NodeSpec, Role, Status, Topology,
@@ -96,11 +97,21 @@ pub struct Decider {
     events: Arc<ChangeLog>,
     /// When writes last became impossible (primary lost or fenced).
     write_gap_since: Option<Instant>,
+    /// Last successful poll of each node (to say how long ago a lost primary
+    /// last answered).
+    last_ok: Vec<Option<Instant>>,
+    /// The last primary, remembered through a gap with none.
+    previous_primary: Option<NodeId>,
+    metrics: Arc<Metrics>,
 }
 
 impl Decider {
     /// A decider for `specs` and the handle sessions read from.
-    pub fn new(specs: Vec<NodeSpec>, settings: MonitorSettings) -> (Decider, TopologyHandle) {
+    pub fn new(
+        specs: Vec<NodeSpec>,
+        settings: MonitorSettings,
+        metrics: Arc<Metrics>,
+    ) -> (Decider, TopologyHandle) {
         let initial = Topology::initial(&specs);
         let current = Arc::new(ArcSwap::from_pointee(initial));
         let (changes, rx) = watch::channel(0);
@@ -121,6 +132,9 @@ impl Decider {
             changes,
             events,
             write_gap_since: None,
+            last_ok: vec![None; n],
+            previous_primary: None,
+            metrics,
         };
         (decider, handle)
     }
@@ -141,7 +155,10 @@ impl Decider {
         let s = &self.settings;
         let up = self.health[id].record(report.result.is_ok(), s.failures, s.successes);
         match &report.result {
-            Ok(obs) => self.inputs[id].last = Some(*obs),
+            Ok(obs) => {
+                self.inputs[id].last = Some(*obs);
+                self.last_ok[id] = Some(report.at);
+            }
             Err(e) => tracing::debug!(node = %self.specs[id].name, error = %e, "poll failed"),
         }
         if let Some(obs) = report.result.as_ref().ok().filter(|o| o.role == Role::Primary) {
@@ -191,25 +208,28 @@ impl Decider {
             (old, Some(new)) if old != Some(new) => {
                 let gap = self.write_gap_since.take().map(|t| now - t);
                 let timeline = next.nodes[new].timeline.unwrap_or(0);
-                let summary = match (old, gap) {
-                    (_, Some(gap)) => format!(
-                        "{} is primary on timeline {timeline}; writes were unavailable for {} ms",
-                        name(new),
+                let mut summary = format!("{} is primary on timeline {timeline}", name(new));
+                if let Some(old) = old.or(self.previous_primary) {
+                    let ago = self.last_ok[old].map_or(String::new(), |t| {
+                        format!(" (last answered {} ms ago)", (now - t).as_millis())
+                    });
+                    summary.push_str(&format!(", replacing {}{ago}", name(old)));
+                }
+                if let Some(gap) = gap {
+                    let waiting = self.metrics.sessions_waiting.get();
+                    summary.push_str(&format!(
+                        "; writes held for {} ms, {waiting} waiting sessions released",
                         gap.as_millis()
-                    ),
-                    (None, None) => format!("{} is primary on timeline {timeline}", name(new)),
-                    (Some(old), None) => format!(
-                        "{} promoted on timeline {timeline}, replacing {}",
-                        name(new),
-                        name(old)
-                    ),
-                };
+                    ));
+                }
+                self.previous_primary = Some(new);
                 tracing::info!(generation = next.generation, "{summary}");
                 let kind = if prev.generation == 0 { "initial" } else { "promotion" };
                 self.record(next, kind, summary, gap.map(|g| g.as_millis() as u64));
             }
             (Some(old), None) => {
                 self.write_gap_since = Some(now);
+                self.previous_primary = Some(old);
                 let why = if next.fenced { "writes fenced" } else { "no primary" };
                 let kind = if next.fenced { "fenced" } else { "primary_lost" };
                 let summary = format!("primary {} lost: {why}; new write sessions are held", name(old));

@@ -18,6 +18,9 @@ fn listener(port: u16, target: Target) -> ListenerConfig {
         max_lag_bytes: None,
         max_lag_ms: (target != Target::ReadWrite).then_some(1000),
         max_connections: None,
+        session_max_lag_bytes: None,
+        session_max_lag_ms: None,
+        on_lag: crate::config::OnLag::Stay,
     }
 }
 

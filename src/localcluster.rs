@@ -125,28 +125,36 @@ rm -rf "$2"
 /// failing command (and, for servers that did not start, their log tail).
 #[derive(Debug, Error)]
 pub enum ClusterError {
+    /// [`find_bindir`] found no directory with `initdb`.
     #[error("no PostgreSQL server binaries found: {0}")]
     NoBinaries(String),
+    /// Running as root, but the `postgres` account is missing and could
+    /// not be created.
     #[error("cannot run servers as the `{OS_USER}` OS user: {0}")]
     OsUser(String),
+    /// A file system operation failed.
     #[error("{context}: {source}")]
     Io {
         context: String,
         #[source]
         source: io::Error,
     },
+    /// A program could not be started at all.
     #[error("cannot run `{command}`: {source}")]
     Spawn {
         command: String,
         #[source]
         source: io::Error,
     },
+    /// A program exited unsuccessfully; `output` is its stderr (or stdout).
     #[error("`{command}` failed ({status}): {output}")]
     CommandFailed {
         command: String,
         status: ExitStatus,
         output: String,
     },
+    /// A server did not start or did not stream; `log_tail` usually says
+    /// why.
     #[error("{node} failed to {action}: {cause}\n--- last lines of its log ---\n{log_tail}")]
     Server {
         node: String,
@@ -155,6 +163,7 @@ pub enum ClusterError {
         cause: Box<ClusterError>,
         log_tail: String,
     },
+    /// A condition polled for did not hold before the deadline.
     #[error(
         "timed out after {timeout:?} waiting for {what}{}",
         last_error_suffix(.last_error.as_deref())
@@ -164,8 +173,10 @@ pub enum ClusterError {
         timeout: Duration,
         last_error: Option<String>,
     },
+    /// A node index out of range.
     #[error("no node {index} (the cluster has {count})")]
     NoSuchNode { index: usize, count: usize },
+    /// A request that makes no sense, e.g. a node replicating from itself.
     #[error("invalid request: {0}")]
     Invalid(String),
 }
@@ -228,7 +239,9 @@ pub struct LocalNode {
     /// `pg1` for the initial primary, then `pg2`, `pg3`, ...; also the
     /// server's `cluster_name` and its walreceiver's `application_name`.
     pub name: String,
+    /// TCP port on 127.0.0.1.
     pub port: u16,
+    /// `<dir>/<name>`.
     pub data_dir: PathBuf,
 }
 
@@ -489,9 +502,10 @@ impl LocalCluster {
     }
 
     /// A `Command` for the binary `binary` of [`LocalCluster::bindir`] (e.g.
-    /// `pg_ctl`, `pgbench`), running as the servers' OS account, in the
-    /// cluster directory, with stdin closed and no inherited `PG*`
-    /// environment variables.
+    /// `pg_ctl`, `pgbench`; an absolute path runs that program instead),
+    /// running as the servers' OS account, in the cluster directory, with
+    /// stdin closed and no inherited `PG*` environment variables (set
+    /// `PGPASSWORD` yourself: servers only accept TCP logins).
     pub fn command(&self, binary: &str) -> Command {
         let mut cmd = self.owned_command(self.bindir.join(binary));
         cmd.stdin(Stdio::null());
@@ -505,13 +519,14 @@ impl LocalCluster {
         let Some(tempdir) = self.tempdir.take() else {
             return;
         };
-        for i in (0..self.nodes.len()).rev() {
-            if matches!(self.is_running(i), Ok(true)) {
-                if let Err(err) = self.stop_node(i, StopMode::Immediate) {
-                    warn!(node = %self.nodes[i].name, %err, "cannot stop server");
-                }
+        // In parallel: each `pg_ctl stop -w` spends most of its ~100 ms
+        // sleeping between polls.
+        let this = &*self;
+        thread::scope(|scope| {
+            for i in 0..this.nodes.len() {
+                scope.spawn(move || this.kill_node(i));
             }
-        }
+        });
         if let Err(err) = tempdir.close() {
             warn!(dir = %self.root.display(), %err, "cannot remove cluster directory");
         }
@@ -648,12 +663,20 @@ impl LocalCluster {
             .try_for_each(|&i| self.wait_streaming(i, primary, READY_TIMEOUT))
     }
 
+    /// Best-effort immediate stop of node `i` if it runs; failures are
+    /// logged, as there is nothing better to do during cleanup.
+    fn kill_node(&self, i: usize) {
+        if matches!(self.is_running(i), Ok(true)) {
+            if let Err(err) = self.stop_node(i, StopMode::Immediate) {
+                warn!(node = %self.nodes[i].name, %err, "cannot stop server");
+            }
+        }
+    }
+
     /// Stops (if needed) and forgets nodes `first..`, best effort.
     fn discard_nodes_from(&mut self, first: usize) {
         for i in (first..self.nodes.len()).rev() {
-            if matches!(self.is_running(i), Ok(true)) {
-                let _ = self.stop_node(i, StopMode::Immediate);
-            }
+            self.kill_node(i);
             let _ = fs::remove_dir_all(&self.nodes[i].data_dir);
         }
         self.nodes.truncate(first);

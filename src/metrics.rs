@@ -97,6 +97,8 @@ pub struct Metrics {
     pub sessions_active: Gauge,
     pub sessions_rejected_limit: Counter,
     pub sessions_held: Counter,
+    /// Sessions waiting for an eligible node right now.
+    pub sessions_waiting: Gauge,
     pub sessions_released: Counter,
     pub sessions_hold_timeout: Counter,
     pub fallbacks: Counter,
@@ -109,6 +111,7 @@ pub struct Metrics {
     pub ended_node_lost: Counter,
     pub ended_promoted: Counter,
     pub ended_shutdown: Counter,
+    pub ended_lagging: Counter,
     /// Backend connect latency, per node (indexed like the node list).
     pub connect_latency: Vec<Latency>,
 }
@@ -132,6 +135,7 @@ impl Metrics {
             "demoted" => self.ended_demoted.inc(),
             "node_lost" => self.ended_node_lost.inc(),
             "promoted" => self.ended_promoted.inc(),
+            "lagging" => self.ended_lagging.inc(),
             _ => self.ended_shutdown.inc(),
         }
     }

@@ -30,7 +30,7 @@ pub struct Shared {
     pub topology: TopologyHandle,
     pub monitor: MonitorHandle,
     pub cancels: Arc<CancelRegistry>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// Cancelled to stop accepting and end sessions at their idle points.
     pub shutdown: CancellationToken,
     sessions: AtomicU64,
@@ -87,7 +87,8 @@ impl Proxy {
             .collect();
         let control = CancellationToken::new();
         let (reports_tx, reports_rx) = mpsc::channel(1024);
-        let (decider, topology) = Decider::new(specs, settings.monitor.clone());
+        let metrics = Arc::new(Metrics::new(settings.nodes.len()));
+        let (decider, topology) = Decider::new(specs, settings.monitor.clone(), metrics.clone());
         tokio::spawn(decider.run(reports_rx, control.clone()));
         let addresses: Vec<String> = settings.nodes.iter().map(|n| n.address.clone()).collect();
         let monitor = monitor::spawn(&addresses, &settings.monitor, reports_tx, control.clone());
@@ -100,7 +101,7 @@ impl Proxy {
             bound.push(tcp);
         }
         let shared = Arc::new(Shared {
-            metrics: Metrics::new(settings.nodes.len()),
+            metrics,
             settings: ArcSwap::from_pointee(settings),
             topology,
             monitor,

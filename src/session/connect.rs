@@ -49,6 +49,7 @@ pub async fn connect(
     let deadline = started + settings.hold_timeout;
     let mut changes = shared.topology.subscribe();
     let mut held = false;
+    let mut _waiting = None;
     loop {
         changes.borrow_and_update();
         let miss = match try_once(shared, request, startup).await {
@@ -65,6 +66,7 @@ pub async fn connect(
         if !held {
             held = true;
             shared.metrics.sessions_held.inc();
+            _waiting = Some(shared.metrics.sessions_waiting.track());
         }
         // Wake on a new generation; after an unreachable node, also retry
         // after one monitor interval in case nothing changes.

@@ -13,6 +13,9 @@ pub enum EndReason {
     NodeLost { node: String },
     /// A standby session's node was promoted (targets that require a standby).
     Promoted { node: String },
+    /// The session's standby fell behind its lag budget (`on_lag =
+    /// "disconnect"`).
+    Lagging { node: String },
     /// The proxy is shutting down.
     Shutdown,
 }
@@ -39,6 +42,9 @@ impl EndReason {
             EndReason::Promoted { node } => {
                 format!("pgpivot: {node} was promoted and is no longer a standby: reconnect")
             }
+            EndReason::Lagging { node } => {
+                format!("pgpivot: {node} fell behind the lag budget of this session: reconnect")
+            }
             EndReason::Shutdown => "pgpivot is shutting down".into(),
         }
     }
@@ -48,6 +54,7 @@ impl EndReason {
             EndReason::NotPrimary { .. } => "demoted",
             EndReason::NodeLost { .. } => "node_lost",
             EndReason::Promoted { .. } => "promoted",
+            EndReason::Lagging { .. } => "lagging",
             EndReason::Shutdown => "shutdown",
         }
     }

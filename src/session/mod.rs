@@ -29,7 +29,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use crate::config::{ListenerSettings, TlsMode};
+use crate::config::{ListenerSettings, OnLag, TlsMode};
 use crate::protocol::messages;
 use crate::proxy::Shared;
 use error::SessionError;
@@ -111,6 +111,9 @@ async fn run(
         max_message_bytes: settings.max_message_bytes,
         metrics: &shared.metrics,
         shutdown: &shared.shutdown,
+        lag_budget: (listener.on_lag == OnLag::Disconnect && authenticated.in_hot_standby)
+            .then_some(request.budget),
+        lag_check: settings.monitor.interval,
     };
     let end = relay_streams(client, &mut backend, &ctx).await;
     drop(authenticated.cancel);

@@ -49,12 +49,19 @@ pub fn extract(
         settings.push((name, value));
     }
     for (name, value) in settings {
-        apply(&mut request, &name, &value)?;
+        apply(&mut request, &name, &value, &listener.ceiling)?;
     }
     Ok(request)
 }
 
-fn apply(request: &mut SessionRequest, name: &str, value: &str) -> Result<(), SessionError> {
+/// Applies one setting; budgets looser than the listener's ceiling are
+/// refused like malformed values.
+fn apply(
+    request: &mut SessionRequest,
+    name: &str,
+    value: &str,
+    ceiling: &LagBudget,
+) -> Result<(), SessionError> {
     let bad = || SessionError::BadParameter {
         name: name.to_string(),
         value: value.to_string(),
@@ -63,9 +70,19 @@ fn apply(request: &mut SessionRequest, name: &str, value: &str) -> Result<(), Se
         "target_session_attrs" => request.target = Target::parse(value).ok_or_else(bad)?,
         "max_lag_ms" => {
             let ms: u64 = value.parse().map_err(|_| bad())?;
-            request.budget.max_lag = Some(Duration::from_millis(ms));
+            let lag = Duration::from_millis(ms);
+            if ceiling.max_lag.is_some_and(|max| lag > max) {
+                return Err(bad());
+            }
+            request.budget.max_lag = Some(lag);
         }
-        "max_lag_bytes" => request.budget.max_bytes = Some(value.parse().map_err(|_| bad())?),
+        "max_lag_bytes" => {
+            let bytes: u64 = value.parse().map_err(|_| bad())?;
+            if ceiling.max_bytes.is_some_and(|max| bytes > max) {
+                return Err(bad());
+            }
+            request.budget.max_bytes = Some(bytes);
+        }
         _ => return Err(bad()),
     }
     Ok(())
@@ -140,7 +157,12 @@ mod tests {
             address: "127.0.0.1:1".parse().unwrap(),
             target: Target::ReadWrite,
             budget: LagBudget::default(),
+            ceiling: LagBudget {
+                max_bytes: Some(1_000_000),
+                max_lag: None,
+            },
             max_connections: 10,
+            on_lag: crate::config::OnLag::Stay,
         }
     }
 
@@ -196,6 +218,7 @@ mod tests {
             "-c pgpivot.target_session_attrs=leader",
             "-c pgpivot.max_lag_ms=soon",
             "-c pgpivot.nope=1",
+            "-c pgpivot.max_lag_bytes=2000000",
         ] {
             let mut s = startup(&[("options", opt)]);
             let e = extract(&mut s, &listener()).unwrap_err();

@@ -53,6 +53,11 @@ pub struct RelayContext<'a> {
     /// Cancelled when the proxy shuts down: the session ends at its next
     /// idle point.
     pub shutdown: &'a tokio_util::sync::CancellationToken,
+    /// With `on_lag = "disconnect"` on a standby: the budget the node must
+    /// stay within, checked every `lag_check`; past it the session ends at
+    /// its next idle point.
+    pub lag_budget: Option<crate::routing::LagBudget>,
+    pub lag_check: Duration,
 }
 
 /// How a relay ended.
@@ -234,6 +239,7 @@ where
     let mut changes = ctx.topology.subscribe();
     let mut ending: Option<(EndReason, tokio::time::Instant)> = None;
     let mut at_idle: Option<EndReason> = None;
+    let mut lag_tick = tokio::time::interval(ctx.lag_check);
     let mut last_fatal = false;
     loop {
         reserve(&mut buf);
@@ -267,16 +273,22 @@ where
             },
             _ = ctx.shutdown.cancelled(), if at_idle.is_none() => {
                 at_idle = Some(EndReason::Shutdown);
-                if framer.at_boundary() && buf.is_empty() && state.is_idle() {
-                    state.stop_forwarding.store(true, Ordering::Relaxed);
-                    return finish(cw, state, EndReason::Shutdown, true).await;
-                }
-                continue;
+            },
+            _ = lag_tick.tick(), if at_idle.is_none() && ctx.lag_budget.is_some() => {
+                at_idle = lagging(ctx);
             },
             _ = sleep_until(grace) => {
                 let (reason, _) = ending.take().expect("grace only while ending");
                 return finish(cw, state, reason, false).await;
             }
+        }
+        if buf.is_empty() {
+            // Woken by a signal, not data: an idle session can end right now.
+            if let Some(reason) = at_idle.take_if(|_| framer.at_boundary() && state.is_idle()) {
+                state.stop_forwarding.store(true, Ordering::Relaxed);
+                return finish(cw, state, reason, true).await;
+            }
+            continue;
         }
         let mut pos = 0;
         loop {
@@ -309,6 +321,16 @@ where
             return finish(cw, state, reason, true).await;
         }
     }
+}
+
+/// The end reason for a session whose standby is past its lag budget.
+fn lagging(ctx: &RelayContext<'_>) -> Option<EndReason> {
+    let topology = ctx.topology.load();
+    let node = topology.node(ctx.node)?;
+    let budget = ctx.lag_budget?;
+    (node.is_standby() && !budget.admits(node)).then(|| EndReason::Lagging {
+        node: node.name.clone(),
+    })
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

@@ -51,6 +51,9 @@ pub fn listener(target: Target) -> ListenerConfig {
         max_lag_bytes: None,
         max_lag_ms: None,
         max_connections: None,
+        session_max_lag_bytes: None,
+        session_max_lag_ms: None,
+        on_lag: pgpivot::config::OnLag::Stay,
     }
 }
 
