@@ -52,6 +52,7 @@ pub struct FileConfig {
     /// The admin HTTP endpoint; absent means off.
     pub admin: Option<AdminConfig>,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
     /// On SIGTERM/SIGINT, how long sessions get to reach an idle point
     /// before the process exits anyway, in milliseconds.
     pub shutdown_timeout_ms: u64,
@@ -77,6 +78,7 @@ impl Default for FileConfig {
             tls: None,
             admin: None,
             log: LogConfig::default(),
+            metrics: MetricsConfig::default(),
             shutdown_timeout_ms: 30_000,
         }
     }
@@ -245,6 +247,21 @@ pub struct AdminConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Time every round trip (client request → ReadyForQuery) per node and
+    /// count relayed bytes. Costs a clock read and a histogram update per
+    /// round trip; `false` leaves only session-level counters.
+    pub relay_timing: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { relay_timing: true }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// `text` or `json`.
     pub format: LogFormat,
@@ -282,6 +299,7 @@ pub struct Settings {
     pub tls: Option<TlsSettings>,
     pub admin: Option<SocketAddr>,
     pub log: LogConfig,
+    pub relay_timing: bool,
     pub shutdown_timeout: Duration,
 }
 
@@ -388,6 +406,7 @@ impl FileConfig {
                 .map(|a| socket_addr("admin.address", &a.address))
                 .transpose()?,
             log: self.validate_log()?,
+            relay_timing: self.metrics.relay_timing,
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
         })
     }

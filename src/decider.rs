@@ -270,6 +270,7 @@ fn node_change(name: &str, before: Status, after: Status) -> (&'static str, Stri
             format!("{name} belongs to another cluster (system identifier {system_id}): excluded"),
         ),
         Status::Fenced => ("fenced", format!("{name} is fenced: another primary on the same timeline")),
+        Status::Removed => ("node_removed", format!("{name} was removed from the configuration")),
         _ if before == Status::Down => ("node_up", format!("{name} is up as {}", label(after))),
         _ => ("role_change", format!("{name} is now {} (was {})", label(after), label(before))),
     }
@@ -283,6 +284,7 @@ fn label(s: Status) -> &'static str {
         Status::StalePrimary { .. } => "stale primary",
         Status::Fenced => "fenced",
         Status::ForeignSystem { .. } => "foreign",
+        Status::Removed => "removed",
     }
 }
 

@@ -35,6 +35,7 @@ pub mod listener;
 pub mod localcluster;
 pub mod metrics;
 pub mod monitor;
+pub mod pause;
 pub mod protocol;
 pub mod proxy;
 pub mod routing;

@@ -37,6 +37,14 @@ impl Gauge {
         self.0.load(Ordering::Relaxed)
     }
 
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+
     /// Counts one until the guard drops.
     pub fn track(&self) -> GaugeGuard<'_> {
         self.0.fetch_add(1, Ordering::Relaxed);
@@ -103,7 +111,6 @@ pub struct Metrics {
     pub sessions_hold_timeout: Counter,
     pub fallbacks: Counter,
     pub cancel_requests: Counter,
-    pub backend_connect_failures: Counter,
     pub bytes_from_clients: Counter,
     pub bytes_to_clients: Counter,
     /// Sessions the proxy ended, by reason (see `session::ending`).
@@ -112,21 +119,20 @@ pub struct Metrics {
     pub ended_promoted: Counter,
     pub ended_shutdown: Counter,
     pub ended_lagging: Counter,
-    /// Backend connect latency, per node (indexed like the node list).
-    pub connect_latency: Vec<Latency>,
+    /// Sessions in a transaction or with answers pending, by class; what a
+    /// pause waits for.
+    pub busy_writers: Gauge,
+    pub busy_readers: Gauge,
+    /// Timing of round trips and byte counts in the relay (`[metrics]
+    /// enabled`); the per-node figures live in `topology::NodeStats`.
+    pub relay_figures: bool,
 }
 
 impl Metrics {
-    pub fn new(nodes: usize) -> Metrics {
+    pub fn new(relay_figures: bool) -> Metrics {
         Metrics {
-            connect_latency: (0..nodes).map(|_| Latency::default()).collect(),
+            relay_figures,
             ..Metrics::default()
-        }
-    }
-
-    pub fn record_connect(&self, node: usize, d: Duration) {
-        if let Some(l) = self.connect_latency.get(node) {
-            l.record(d);
         }
     }
 

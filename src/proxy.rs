@@ -31,6 +31,7 @@ pub struct Shared {
     pub monitor: MonitorHandle,
     pub cancels: Arc<CancelRegistry>,
     pub metrics: Arc<Metrics>,
+    pub pause: crate::pause::Pause,
     /// Cancelled to stop accepting and end sessions at their idle points.
     pub shutdown: CancellationToken,
     sessions: AtomicU64,
@@ -82,12 +83,13 @@ impl Proxy {
                 name: n.name.clone(),
                 address: n.address.clone(),
                 weight: n.weight,
-                load: Arc::default(),
+                stats: Arc::default(),
+                removed: false,
             })
             .collect();
         let control = CancellationToken::new();
         let (reports_tx, reports_rx) = mpsc::channel(1024);
-        let metrics = Arc::new(Metrics::new(settings.nodes.len()));
+        let metrics = Arc::new(Metrics::new(settings.relay_timing));
         let (decider, topology) = Decider::new(specs, settings.monitor.clone(), metrics.clone());
         tokio::spawn(decider.run(reports_rx, control.clone()));
         let addresses: Vec<String> = settings.nodes.iter().map(|n| n.address.clone()).collect();
@@ -102,6 +104,7 @@ impl Proxy {
         }
         let shared = Arc::new(Shared {
             metrics,
+            pause: Default::default(),
             settings: ArcSwap::from_pointee(settings),
             topology,
             monitor,

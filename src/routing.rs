@@ -174,7 +174,7 @@ fn least_loaded(
                 || (with_primary && Some(n.id) == topology.primary))
     };
     // (sessions + 1) / weight, compared without division.
-    let score = |n: &NodeView| (n.load.sessions() as u64 + 1, n.weight as u64);
+    let score = |n: &NodeView| (n.stats.sessions() as u64 + 1, n.weight as u64);
     let better = |a: (u64, u64), b: (u64, u64)| (a.0 * b.1).cmp(&(b.0 * a.1));
     let best = topology
         .nodes
@@ -219,7 +219,8 @@ mod tests {
                 name: format!("pg{i}"),
                 address: String::new(),
                 weight: 1,
-                load: Arc::default(),
+                stats: Arc::default(),
+                removed: false,
             })
             .collect();
         let mut inputs = vec![input(Role::Primary, 1000)];
@@ -264,7 +265,7 @@ mod tests {
     #[test]
     fn least_sessions_wins() {
         let t = cluster(&[Some(1000), Some(1000)]);
-        let _busy = t.nodes[1].load.enter();
+        let _busy = t.nodes[1].stats.enter();
         for i in 0..3 {
             assert_eq!(route(&t, Target::Standby, &NONE, i).unwrap().node, 2);
         }
@@ -274,13 +275,13 @@ mod tests {
     fn weight_scales_the_share() {
         let mut t = cluster(&[Some(1000), Some(1000)]);
         t.nodes[1].weight = 3;
-        let _a = t.nodes[1].load.enter();
-        let _b = t.nodes[1].load.enter();
+        let _a = t.nodes[1].stats.enter();
+        let _b = t.nodes[1].stats.enter();
         // pg1: (2 + 1) / 3 = 1 beats pg2: (1 + 1) / 1 = 2.
-        let _c = t.nodes[2].load.enter();
+        let _c = t.nodes[2].stats.enter();
         assert_eq!(node(&t, Target::Standby, &NONE), Ok(1));
         t.nodes[2].weight = 0;
-        let _d = t.nodes[1].load.enter();
+        let _d = t.nodes[1].stats.enter();
         assert_eq!(node(&t, Target::Standby, &NONE), Ok(1), "weight 0 never reads");
     }
 

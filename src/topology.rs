@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::metrics::{Counter, Latency};
+
 /// Index of a node in the configured node list.
 pub type NodeId = usize;
 
@@ -64,16 +66,25 @@ pub enum Status {
     Fenced,
     /// Belongs to another cluster (different system identifier).
     ForeignSystem { system_id: u64 },
+    /// Removed from the configuration by a reload.
+    Removed,
 }
 
-/// Sessions currently routed to a node. Shared by every snapshot, so routing
-/// sees live counts without a new snapshot per session.
+/// Live figures of one node: sessions routed to it now (shared by every
+/// snapshot, so routing sees live counts without a new snapshot per session)
+/// and its latency histograms.
 #[derive(Debug, Default)]
-pub struct NodeLoad {
+pub struct NodeStats {
     sessions: AtomicUsize,
+    /// TCP connect + startup write to the backend.
+    pub connect_latency: Latency,
+    /// A client message that expects an answer → the ReadyForQuery closing it.
+    pub round_trip: Latency,
+    pub connects: Counter,
+    pub connect_failures: Counter,
 }
 
-impl NodeLoad {
+impl NodeStats {
     pub fn sessions(&self) -> usize {
         self.sessions.load(Ordering::Relaxed)
     }
@@ -86,7 +97,7 @@ impl NodeLoad {
 }
 
 #[derive(Debug)]
-pub struct LoadGuard(Arc<NodeLoad>);
+pub struct LoadGuard(Arc<NodeStats>);
 
 impl Drop for LoadGuard {
     fn drop(&mut self) {
@@ -108,7 +119,7 @@ pub struct NodeView {
     pub lag_bytes: Option<u64>,
     /// How old the standby's replayed state is, on pgpivot's clock.
     pub lag: Option<Duration>,
-    pub load: Arc<NodeLoad>,
+    pub stats: Arc<NodeStats>,
 }
 
 impl NodeView {
@@ -138,7 +149,9 @@ pub struct NodeSpec {
     pub name: String,
     pub address: String,
     pub weight: u32,
-    pub load: Arc<NodeLoad>,
+    pub stats: Arc<NodeStats>,
+    /// Removed by a reload: kept as a tombstone so node ids stay stable.
+    pub removed: bool,
 }
 
 impl Topology {
@@ -186,7 +199,7 @@ pub fn decide(
     history: &LsnHistory,
     now: Instant,
 ) -> Topology {
-    let observed = |i: usize| inputs[i].last.filter(|_| inputs[i].up);
+    let observed = |i: usize| inputs[i].last.filter(|_| inputs[i].up && !specs[i].removed);
     let system_id = prev
         .system_id
         .or_else(|| (0..inputs.len()).find_map(|i| observed(i).map(|o| o.system_id)));
@@ -206,6 +219,7 @@ pub fn decide(
     let fenced = newest.len() > 1;
     let primary = (newest.len() == 1).then(|| newest[0]);
     let status = |i: usize| match (observed(i), ours(i)) {
+        _ if specs[i].removed => Status::Removed,
         (None, _) => Status::Down,
         (Some(o), None) => Status::ForeignSystem {
             system_id: o.system_id,
@@ -237,7 +251,7 @@ pub fn decide(
                 lsn: last.map(|o| o.lsn),
                 lag_bytes: lag.map(|(bytes, _)| bytes),
                 lag: lag.map(|(_, age)| age),
-                load: spec.load.clone(),
+                stats: spec.stats.clone(),
             }
         })
         .collect();
@@ -347,7 +361,8 @@ mod tests {
                 name: format!("pg{}", i + 1),
                 address: format!("127.0.0.1:{}", 5432 + i),
                 weight: 1,
-                load: Arc::default(),
+                stats: Arc::default(),
+                removed: false,
             })
             .collect()
     }

@@ -244,7 +244,6 @@ async fn an_oversized_message_after_startup_gets_08p01() {
         .query_one("select length($1::text)", &[&big])
         .await
         .expect_err("a 2 MB message is over the 1 MB limit");
-    eprintln!("DEBUGERR {err:?}");
     match sqlstate(&err) {
         Some(code) => assert_eq!(code, PROTOCOL_VIOLATION, "{err}"),
         None => assert!(err.is_closed(), "neither 08P01 nor a closed connection: {err:?}"),

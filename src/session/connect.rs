@@ -28,6 +28,8 @@ pub struct Connected {
     pub choice: Choice,
     /// Counts the session on its node while it lives.
     pub load: LoadGuard,
+    /// The node's live figures.
+    pub stats: std::sync::Arc<crate::topology::NodeStats>,
     /// How long the session waited for an eligible node.
     pub held: Duration,
 }
@@ -50,6 +52,13 @@ pub async fn connect(
     let mut changes = shared.topology.subscribe();
     let mut held = false;
     let mut _waiting = None;
+    let paused = tokio::time::timeout_at(
+        deadline.into(),
+        shared.pause.wait_resumed(request.target.needs_primary()),
+    );
+    if paused.await.is_err() {
+        return Err(SessionError::Paused);
+    }
     loop {
         changes.borrow_and_update();
         let miss = match try_once(shared, request, startup).await {
@@ -100,10 +109,10 @@ async fn try_once(
     let choice = route(&topology, request.target, &request.budget, shared.next_tiebreak())
         .map_err(Miss::NoRoute)?;
     let node = &topology.nodes[choice.node];
-    let load = node.load.enter();
+    let load = node.stats.enter();
     let unreachable = |detail: String| {
         shared.monitor.poke(node.id);
-        shared.metrics.backend_connect_failures.inc();
+        node.stats.connect_failures.inc();
         Miss::Unreachable {
             node: node.name.clone(),
             detail,
@@ -126,7 +135,8 @@ async fn try_once(
     if let Err(e) = backend.write_all(&startup.encode()).await {
         return Err(unreachable(e.to_string()));
     }
-    shared.metrics.record_connect(node.id, started.elapsed());
+    node.stats.connects.inc();
+    node.stats.connect_latency.record(started.elapsed());
     if choice.fell_back {
         shared.metrics.fallbacks.inc();
         tracing::info!(target_attrs = %request.target, node = %node.name, "no standby within budget: session placed on the primary");
@@ -138,6 +148,7 @@ async fn try_once(
         address: node.address.clone(),
         choice,
         load,
+        stats: node.stats.clone(),
         held: Duration::ZERO,
     })
 }

@@ -109,7 +109,8 @@ mod tests {
                 name: format!("pg{}", i + 1),
                 address: String::new(),
                 weight: 1,
-                load: Arc::default(),
+                stats: Arc::default(),
+                removed: false,
             })
             .collect();
         let inputs: Vec<NodeInput> = roles

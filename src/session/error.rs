@@ -31,6 +31,8 @@ pub enum SessionError {
     },
     #[error("{node} is no longer a primary")]
     NotPrimaryAnymore { node: String },
+    #[error("pgpivot is paused and was not resumed within the hold timeout")]
+    Paused,
     #[error("backend closed the connection during authentication")]
     BackendClosedDuringAuth,
     #[error("backend sent an invalid message during authentication: {0}")]
@@ -61,6 +63,7 @@ impl SessionError {
                 "this server requires TLS: connect with sslmode=require".into(),
             ),
             BadParameter { .. } => fatal(sqlstate::INVALID_PARAMETER_VALUE, self.to_string()),
+            Paused => fatal(sqlstate::CANNOT_CONNECT_NOW, self.to_string()),
             NoRoute { .. } | BackendUnavailable { .. } | NotPrimaryAnymore { .. } => {
                 fatal(sqlstate::CANNOT_CONNECT_NOW, format!("pgpivot: {self}"))
             }
@@ -82,7 +85,7 @@ impl SessionError {
             TooManyConnections => "too_many_connections",
             Tls(_) | TlsRequired => "tls",
             BadParameter { .. } => "bad_parameter",
-            NoRoute { .. } => "no_route",
+            NoRoute { .. } | Paused => "no_route",
             BackendUnavailable { .. } | NotPrimaryAnymore { .. } => "backend_unavailable",
             BackendClosedDuringAuth | BackendProtocol(_) => "backend_lost",
             AuthRejected => "auth_failed",

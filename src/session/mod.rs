@@ -114,6 +114,13 @@ async fn run(
         lag_budget: (listener.on_lag == OnLag::Disconnect && authenticated.in_hot_standby)
             .then_some(request.budget),
         lag_check: settings.monitor.interval,
+        stats: &connected.stats,
+        pause: &shared.pause,
+        busy_gauge: if request.target.needs_primary() {
+            &shared.metrics.busy_writers
+        } else {
+            &shared.metrics.busy_readers
+        },
     };
     let end = relay_streams(client, &mut backend, &ctx).await;
     drop(authenticated.cancel);

@@ -18,8 +18,8 @@
 //! ErrorResponse at the next message boundary, and from that moment nothing
 //! more from the client reaches the backend.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -58,6 +58,12 @@ pub struct RelayContext<'a> {
     /// its next idle point.
     pub lag_budget: Option<crate::routing::LagBudget>,
     pub lag_check: Duration,
+    /// The node's live figures (round-trip latency).
+    pub stats: &'a crate::topology::NodeStats,
+    pub pause: &'a crate::pause::Pause,
+    /// Counts this session while it is busy (in a transaction or awaiting
+    /// answers); a pause waits for it to reach zero.
+    pub busy_gauge: &'a crate::metrics::Gauge,
 }
 
 /// How a relay ended.
@@ -84,6 +90,11 @@ struct Shared {
     stop_forwarding: AtomicBool,
     /// The client stream ends at a message boundary (safe to add a message).
     client_clean: AtomicBool,
+    /// Counted in the busy gauge (not at an idle point).
+    busy: AtomicBool,
+    /// When the current round trip started, in ns since `epoch`.
+    round_trip_start: AtomicU64,
+    epoch: Instant,
 }
 
 impl Shared {
@@ -92,6 +103,23 @@ impl Shared {
     fn is_idle(&self) -> bool {
         self.status.load(Ordering::Relaxed) == TxStatus::Idle as u8
             && self.outstanding.load(Ordering::Relaxed) == 0
+    }
+
+    /// The client sent something: the session is busy until it is idle again.
+    fn mark_busy(&self, gauge: &crate::metrics::Gauge) {
+        if !self.busy.swap(true, Ordering::Relaxed) {
+            gauge.inc();
+        }
+    }
+
+    fn mark_idle(&self, gauge: &crate::metrics::Gauge) {
+        if self.busy.swap(false, Ordering::Relaxed) {
+            gauge.dec();
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
     }
 }
 
@@ -114,7 +142,13 @@ where
         status: AtomicU8::new(ctx.status as u8),
         stop_forwarding: AtomicBool::new(false),
         client_clean: AtomicBool::new(true),
+        busy: AtomicBool::new(false),
+        round_trip_start: AtomicU64::new(0),
+        epoch: Instant::now(),
     };
+    if ctx.status != TxStatus::Idle {
+        state.mark_busy(ctx.busy_gauge);
+    }
     let mut upstream = Framer::new(&[], ctx.max_message_bytes);
     let outcome = tokio::select! {
         end = client_to_backend(cr, bw, &state, &mut upstream, ctx) => end,
@@ -138,6 +172,7 @@ where
         Outcome::BackendGone { said_why: true } | Outcome::Ended(_) => {}
     }
     let _ = cw.shutdown().await;
+    state.mark_idle(ctx.busy_gauge);
     Ok(match outcome {
         Outcome::ClientGone => RelayEnd::ClientGone,
         Outcome::ClientProtocol(e) => RelayEnd::ClientProtocol(e),
@@ -185,6 +220,10 @@ where
             Ok(0) | Err(_) => return Outcome::ClientGone,
             Ok(_) => {}
         }
+        if state.is_idle() && framer.at_boundary() {
+            // A new unit of work starts here: the point where a pause holds it.
+            ctx.pause.wait_resumed(ctx.target.needs_primary()).await;
+        }
         let mut pos = 0;
         let mut terminated = false;
         loop {
@@ -199,13 +238,19 @@ where
             {
                 match t {
                     tag::QUERY | tag::SYNC | tag::FUNCTION_CALL => {
-                        state.outstanding.fetch_add(1, Ordering::Relaxed);
+                        let before = state.outstanding.fetch_add(1, Ordering::Relaxed);
+                        if before == 0 && ctx.metrics.relay_figures {
+                            state.round_trip_start.store(state.now_ns(), Ordering::Relaxed);
+                        }
                     }
                     tag::TERMINATE => terminated = true,
                     _ => {}
                 }
             }
             pos += frame.len();
+        }
+        if pos > 0 {
+            state.mark_busy(ctx.busy_gauge);
         }
         if state.stop_forwarding.load(Ordering::Relaxed) {
             // The session is being ended: the backend gets nothing more.
@@ -216,7 +261,9 @@ where
             // it said before going (a FATAL, say) and end the session.
             return std::future::pending().await;
         }
-        ctx.metrics.bytes_from_clients.add(pos as u64);
+        if ctx.metrics.relay_figures {
+            ctx.metrics.bytes_from_clients.add(pos as u64);
+        }
         buf.advance(pos);
         if terminated {
             return Outcome::ClientGone;
@@ -309,7 +356,9 @@ where
         if cw.write_all(&buf[..pos]).await.is_err() {
             return Outcome::ClientGone;
         }
-        ctx.metrics.bytes_to_clients.add(pos as u64);
+        if ctx.metrics.relay_figures {
+            ctx.metrics.bytes_to_clients.add(pos as u64);
+        }
         buf.advance(pos);
         let at_boundary = framer.at_boundary();
         state.client_clean.store(at_boundary, Ordering::Relaxed);
@@ -355,11 +404,19 @@ async fn finish<W: AsyncWrite + Unpin>(cw: &mut W, state: &Shared, reason: EndRe
 fn observe(t: u8, body: &[u8], state: &Shared, ctx: &RelayContext<'_>) -> bool {
     match t {
         tag::READY_FOR_QUERY => {
-            let _ = state
+            let before = state
                 .outstanding
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            if before == Ok(1) && ctx.metrics.relay_figures {
+                let started = state.round_trip_start.load(Ordering::Relaxed);
+                let ns = state.now_ns().saturating_sub(started);
+                ctx.stats.round_trip.record(Duration::from_nanos(ns));
+            }
             if let Some(status) = TxStatus::from_ready_for_query(body) {
                 state.status.store(status as u8, Ordering::Relaxed);
+            }
+            if state.is_idle() {
+                state.mark_idle(ctx.busy_gauge);
             }
             false
         }
