@@ -1,1 +1,933 @@
-fn main() {}
+//! Failover benchmark: what clients of pgpivot see when the primary crashes
+//! and its synchronous standby is promoted.
+//!
+//! One [`LocalCluster`] (a primary and one standby) is reused for every run:
+//! after a run the crashed primary is rewound (`pg_rewind`) and rejoined as a
+//! standby of the promoted node, so the roles alternate, `pg1` → `pg2` →
+//! `pg1` ... A rejoin costs about as much as a fresh cluster's start but
+//! leaves one cluster to clean up, and it exercises the timeline switch a
+//! real cluster goes through. Before each crash the primary is made
+//! synchronous (`synchronous_standby_names = '*'`, and the bench waits for
+//! `sync_state = 'sync'`), so no acknowledged write can be lost; the
+//! promoted node gets that setting reset before the next run (it has no
+//! standby until the old primary rejoins).
+//!
+//! Each run starts a fresh in-process pgpivot ([`Proxy::start`]) in front of
+//! both nodes with the default `[monitor]` and `[failover]` settings (poll
+//! every 250 ms, 1000 ms timeout, down after 2 failed polls, hold new
+//! sessions up to 30 s) and one read-write listener. Then:
+//!
+//! 1. a **writer** inserts one row every 10 ms through the read-write
+//!    listener, on one session, reconnecting through the same address after
+//!    an error; each insert returns `inet_server_port()`, so every
+//!    acknowledgement names the server that committed it;
+//! 2. after 20 acknowledged writes the primary is crashed
+//!    (`pg_ctl stop -m immediate`), and the standby is promoted at once
+//!    (`pg_ctl promote -w`);
+//! 3. from the crash until pgpivot publishes the new primary, a **prober**
+//!    opens a new session through the listener every 50 ms (each on its own
+//!    task, so held sessions overlap) and checks where it landed;
+//! 4. a **watcher** subscribed to pgpivot's topology channel timestamps
+//!    every generation it publishes;
+//! 5. once the writer has 20 acknowledgements after the crash it stops, and
+//!    the new primary is asked directly which rows it holds.
+//!
+//! Columns (times in milliseconds):
+//!
+//! * `detect_ms`: `pg_ctl promote -w` returned → pgpivot published the
+//!   promoted node as primary. `pg_ctl` notices the end of recovery by
+//!   polling every 100 ms, so pgpivot can be first: the figure may be
+//!   negative.
+//! * `promote_ms`: how long the `pg_ctl promote -w` call took.
+//! * `window_ms`: the writer's view of the outage, from its last
+//!   acknowledged write on the old primary to its first on the new one.
+//!   `window-promote_ms` subtracts `promote_ms`, the part that is the bench's
+//!   own doing; what remains is the crash itself (`pg_ctl stop` returning),
+//!   detection, and the writer's reconnect.
+//! * `inflight_err`: writer inserts that failed on an open session.
+//! * `new_sess_err`: connects through pgpivot that failed, the writer's
+//!   reconnects and the prober's sessions together (a prober session landing
+//!   anywhere but on the promoted primary counts too).
+//! * `new_sess_waited`: prober sessions that waited through the gap and
+//!   then succeeded on the new primary; `max_wait_ms` is the longest wait.
+//! * `lost`: acknowledged ids missing on the new primary afterwards.
+//! * `stale_writes`: writes acknowledged by the old primary's port after the
+//!   crash had completed (a session left on a dead or stale primary).
+//! * `down_ms`: the crash → pgpivot published "no primary" (`-` when the
+//!   promotion was seen first and the primary changed in one step).
+//!
+//! Then `p50` (nearest rank) and `max` over the runs, the targets and
+//! whether they were met, every distinct client error message, and
+//! pgpivot's own change log for the last run (times relative to the crash).
+//! The bench fails if an acknowledged write was lost or went to a stale
+//! primary.
+//!
+//! ```text
+//! cargo bench --bench failover
+//! cargo bench --bench failover -- --runs 10
+//! PGPIVOT_BENCH_RUNS=3 cargo bench --bench failover
+//! RUST_LOG=pgpivot=info cargo bench --bench failover   # pgpivot's logs
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls, Row};
+
+use pgpivot::config::{FileConfig, NodeConfig};
+use pgpivot::decider::{ChangeRecord, TopologyHandle};
+use pgpivot::localcluster::{
+    ClusterOptions, LocalCluster, LocalNode, StopMode, PASSWORD, SUPERUSER,
+};
+use pgpivot::proxy::Proxy;
+use pgpivot::routing::Target;
+use pgpivot::topology::{NodeId, Status};
+
+/// Runs when neither `--runs` nor `PGPIVOT_BENCH_RUNS` says otherwise.
+const DEFAULT_RUNS: usize = 5;
+/// Pause between two writer inserts.
+const WRITE_EVERY: Duration = Duration::from_millis(10);
+/// Pause between two prober sessions.
+const PROBE_EVERY: Duration = Duration::from_millis(50);
+/// Acknowledged writes before the crash, and after it before the run ends.
+const ACKS_BEFORE_CRASH: usize = 20;
+const ACKS_AFTER_CRASH: usize = 20;
+/// Deadline of every step that waits for something.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause between two checks of a condition being waited for.
+const POLL: Duration = Duration::from_millis(1);
+/// Longest acceptable `detect_ms` at the default 250 ms poll interval.
+const DETECTION_TARGET_MS: f64 = 300.0;
+/// The writer's insert; the port tells which server acknowledged it.
+const INSERT_SQL: &str =
+    "insert into writes (run, id) values ($1, $2) returning inet_server_port()";
+/// Where a prober session landed.
+const LANDING_SQL: &str = "select inet_server_port(), pg_is_in_recovery()";
+
+/// Command line, after `cargo bench --bench failover --`.
+#[derive(Parser, Debug)]
+#[command(about = "pgpivot crash-failover benchmark")]
+struct Options {
+    /// Crash failovers to run [env: PGPIVOT_BENCH_RUNS] [default: 5].
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+impl Options {
+    /// Number of runs: the command line, else the environment, else 5.
+    fn runs(&self) -> anyhow::Result<usize> {
+        let runs = match (self.runs, std::env::var("PGPIVOT_BENCH_RUNS")) {
+            (Some(runs), _) => runs,
+            (None, Ok(text)) => text
+                .parse()
+                .with_context(|| format!("PGPIVOT_BENCH_RUNS={text:?} is not a number"))?,
+            (None, Err(_)) => DEFAULT_RUNS,
+        };
+        if runs == 0 {
+            bail!("at least one run is needed");
+        }
+        Ok(runs)
+    }
+}
+
+/// Which node is the primary in a run (node ids are cluster indexes: the
+/// proxy's node list is the cluster's, in order).
+#[derive(Debug, Clone, Copy)]
+struct Roles {
+    primary: NodeId,
+    standby: NodeId,
+}
+
+impl Roles {
+    /// The roles after the standby was promoted and the primary rejoined.
+    fn swapped(self) -> Roles {
+        Roles {
+            primary: self.standby,
+            standby: self.primary,
+        }
+    }
+}
+
+/// When a step began and ended.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: Instant,
+    end: Instant,
+}
+
+/// Runs a blocking cluster operation without stalling the runtime (the
+/// proxy, writer and prober keep running), and times it.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, Span) {
+    let start = Instant::now();
+    let value = tokio::task::block_in_place(f);
+    (
+        value,
+        Span {
+            start,
+            end: Instant::now(),
+        },
+    )
+}
+
+/// Milliseconds from `from` to `to`, negative when `to` came first.
+fn ms_between(from: Instant, to: Instant) -> f64 {
+    match to.checked_duration_since(from) {
+        Some(d) => ms(d),
+        None => -ms(from - to),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Locks a mutex, ignoring poisoning (a panicked task fails the bench
+/// through its join handle anyway).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Waits until `check` holds, for at most [`STEP_TIMEOUT`].
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while !check() {
+        if Instant::now() >= deadline {
+            bail!("timed out after {STEP_TIMEOUT:?} waiting for {what}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The cluster
+
+/// Makes `roles.primary` wait for `roles.standby` on every commit and waits
+/// until its `pg_stat_replication` shows the standby as `sync`.
+fn make_synchronous(cluster: &LocalCluster, roles: Roles) -> anyhow::Result<()> {
+    cluster.psql(
+        roles.primary,
+        "alter system set synchronous_standby_names = '*'",
+    )?;
+    cluster.psql(roles.primary, "select pg_reload_conf()")?;
+    let sql = format!(
+        "select count(*) from pg_stat_replication \
+         where application_name = '{}' and sync_state = 'sync'",
+        cluster.node(roles.standby).name
+    );
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while cluster.psql(roles.primary, &sql)? != "1" {
+        if Instant::now() >= deadline {
+            bail!("{} never became a synchronous standby", sql);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Undoes [`make_synchronous`] on node `i`: a promoted node has no standby
+/// until the old primary rejoins, and must not wait for one.
+fn make_asynchronous(cluster: &LocalCluster, i: NodeId) -> anyhow::Result<()> {
+    cluster.psql(i, "alter system reset synchronous_standby_names")?;
+    cluster.psql(i, "select pg_reload_conf()")?;
+    Ok(())
+}
+
+/// After a run: rejoins the crashed primary as a synchronous standby of the
+/// promoted node and returns the roles of the next run. `pg_rewind` copies
+/// the promoted node's (reset) configuration to the rejoined one, so only
+/// the new primary ever carries `synchronous_standby_names`.
+fn rejoin_crashed_primary(cluster: &LocalCluster, roles: Roles) -> anyhow::Result<Roles> {
+    let next = roles.swapped();
+    make_asynchronous(cluster, next.primary)?;
+    cluster.rejoin_as_standby(next.standby, next.primary)?;
+    make_synchronous(cluster, next)?;
+    Ok(next)
+}
+
+/// libpq connection string for the superuser through `addr`.
+fn conn_string(addr: SocketAddr) -> String {
+    format!(
+        "host={} port={} user={SUPERUSER} password={PASSWORD} dbname=postgres",
+        addr.ip(),
+        addr.port()
+    )
+}
+
+/// Opens a tokio-postgres session (its connection runs on its own task).
+async fn connect(conn: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conn, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// An error as a client sees it: SQLSTATE and message for server (or
+/// pgpivot) errors, else the driver's description.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => e.to_string(),
+    }
+}
+
+/// The port in column `i` of `row` (an `inet_server_port()`).
+fn port_of(row: &Row, i: usize) -> u16 {
+    u16::try_from(row.get::<_, i32>(i)).unwrap_or(0)
+}
+
+/// The ids of run `run` that `node` holds, read directly (not through
+/// pgpivot).
+async fn stored_ids(node: &LocalNode, run: i32) -> anyhow::Result<BTreeSet<i64>> {
+    let client = connect(&node.conn_string()).await?;
+    let rows = client
+        .query("select id from writes where run = $1", &[&run])
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+// ---------------------------------------------------------------------------
+// pgpivot and the tasks around it
+
+/// pgpivot in front of `cluster`: default `[monitor]` and `[failover]`,
+/// one read-write listener on an ephemeral port.
+async fn start_proxy(cluster: &LocalCluster) -> anyhow::Result<Proxy> {
+    let mut file = FileConfig::default();
+    file.listeners.truncate(1);
+    file.listeners[0].address = "127.0.0.1:0".into();
+    file.listeners[0].target = Target::ReadWrite;
+    file.nodes = cluster
+        .nodes()
+        .iter()
+        .map(|n| NodeConfig {
+            name: n.name.clone(),
+            address: n.address().to_string(),
+            weight: 1,
+        })
+        .collect();
+    file.monitor.user = SUPERUSER.into();
+    file.monitor.password = PASSWORD.into();
+    Ok(Proxy::start(file.validate()?).await?)
+}
+
+/// Whether pgpivot's topology shows `roles` (primary and streaming standby).
+fn shows(topology: &TopologyHandle, roles: Roles) -> bool {
+    let t = topology.load();
+    t.primary == Some(roles.primary) && t.nodes[roles.standby].status == Status::Standby
+}
+
+/// A task that runs until asked to stop; dropping it aborts the task.
+struct Background<T> {
+    stop: Arc<AtomicBool>,
+    task: JoinHandle<T>,
+}
+
+impl<T: Send + 'static> Background<T> {
+    /// Spawns `body`, which should return soon after its flag is set.
+    fn spawn<Fut>(body: impl FnOnce(Arc<AtomicBool>) -> Fut) -> Background<T>
+    where
+        Fut: Future<Output = T> + Send + 'static,
+    {
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(body(stop.clone()));
+        Background { stop, task }
+    }
+
+    /// Sets the flag and waits for the task's result.
+    async fn finish(mut self) -> anyhow::Result<T> {
+        self.stop.store(true, Ordering::Relaxed);
+        Ok((&mut self.task).await?)
+    }
+}
+
+impl<T> Drop for Background<T> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A topology generation, stamped when the watcher saw it.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    at: Instant,
+    primary: Option<NodeId>,
+}
+
+/// Records every generation pgpivot announces on its watch channel.
+fn watch_topology(topology: TopologyHandle) -> Background<Vec<Seen>> {
+    Background::spawn(|stop| async move {
+        let mut changes = topology.subscribe();
+        let mut seen = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            // Wake now and then to look at the flag.
+            match tokio::time::timeout(Duration::from_millis(50), changes.changed()).await {
+                Ok(Ok(())) => seen.push(Seen {
+                    at: Instant::now(),
+                    primary: topology.load().primary,
+                }),
+                Ok(Err(_)) => break,
+                Err(_) => {}
+            }
+        }
+        seen
+    })
+}
+
+/// One acknowledged insert.
+#[derive(Debug, Clone, Copy)]
+struct Ack {
+    id: i64,
+    at: Instant,
+    /// Port of the server that committed it.
+    port: u16,
+}
+
+/// What the writer saw.
+#[derive(Debug, Default)]
+struct WriterLog {
+    acks: Vec<Ack>,
+    /// Inserts that failed on an open session.
+    inflight_errors: Vec<String>,
+    /// Connects through pgpivot that failed.
+    connect_errors: Vec<String>,
+}
+
+impl WriterLog {
+    /// Acknowledgements received after `t`.
+    fn acks_after(&self, t: Instant) -> usize {
+        self.acks.iter().filter(|a| a.at > t).count()
+    }
+}
+
+/// The writer: one insert every [`WRITE_EVERY`] through `addr`, run `run`,
+/// logging into `log`.
+fn spawn_writer(addr: SocketAddr, run: i32, log: Arc<Mutex<WriterLog>>) -> Background<()> {
+    Background::spawn(move |stop| async move {
+        let conn = conn_string(addr);
+        let mut session: Option<Client> = None;
+        let mut id = 0i64;
+        while !stop.load(Ordering::Relaxed) {
+            let client = match session.take() {
+                Some(client) => client,
+                None => match connect(&conn).await {
+                    Ok(client) => client,
+                    Err(e) => {
+                        lock(&log).connect_errors.push(describe(&e));
+                        tokio::time::sleep(WRITE_EVERY).await;
+                        continue;
+                    }
+                },
+            };
+            id += 1;
+            let result = client.query_one(INSERT_SQL, &[&run, &id]).await;
+            let at = Instant::now();
+            match result {
+                Ok(row) => {
+                    let port = port_of(&row, 0);
+                    lock(&log).acks.push(Ack { id, at, port });
+                    session = Some(client);
+                }
+                Err(e) => lock(&log).inflight_errors.push(describe(&e)),
+            }
+            tokio::time::sleep(WRITE_EVERY).await;
+        }
+    })
+}
+
+/// One prober session: how long its connect took and where it landed.
+#[derive(Debug)]
+struct Probe {
+    waited: Duration,
+    /// `Err` if it failed or landed anywhere but on the primary at
+    /// `expected` (the port of the node being promoted).
+    outcome: Result<(), String>,
+}
+
+/// Opens one session through `addr` and checks where it landed.
+async fn probe_once(addr: SocketAddr, expected: u16) -> Probe {
+    let started = Instant::now();
+    let client = match connect(&conn_string(addr)).await {
+        Ok(client) => client,
+        Err(e) => {
+            return Probe {
+                waited: started.elapsed(),
+                outcome: Err(describe(&e)),
+            }
+        }
+    };
+    let waited = started.elapsed();
+    let outcome = match client.query_one(LANDING_SQL, &[]).await {
+        Ok(row) if (port_of(&row, 0), row.get(1)) == (expected, false) => Ok(()),
+        Ok(row) => Err(format!(
+            "landed on port {} (in recovery: {})",
+            port_of(&row, 0),
+            row.get::<_, bool>(1)
+        )),
+        Err(e) => Err(describe(&e)),
+    };
+    Probe { waited, outcome }
+}
+
+/// The prober: a new session through `addr` every [`PROBE_EVERY`] until
+/// stopped, each on its own task; returns them all once they ended.
+fn spawn_prober(addr: SocketAddr, expected: u16) -> Background<Vec<Probe>> {
+    Background::spawn(move |stop| async move {
+        let mut sessions = Vec::new();
+        loop {
+            sessions.push(tokio::spawn(probe_once(addr, expected)));
+            tokio::time::sleep(PROBE_EVERY).await;
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+        }
+        let mut probes = Vec::new();
+        for session in sessions {
+            probes.push(session.await.unwrap_or_else(|e| Probe {
+                waited: Duration::ZERO,
+                outcome: Err(format!("probe task failed: {e}")),
+            }));
+        }
+        probes
+    })
+}
+
+// ---------------------------------------------------------------------------
+// One run
+
+/// Everything one run observed, before it is reduced to [`Figures`].
+struct RunRecord {
+    roles: Roles,
+    old_port: u16,
+    new_port: u16,
+    /// The `pg_ctl stop -m immediate` call, and the wall clock at its start
+    /// in ms since the Unix epoch (to place pgpivot's change log).
+    crash: Span,
+    crash_unix_ms: f64,
+    /// The `pg_ctl promote -w` call.
+    promote: Span,
+    seen: Vec<Seen>,
+    writes: WriterLog,
+    probes: Vec<Probe>,
+    stored: BTreeSet<i64>,
+    changes: Vec<ChangeRecord>,
+}
+
+/// Crashes `roles.primary` under load and promotes `roles.standby`, with a
+/// fresh pgpivot in front of the cluster; run number `run` tags the rows.
+async fn run_once(cluster: &LocalCluster, roles: Roles, run: i32) -> anyhow::Result<RunRecord> {
+    let proxy = start_proxy(cluster).await?;
+    let topology = proxy.shared.topology.clone();
+    eventually("pgpivot to see the primary and its standby", || {
+        shows(&topology, roles)
+    })
+    .await?;
+    let rw = proxy.addresses[0];
+    let new_port = cluster.node(roles.standby).port;
+    let watcher = watch_topology(topology.clone());
+    let log = Arc::new(Mutex::new(WriterLog::default()));
+    let writer = spawn_writer(rw, run, log.clone());
+    eventually("writes before the crash", || {
+        lock(&log).acks.len() >= ACKS_BEFORE_CRASH
+    })
+    .await?;
+
+    let crash_unix_ms = ms(SystemTime::now().duration_since(UNIX_EPOCH)?);
+    let (stopped, crash) = timed(|| cluster.stop_node(roles.primary, StopMode::Immediate));
+    stopped?;
+    let prober = spawn_prober(rw, new_port);
+    let (promoted, promote) = timed(|| cluster.promote(roles.standby));
+    promoted?;
+    eventually("pgpivot to publish the promoted primary", || {
+        topology.load().primary == Some(roles.standby)
+    })
+    .await?;
+    let probes = prober.finish().await?;
+    eventually("writes after the failover", || {
+        lock(&log).acks_after(crash.end) >= ACKS_AFTER_CRASH
+    })
+    .await?;
+    writer.finish().await?;
+    let writes = std::mem::take(&mut *lock(&log));
+
+    let record = RunRecord {
+        roles,
+        old_port: cluster.node(roles.primary).port,
+        new_port,
+        crash,
+        crash_unix_ms,
+        promote,
+        seen: watcher.finish().await?,
+        writes,
+        probes,
+        stored: stored_ids(cluster.node(roles.standby), run).await?,
+        changes: topology.changes(),
+    };
+    proxy.shutdown(Duration::from_secs(1)).await;
+    Ok(record)
+}
+
+/// The figures of one run (see the module documentation).
+#[derive(Debug, Clone)]
+struct Figures {
+    detect_ms: f64,
+    promote_ms: f64,
+    window_ms: f64,
+    window_minus_promote_ms: f64,
+    inflight_err: usize,
+    new_sess_err: usize,
+    new_sess_waited: usize,
+    max_wait_ms: f64,
+    lost: usize,
+    stale_writes: usize,
+    down_ms: Option<f64>,
+}
+
+impl RunRecord {
+    /// When the watcher first saw, after the crash began, a topology whose
+    /// primary is `primary`.
+    fn first_seen(&self, primary: Option<NodeId>) -> Option<Instant> {
+        self.seen
+            .iter()
+            .find(|s| s.at >= self.crash.start && s.primary == primary)
+            .map(|s| s.at)
+    }
+
+    /// Instants of the writes acknowledged by the server at `port`.
+    fn acks_from(&self, port: u16) -> impl Iterator<Item = Instant> + '_ {
+        self.writes
+            .acks
+            .iter()
+            .filter(move |a| a.port == port)
+            .map(|a| a.at)
+    }
+
+    fn figures(&self) -> anyhow::Result<Figures> {
+        let published = self
+            .first_seen(Some(self.roles.standby))
+            .context("the watcher never saw the promoted primary")?;
+        let last_old = self
+            .acks_from(self.old_port)
+            .max()
+            .context("no write was acknowledged by the old primary")?;
+        let first_new = self
+            .acks_from(self.new_port)
+            .min()
+            .context("no write was acknowledged by the new primary")?;
+        let window_ms = ms_between(last_old, first_new);
+        let promote_ms = ms(self.promote.end - self.promote.start);
+        let probe_errors = self.probes.iter().filter(|p| p.outcome.is_err()).count();
+        let lost = self
+            .writes
+            .acks
+            .iter()
+            .filter(|a| !self.stored.contains(&a.id));
+        let stale = self
+            .acks_from(self.old_port)
+            .filter(|&at| at > self.crash.end);
+        Ok(Figures {
+            detect_ms: ms_between(self.promote.end, published),
+            promote_ms,
+            window_ms,
+            window_minus_promote_ms: window_ms - promote_ms,
+            inflight_err: self.writes.inflight_errors.len(),
+            new_sess_err: self.writes.connect_errors.len() + probe_errors,
+            new_sess_waited: self.probes.len() - probe_errors,
+            max_wait_ms: self.probes.iter().map(|p| ms(p.waited)).fold(0.0, f64::max),
+            lost: lost.count(),
+            stale_writes: stale.count(),
+            down_ms: self
+                .first_seen(None)
+                .map(|at| ms_between(self.crash.start, at)),
+        })
+    }
+
+    /// Every client error of this run, prefixed with where it happened.
+    fn error_messages(&self) -> Vec<String> {
+        let labelled = |kind: &str, messages: &[String]| -> Vec<String> {
+            messages.iter().map(|m| format!("{kind}: {m}")).collect()
+        };
+        let probes: Vec<String> = self
+            .probes
+            .iter()
+            .filter_map(|p| p.outcome.clone().err())
+            .collect();
+        [
+            labelled("in-flight insert", &self.writes.inflight_errors),
+            labelled("writer reconnect", &self.writes.connect_errors),
+            labelled("prober session", &probes),
+        ]
+        .concat()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Report
+
+/// A column of the results table.
+struct Column {
+    name: &'static str,
+    decimals: usize,
+    value: fn(&Figures) -> Option<f64>,
+}
+
+const COLUMNS: &[Column] = &[
+    Column {
+        name: "detect_ms",
+        decimals: 1,
+        value: |f| Some(f.detect_ms),
+    },
+    Column {
+        name: "promote_ms",
+        decimals: 1,
+        value: |f| Some(f.promote_ms),
+    },
+    Column {
+        name: "window_ms",
+        decimals: 1,
+        value: |f| Some(f.window_ms),
+    },
+    Column {
+        name: "window-promote_ms",
+        decimals: 1,
+        value: |f| Some(f.window_minus_promote_ms),
+    },
+    Column {
+        name: "inflight_err",
+        decimals: 0,
+        value: |f| Some(f.inflight_err as f64),
+    },
+    Column {
+        name: "new_sess_err",
+        decimals: 0,
+        value: |f| Some(f.new_sess_err as f64),
+    },
+    Column {
+        name: "new_sess_waited",
+        decimals: 0,
+        value: |f| Some(f.new_sess_waited as f64),
+    },
+    Column {
+        name: "max_wait_ms",
+        decimals: 1,
+        value: |f| Some(f.max_wait_ms),
+    },
+    Column {
+        name: "lost",
+        decimals: 0,
+        value: |f| Some(f.lost as f64),
+    },
+    Column {
+        name: "stale_writes",
+        decimals: 0,
+        value: |f| Some(f.stale_writes as f64),
+    },
+    Column {
+        name: "down_ms",
+        decimals: 1,
+        value: |f| f.down_ms,
+    },
+];
+
+/// Prints one table line: a label, then one right-aligned cell per column.
+fn print_row(label: &str, cells: impl Iterator<Item = String>) {
+    let mut line = format!("{label:<4}");
+    for (column, cell) in COLUMNS.iter().zip(cells) {
+        line.push_str(&format!(
+            "  {cell:>width$}",
+            width = column.name.len().max(7)
+        ));
+    }
+    println!("{}", line.trim_end());
+}
+
+/// A value formatted for `column`, `-` when there is none.
+fn cell(column: &Column, value: Option<f64>) -> String {
+    value.map_or_else(|| "-".into(), |v| format!("{v:.*}", column.decimals))
+}
+
+/// The `q` quantile of `values` by nearest rank (an observed value).
+fn nearest_rank(values: &[f64], q: f64) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len().max(1));
+    sorted.get(rank - 1).copied()
+}
+
+/// The per-run lines, then p50 and max of each column.
+fn print_table(figures: &[Figures]) {
+    print_row("run", COLUMNS.iter().map(|c| c.name.to_string()));
+    for (i, f) in figures.iter().enumerate() {
+        print_row(
+            &(i + 1).to_string(),
+            COLUMNS.iter().map(|c| cell(c, (c.value)(f))),
+        );
+    }
+    for (label, q) in [("p50", 0.5), ("max", 1.0)] {
+        print_row(
+            label,
+            COLUMNS.iter().map(|c| {
+                let values: Vec<f64> = figures.iter().filter_map(c.value).collect();
+                cell(c, nearest_rank(&values, q))
+            }),
+        );
+    }
+}
+
+/// The targets and whether every run met them.
+fn print_targets(figures: &[Figures]) {
+    println!(
+        "targets: detection <= {DETECTION_TARGET_MS:.0} ms at the default 250 ms interval; \
+         0 new-session errors; 0 stale writes"
+    );
+    let max_detect = figures.iter().map(|f| f.detect_ms).fold(f64::MIN, f64::max);
+    let total = |count: fn(&Figures) -> usize| figures.iter().map(count).sum::<usize>();
+    let verdicts = [
+        (
+            format!("detection: max {max_detect:.1} ms"),
+            max_detect <= DETECTION_TARGET_MS,
+        ),
+        (
+            format!("new-session errors: {}", total(|f| f.new_sess_err)),
+            total(|f| f.new_sess_err) == 0,
+        ),
+        (
+            format!("stale writes: {}", total(|f| f.stale_writes)),
+            total(|f| f.stale_writes) == 0,
+        ),
+        (
+            format!("lost writes: {}", total(|f| f.lost)),
+            total(|f| f.lost) == 0,
+        ),
+    ];
+    for (what, met) in verdicts {
+        println!("  {what:<32} {}", if met { "met" } else { "MISSED" });
+    }
+}
+
+/// Every distinct client error over all runs, with its count.
+fn print_errors(errors: &BTreeMap<String, usize>) {
+    if errors.is_empty() {
+        println!("client errors: none");
+        return;
+    }
+    println!("client errors (all runs):");
+    for (message, count) in errors {
+        println!("  {count:>3} x {message}");
+    }
+}
+
+/// pgpivot's change log of one run, in milliseconds from the crash.
+fn print_change_log(run: usize, record: &RunRecord) {
+    println!("pgpivot topology changes, run {run} (ms after the crash):");
+    for change in &record.changes {
+        let offset = change.at_unix_ms as f64 - record.crash_unix_ms;
+        println!(
+            "  {offset:>+9.1}  gen {:<3} {:<13} {}",
+            change.generation, change.kind, change.summary
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Main
+
+/// Every run on one cluster, then the report. Fails if a run failed or an
+/// acknowledged write was lost or reached a stale primary.
+async fn bench(cluster: &LocalCluster, runs: usize) -> anyhow::Result<()> {
+    let mut roles = Roles {
+        primary: 0,
+        standby: 1,
+    };
+    tokio::task::block_in_place(|| -> anyhow::Result<()> {
+        let table = "create table writes (run int, id bigint, primary key (run, id))";
+        cluster.psql(roles.primary, table)?;
+        make_synchronous(cluster, roles)
+    })?;
+    let mut figures = Vec::new();
+    let mut errors = BTreeMap::new();
+    let mut last = None;
+    for run in 1..=runs {
+        let name = |i: NodeId| cluster.node(i).name.clone();
+        if run > 1 {
+            let (rejoined, took) = timed(|| rejoin_crashed_primary(cluster, roles));
+            roles = rejoined.with_context(|| format!("rejoining {}", name(roles.primary)))?;
+            let took = took.end - took.start;
+            eprintln!(
+                "rejoined {} as a synchronous standby in {took:.1?}",
+                name(roles.standby)
+            );
+        }
+        eprintln!(
+            "run {run}/{runs}: crashing {}, promoting {}",
+            name(roles.primary),
+            name(roles.standby)
+        );
+        let record = run_once(cluster, roles, run as i32)
+            .await
+            .with_context(|| format!("run {run}"))?;
+        figures.push(record.figures().with_context(|| format!("run {run}"))?);
+        for message in record.error_messages() {
+            *errors.entry(message).or_insert(0) += 1;
+        }
+        last = Some(record);
+    }
+    println!();
+    print_table(&figures);
+    print_targets(&figures);
+    print_errors(&errors);
+    if let Some(record) = &last {
+        print_change_log(runs, record);
+    }
+    let broken: usize = figures.iter().map(|f| f.lost + f.stale_writes).sum();
+    if broken > 0 {
+        bail!("{broken} acknowledged write(s) lost or sent to a stale primary");
+    }
+    Ok(())
+}
+
+/// pgpivot's own logs, warnings and up (`RUST_LOG` overrides).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> anyhow::Result<()> {
+    let began = Instant::now();
+    let runs = Options::parse().runs()?;
+    init_tracing();
+    eprintln!("starting a local PostgreSQL primary and one standby...");
+    let cluster = LocalCluster::start(ClusterOptions {
+        standbys: 1,
+        ..ClusterOptions::default()
+    })
+    .context("a local PostgreSQL cluster (are the server binaries installed?)")?;
+    let started = began.elapsed();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let outcome = runtime.block_on(bench(&cluster, runs));
+    drop(runtime);
+    drop(cluster);
+    println!(
+        "\n{runs} runs, {} CPUs; cluster start {:.1} s, whole bench {:.1} s",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        started.as_secs_f64(),
+        began.elapsed().as_secs_f64()
+    );
+    outcome
+}

@@ -59,10 +59,9 @@ use hdrhistogram::Histogram;
 use tempfile::TempDir;
 use tokio_postgres::{Client, NoTls, Statement};
 
-use pgpivot::config::{FileConfig, ListenerConfig, NodeConfig};
+use pgpivot::config::FileConfig;
 use pgpivot::localcluster::{free_port, ClusterOptions, LocalCluster, PASSWORD, SUPERUSER};
 use pgpivot::proxy::Proxy;
-use pgpivot::routing::Target as Route;
 
 /// Rows of `bench_kv`.
 const ROWS: i32 = 10_000;
@@ -346,32 +345,23 @@ impl Fleet {
     }
 }
 
-/// The pgpivot config used by both deployments: one read-write listener on
-/// `address`, every cluster node, the superuser as monitor, quiet logs.
-fn pgpivot_config(cluster: &LocalCluster, address: String) -> FileConfig {
-    let mut file = FileConfig {
-        listeners: vec![ListenerConfig {
-            address,
-            target: Route::ReadWrite,
-            max_lag_bytes: None,
-            max_lag_ms: None,
-            max_connections: None,
-        }],
-        ..FileConfig::default()
-    };
-    file.nodes = cluster
-        .nodes()
-        .iter()
-        .map(|n| NodeConfig {
-            name: n.name.clone(),
-            address: n.address().to_string(),
-            weight: 1,
-        })
-        .collect();
-    file.monitor.user = SUPERUSER.into();
-    file.monitor.password = PASSWORD.into();
-    file.log.filter = "warn".into();
-    file
+/// The pgpivot config used by both deployments, as TOML: one read-write
+/// listener on `address`, every cluster node, the superuser as monitor,
+/// quiet logs. Every other key keeps its default.
+fn pgpivot_toml(cluster: &LocalCluster, address: &str) -> String {
+    let mut text = format!(
+        "[[listeners]]\naddress = \"{address}\"\ntarget = \"read-write\"\n\n\
+         [monitor]\nuser = \"{SUPERUSER}\"\npassword = \"{PASSWORD}\"\n\n\
+         [log]\nfilter = \"warn\"\n"
+    );
+    for node in cluster.nodes() {
+        text += &format!(
+            "\n[[nodes]]\nname = \"{}\"\naddress = \"{}\"\n",
+            node.name,
+            node.address()
+        );
+    }
+    text
 }
 
 /// Runs the `pgpivot` binary with a generated config on a free port.
@@ -379,8 +369,7 @@ fn start_pgpivot_process(binary: &Path, cluster: &LocalCluster) -> anyhow::Resul
     let port = free_port();
     let dir = TempDir::with_prefix("pgpivot-bench-")?;
     let config = dir.path().join("pgpivot.toml");
-    let file = pgpivot_config(cluster, format!("127.0.0.1:{port}"));
-    fs::write(&config, toml::to_string(&file)?)?;
+    fs::write(&config, pgpivot_toml(cluster, &format!("127.0.0.1:{port}")))?;
     let mut cmd = Command::new(binary);
     cmd.arg("--config").arg(&config);
     Ok((port, Peer::spawn("pgpivot", dir, cmd)?))
@@ -388,7 +377,8 @@ fn start_pgpivot_process(binary: &Path, cluster: &LocalCluster) -> anyhow::Resul
 
 /// Starts pgpivot inside this runtime and waits until it knows the primary.
 async fn start_pgpivot_in_process(cluster: &LocalCluster) -> anyhow::Result<(Target, Proxy)> {
-    let settings = pgpivot_config(cluster, "127.0.0.1:0".into()).validate()?;
+    let file: FileConfig = toml::from_str(&pgpivot_toml(cluster, "127.0.0.1:0"))?;
+    let settings = file.validate()?;
     let proxy = Proxy::start(settings).await?;
     if !proxy.wait_for_primary(READY_TIMEOUT).await {
         bail!("in-process pgpivot found no primary");

@@ -241,8 +241,13 @@ pub enum TlsMode {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    /// `host:port` of the admin HTTP endpoint.
+    /// `ip:port` of the admin HTTP endpoint (/metrics, /status, /health,
+    /// /ready, POST /pause, /resume, /reload).
     pub address: String,
+    /// Bearer token required on every request; mandatory when `address` is
+    /// not a loopback address. Prefer `PGPIVOT_ADMIN__TOKEN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -297,10 +302,16 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub max_message_bytes: usize,
     pub tls: Option<TlsSettings>,
-    pub admin: Option<SocketAddr>,
+    pub admin: Option<AdminSettings>,
     pub log: LogConfig,
     pub relay_timing: bool,
     pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSettings {
+    pub address: SocketAddr,
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -384,6 +395,11 @@ impl FileConfig {
         if !shown.monitor.password.is_empty() {
             shown.monitor.password = "********".into();
         }
+        if let Some(admin) = shown.admin.as_mut() {
+            if admin.token.is_some() {
+                admin.token = Some("********".into());
+            }
+        }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot print: {e}"))
     }
 
@@ -400,11 +416,7 @@ impl FileConfig {
             connect_timeout: millis("limits.connect_timeout_ms", limits.connect_timeout_ms)?,
             max_message_bytes: positive("limits.max_message_bytes", limits.max_message_bytes)?,
             tls: self.tls.as_ref().map(validate_tls).transpose()?,
-            admin: self
-                .admin
-                .as_ref()
-                .map(|a| socket_addr("admin.address", &a.address))
-                .transpose()?,
+            admin: self.admin.as_ref().map(validate_admin).transpose()?,
             log: self.validate_log()?,
             relay_timing: self.metrics.relay_timing,
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
@@ -507,6 +519,18 @@ fn validate_tls(tls: &TlsConfig) -> Result<TlsSettings, ConfigError> {
     })
 }
 
+fn validate_admin(admin: &AdminConfig) -> Result<AdminSettings, ConfigError> {
+    let address = socket_addr("admin.address", &admin.address)?;
+    let token = admin.token.clone().filter(|t| !t.is_empty());
+    if !address.ip().is_loopback() && token.is_none() {
+        return Err(ConfigError::new(
+            "admin.token",
+            format!("required when admin.address ({address}) is not a loopback address"),
+        ));
+    }
+    Ok(AdminSettings { address, token })
+}
+
 fn socket_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     value
         .parse()
@@ -581,6 +605,8 @@ mod tests {
         let e = check(&format!("{MINIMAL}\n[[listeners]]\naddress='127.0.0.1:1'\ntarget='leader'"))
             .unwrap_err();
         assert!(e.key.starts_with("listeners"), "{e}");
+        let e = check(&format!("{MINIMAL}\n[admin]\naddress='0.0.0.0:9187'")).unwrap_err();
+        assert_eq!(e.key, "admin.token", "{e}");
         let e = check(&format!("{MINIMAL}\n[tls]\ncert='/nonexistent.crt'\nkey='/x.key'")).unwrap_err();
         assert_eq!(e.key, "tls.cert", "{e}");
         assert!(!e.to_string().contains('\n'));

@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch};
@@ -51,8 +51,8 @@ impl TopologyHandle {
 /// One topology change and its figures.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ChangeRecord {
-    /// Wall-clock time, for humans.
-    pub at: SystemTime,
+    /// Wall-clock time, ms since the Unix epoch.
+    pub at_unix_ms: u64,
     pub generation: u64,
     /// `promotion`, `primary_lost`, `fenced`, `node_down`, `node_up`,
     /// `stale_primary`, `foreign_system`, `initial`.
@@ -83,6 +83,13 @@ impl ChangeLog {
         let log = self.0.lock().unwrap_or_else(|e| e.into_inner());
         log.iter().cloned().collect()
     }
+}
+
+/// A new node list and monitor settings, from a reload.
+#[derive(Debug)]
+pub struct Reconfigure {
+    pub specs: Vec<NodeSpec>,
+    pub settings: MonitorSettings,
 }
 
 /// The decider task's state.
@@ -139,21 +146,53 @@ impl Decider {
         (decider, handle)
     }
 
-    /// Applies reports until shutdown or until every monitor is gone.
-    pub async fn run(mut self, mut reports: mpsc::Receiver<Report>, stop: CancellationToken) {
+    /// Applies reports and reconfigurations until shutdown.
+    pub async fn run(
+        mut self,
+        mut reports: mpsc::Receiver<Report>,
+        mut reconfigure: mpsc::Receiver<Reconfigure>,
+        stop: CancellationToken,
+    ) {
         loop {
-            let report = tokio::select! {
-                r = reports.recv() => match r { Some(r) => r, None => return },
+            tokio::select! {
+                r = reports.recv() => match r {
+                    Some(r) => self.apply(r),
+                    None => return,
+                },
+                Some(r) = reconfigure.recv() => self.reconfigure(r),
                 _ = stop.cancelled() => return,
-            };
-            self.apply(report);
+            }
         }
+    }
+
+    /// Takes a new node list (same ids for kept nodes, new ones appended,
+    /// removed ones marked) and monitor settings.
+    fn reconfigure(&mut self, r: Reconfigure) {
+        let n = r.specs.len();
+        self.inputs.resize(n, NodeInput::default());
+        self.health.resize(n, Health::default());
+        self.last_ok.resize(n, None);
+        for (i, spec) in r.specs.iter().enumerate() {
+            let moved = self.specs.get(i).is_some_and(|old| old.address != spec.address);
+            if spec.removed || moved {
+                // Whatever was observed belongs to the old address.
+                self.inputs[i] = NodeInput::default();
+                self.health[i] = Health::default();
+            }
+        }
+        self.specs = r.specs;
+        self.settings = r.settings;
+        self.publish();
     }
 
     fn apply(&mut self, report: Report) {
         let id = report.node;
+        if id >= self.specs.len() || self.specs[id].removed {
+            return; // a late report from a monitor stopped by a reload
+        }
         let s = &self.settings;
         let up = self.health[id].record(report.result.is_ok(), s.failures, s.successes);
+        self.inputs[id].polled_at = Some(report.at);
         match &report.result {
             Ok(obs) => {
                 self.inputs[id].last = Some(*obs);
@@ -245,8 +284,10 @@ impl Decider {
     }
 
     fn record(&self, t: &Topology, kind: &'static str, summary: String, gap: Option<u64>) {
+        self.metrics.topology_change(kind);
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH);
         self.events.push(ChangeRecord {
-            at: SystemTime::now(),
+            at_unix_ms: now.map_or(0, |d| d.as_millis() as u64),
             generation: t.generation,
             kind,
             summary,
@@ -286,9 +327,4 @@ fn label(s: Status) -> &'static str {
         Status::ForeignSystem { .. } => "foreign",
         Status::Removed => "removed",
     }
-}
-
-/// How long a session should wait before concluding no route will appear.
-pub fn remaining(deadline: Instant) -> Duration {
-    deadline.saturating_duration_since(Instant::now())
 }

@@ -57,13 +57,18 @@ pub async fn run(standbys: usize) -> anyhow::Result<()> {
         listener(6432, Target::ReadWrite),
         listener(6433, Target::PreferStandby),
     ];
-    let settings = settings_for(&cluster, listeners);
+    let mut settings = settings_for(&cluster, listeners);
+    let admin_port = if std::net::TcpListener::bind(("127.0.0.1", 9187)).is_ok() { 9187 } else { 0 };
+    settings.admin = Some(crate::config::AdminSettings {
+        address: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+        token: None,
+    });
     let proxy = crate::proxy::Proxy::start(settings).await?;
     if !proxy.wait_for_primary(Duration::from_secs(10)).await {
         anyhow::bail!("pgpivot found no primary in the demo cluster");
     }
-    print_banner(&cluster, &proxy.addresses);
-    tokio::signal::ctrl_c().await?;
+    print_banner(&cluster, &proxy.addresses, proxy.admin_address);
+    crate::proxy::shutdown_signal().await?;
     println!("\nstopping...");
     proxy.shutdown(Duration::from_secs(5)).await;
     tokio::task::spawn_blocking(move || drop(cluster)).await?;
@@ -71,7 +76,7 @@ pub async fn run(standbys: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_banner(cluster: &LocalCluster, addresses: &[SocketAddr]) {
+fn print_banner(cluster: &LocalCluster, addresses: &[SocketAddr], admin: Option<SocketAddr>) {
     let url = |a: &SocketAddr| {
         format!("postgresql://{SUPERUSER}:{PASSWORD}@{}:{}/postgres", a.ip(), a.port())
     };
@@ -85,6 +90,9 @@ fn print_banner(cluster: &LocalCluster, addresses: &[SocketAddr]) {
     println!("prefer-standby (standbys):   psql '{}'", url(&addresses[1]));
     println!();
     println!("try:  psql '{}' -c 'select inet_server_port(), pg_is_in_recovery()'", url(&addresses[1]));
+    if let Some(admin) = admin {
+        println!("admin:  curl http://{admin}/status   |   pgpivot status --admin {admin}");
+    }
     println!("data dir: {}   (removed on exit)", cluster.dir().display());
     println!("Ctrl-C stops pgpivot and the cluster.");
 }

@@ -27,6 +27,7 @@
 //! start and graceful shutdown), [`metrics`], [`localcluster`] (a real
 //! primary + standbys for tests, benches and the demo).
 
+pub mod admin;
 pub mod cancel;
 pub mod config;
 pub mod decider;
@@ -38,6 +39,7 @@ pub mod monitor;
 pub mod pause;
 pub mod protocol;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod session;
 pub mod tls;

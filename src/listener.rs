@@ -14,16 +14,21 @@ use crate::config::ListenerSettings;
 use crate::proxy::Shared;
 use crate::session;
 
-/// Accepts until shutdown.
+/// Accepts until shutdown. `index` is the listener's position in the
+/// config; its settings (target, budgets) are read afresh for every session,
+/// so a reload applies to the next one.
 pub async fn accept_loop(
     listener: TcpListener,
-    config: Arc<ListenerSettings>,
+    index: usize,
     shared: Arc<Shared>,
     sessions: TaskTracker,
 ) {
-    let global = Arc::new(Semaphore::new(shared.settings().max_client_connections));
-    let local = Arc::new(Semaphore::new(config.max_connections));
-    tracing::info!(address = %config.address, target = %config.target, "listening");
+    let settings = shared.settings();
+    let first = &settings.listeners[index];
+    let global = Arc::new(Semaphore::new(settings.max_client_connections));
+    let local = Arc::new(Semaphore::new(first.max_connections));
+    let address = listener.local_addr().map_or(first.address, |a| a);
+    tracing::info!(%address, target = %first.target, "listening");
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -39,11 +44,19 @@ pub async fn accept_loop(
         };
         shared.metrics.sessions_accepted.inc();
         let permits = (global.clone().try_acquire_owned(), local.clone().try_acquire_owned());
-        let (shared, config) = (shared.clone(), config.clone());
+        let config = Arc::new(current(&shared, index, address));
+        let shared = shared.clone();
         sessions.spawn(async move {
             let admitted = permits.0.is_ok() && permits.1.is_ok();
             session::serve(shared, config, tcp, peer, admitted).await;
             drop(permits);
         });
     }
+}
+
+/// The listener's current settings, with its bound address.
+fn current(shared: &Shared, index: usize, address: std::net::SocketAddr) -> ListenerSettings {
+    let mut config = shared.settings().listeners[index].clone();
+    config.address = address;
+    config
 }

@@ -28,6 +28,17 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         standbys: usize,
     },
+    /// Print the topology of a running pgpivot (reads its admin /status).
+    Status {
+        /// The admin endpoint (default: `[admin] address` of --config, else
+        /// 127.0.0.1:9187).
+        #[arg(long)]
+        admin: Option<String>,
+        /// Bearer token (default: `[admin] token` of --config,
+        /// PGPIVOT_ADMIN__TOKEN).
+        #[arg(long)]
+        token: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -37,8 +48,32 @@ fn main() -> ExitCode {
             init_logging(&LogConfig::default());
             runtime(pgpivot::demo::run(standbys))
         }
+        Some(Command::Status { admin, token }) => status(cli.config, admin, token),
         None => run_proxy(cli.config, cli.check_config),
     }
+}
+
+fn status(path: Option<PathBuf>, admin: Option<String>, token: Option<String>) -> ExitCode {
+    let configured = config::load(path.as_deref()).ok().and_then(|c| c.admin);
+    let address = admin
+        .or_else(|| configured.as_ref().map(|a| a.address.clone()))
+        .unwrap_or_else(|| "127.0.0.1:9187".into());
+    let token = token.or_else(|| configured.and_then(|a| a.token));
+    let fetched = runtime_value(pgpivot::admin::client::get_status(&address, token.as_deref()));
+    match fetched {
+        Ok(report) => {
+            print!("{}", pgpivot::admin::status::render_table(&report));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pgpivot status: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime_value<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Runtime::new()?.block_on(f)
 }
 
 fn run_proxy(path: Option<PathBuf>, check_only: bool) -> ExitCode {
@@ -55,28 +90,31 @@ fn run_proxy(path: Option<PathBuf>, check_only: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&settings.log);
-    runtime(serve(settings))
+    runtime(serve(settings, path))
 }
 
-async fn serve(settings: config::Settings) -> anyhow::Result<()> {
+async fn serve(settings: config::Settings, path: Option<PathBuf>) -> anyhow::Result<()> {
     let timeout = settings.shutdown_timeout;
-    let proxy = pgpivot::proxy::Proxy::start(settings).await?;
-    wait_for_signal().await?;
+    let proxy = pgpivot::proxy::Proxy::start_with_path(settings, path).await?;
+    let shared = proxy.shared.clone();
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the configuration");
+            if let Err(e) = pgpivot::reload::reload(&shared) {
+                tracing::error!("reload rejected, old configuration stays: {e}");
+            }
+        }
+    });
+    pgpivot::proxy::shutdown_signal().await?;
     tracing::info!("shutting down: ending sessions at their next idle point");
     let left = proxy.shutdown(timeout).await;
     if left > 0 {
         tracing::warn!(sessions = left, "shutdown timeout passed with sessions still open");
     }
     Ok(())
-}
-
-async fn wait_for_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r,
-        _ = term.recv() => Ok(()),
-    }
 }
 
 fn runtime(main: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {

@@ -126,6 +126,11 @@ pub struct Metrics {
     /// Timing of round trips and byte counts in the relay (`[metrics]
     /// enabled`); the per-node figures live in `topology::NodeStats`.
     pub relay_figures: bool,
+    /// How long held sessions waited for an eligible node.
+    pub hold_time: Latency,
+    /// Topology changes by kind (a std Mutex: a handful of updates per
+    /// failover).
+    topology_changes: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
@@ -134,6 +139,16 @@ impl Metrics {
             relay_figures,
             ..Metrics::default()
         }
+    }
+
+    pub fn topology_change(&self, kind: &'static str) {
+        let mut map = self.topology_changes.lock().unwrap_or_else(|e| e.into_inner());
+        *map.entry(kind).or_default() += 1;
+    }
+
+    pub fn topology_changes(&self) -> Vec<(&'static str, u64)> {
+        let map = self.topology_changes.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter().map(|(k, v)| (*k, *v)).collect()
     }
 
     pub fn ended(&self, kind: &str) {

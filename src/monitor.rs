@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, Notify};
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::{Client, NoTls, Statement};
@@ -53,45 +54,56 @@ SELECT pg_is_in_recovery(),
             ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END,
        (SELECT system_identifier FROM pg_control_system())";
 
-/// Wakes node monitors for an immediate poll.
-#[derive(Debug, Clone, Default)]
+/// The running monitors: wakes them for an immediate poll, and replaces
+/// them all when the node list or timings change (reload).
+#[derive(Debug, Default)]
 pub struct MonitorHandle {
-    pokes: Arc<Vec<Arc<Notify>>>,
+    current: ArcSwap<Generation>,
+}
+
+/// One set of monitor tasks and the token that stops them.
+#[derive(Debug, Default)]
+struct Generation {
+    /// Indexed by node id; removed nodes keep a placeholder.
+    pokes: Vec<Arc<Notify>>,
+    stop: CancellationToken,
 }
 
 impl MonitorHandle {
     /// Asks node `id`'s monitor to poll now rather than at its next interval.
     pub fn poke(&self, id: NodeId) {
-        if let Some(n) = self.pokes.get(id) {
+        if let Some(n) = self.current.load().pokes.get(id) {
             n.notify_one();
         }
     }
 
     pub fn poke_all(&self) {
-        self.pokes.iter().for_each(|n| n.notify_one());
+        self.current.load().pokes.iter().for_each(|n| n.notify_one());
     }
-}
 
-/// Starts one monitor task per node address.
-pub fn spawn(
-    addresses: &[String],
-    settings: &MonitorSettings,
-    reports: mpsc::Sender<Report>,
-    shutdown: CancellationToken,
-) -> MonitorHandle {
-    let pokes: Vec<Arc<Notify>> = addresses.iter().map(|_| Arc::default()).collect();
-    for (id, address) in addresses.iter().enumerate() {
-        let poller = Poller {
-            node: id,
-            address: address.clone(),
-            settings: settings.clone(),
-            session: None,
-        };
-        let run = poller.run(reports.clone(), pokes[id].clone(), shutdown.clone());
-        tokio::spawn(run);
-    }
-    MonitorHandle {
-        pokes: Arc::new(pokes),
+    /// Stops the running monitors and starts one per address (`None`: a
+    /// removed node, not monitored). Node ids are positions in `addresses`.
+    pub fn restart(
+        &self,
+        addresses: &[Option<String>],
+        settings: &MonitorSettings,
+        reports: &mpsc::Sender<Report>,
+        shutdown: &CancellationToken,
+    ) {
+        let stop = shutdown.child_token();
+        let pokes: Vec<Arc<Notify>> = addresses.iter().map(|_| Arc::default()).collect();
+        for (id, address) in addresses.iter().enumerate() {
+            let Some(address) = address else { continue };
+            let poller = Poller {
+                node: id,
+                address: address.clone(),
+                settings: settings.clone(),
+                session: None,
+            };
+            tokio::spawn(poller.run(reports.clone(), pokes[id].clone(), stop.clone()));
+        }
+        let old = self.current.swap(Arc::new(Generation { pokes, stop }));
+        old.stop.cancel();
     }
 }
 

@@ -1,11 +1,12 @@
-//! The running proxy: shared state, startup and shutdown.
+//! The running proxy: shared state, startup, reload and shutdown.
 //!
 //! [`Shared`] is the one context every task gets (an `Arc`): settings, the
-//! topology handle, the monitor's poke handle, the cancel registry and the
-//! metrics. Nothing in it is locked across an await: the topology is an
-//! `ArcSwap` snapshot, the settings too.
+//! topology handle, the monitors' poke handle, the cancel registry, the pause
+//! switch and the metrics. Nothing in it is locked across an await: the
+//! topology and the settings are `ArcSwap` snapshots.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,10 +19,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::cancel::CancelRegistry;
 use crate::config::Settings;
-use crate::decider::{Decider, TopologyHandle};
+use crate::decider::{Decider, Reconfigure, TopologyHandle};
 use crate::listener;
 use crate::metrics::Metrics;
-use crate::monitor::{self, MonitorHandle};
+use crate::monitor::{MonitorHandle, Report};
+use crate::pause::Pause;
 use crate::topology::NodeSpec;
 
 /// State shared by every task of one proxy.
@@ -31,16 +33,32 @@ pub struct Shared {
     pub monitor: MonitorHandle,
     pub cancels: Arc<CancelRegistry>,
     pub metrics: Arc<Metrics>,
-    pub pause: crate::pause::Pause,
+    pub pause: Pause,
     /// Cancelled to stop accepting and end sessions at their idle points.
     pub shutdown: CancellationToken,
+    /// The control path's channels, for reloads.
+    pub(crate) control: Control,
+    /// The file `reload` re-reads (`None`: built in code, e.g. the demo).
+    pub config_path: Option<PathBuf>,
     sessions: AtomicU64,
     tiebreak: AtomicUsize,
+}
+
+/// Handles on the control path (monitors and decider).
+pub(crate) struct Control {
+    pub reports: mpsc::Sender<Report>,
+    pub reconfigure: mpsc::Sender<Reconfigure>,
+    /// Stops monitors and decider.
+    pub stop: CancellationToken,
 }
 
 impl Shared {
     pub fn settings(&self) -> Arc<Settings> {
         self.settings.load_full()
+    }
+
+    pub(crate) fn store_settings(&self, settings: Settings) {
+        self.settings.store(Arc::new(settings));
     }
 
     pub fn next_session_id(&self) -> u64 {
@@ -60,6 +78,11 @@ pub enum StartError {
         address: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen on admin address {address}: {source}")]
+    AdminBind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A started proxy.
@@ -67,8 +90,8 @@ pub struct Proxy {
     pub shared: Arc<Shared>,
     /// Bound listener addresses, in config order (port 0 resolved).
     pub addresses: Vec<SocketAddr>,
-    /// Monitors and decider.
-    control: CancellationToken,
+    /// Bound admin address, when the endpoint is on.
+    pub admin_address: Option<SocketAddr>,
     sessions: TaskTracker,
 }
 
@@ -76,54 +99,52 @@ impl Proxy {
     /// Binds every listener, starts the monitors and the decider, and begins
     /// accepting.
     pub async fn start(settings: Settings) -> Result<Proxy, StartError> {
-        let specs: Vec<NodeSpec> = settings
-            .nodes
-            .iter()
-            .map(|n| NodeSpec {
-                name: n.name.clone(),
-                address: n.address.clone(),
-                weight: n.weight,
-                stats: Arc::default(),
-                removed: false,
-            })
-            .collect();
-        let control = CancellationToken::new();
-        let (reports_tx, reports_rx) = mpsc::channel(1024);
-        let metrics = Arc::new(Metrics::new(settings.relay_timing));
-        let (decider, topology) = Decider::new(specs, settings.monitor.clone(), metrics.clone());
-        tokio::spawn(decider.run(reports_rx, control.clone()));
-        let addresses: Vec<String> = settings.nodes.iter().map(|n| n.address.clone()).collect();
-        let monitor = monitor::spawn(&addresses, &settings.monitor, reports_tx, control.clone());
+        Self::start_with_path(settings, None).await
+    }
+
+    /// Like [`Proxy::start`], remembering the config file for reloads.
+    pub async fn start_with_path(
+        settings: Settings,
+        config_path: Option<PathBuf>,
+    ) -> Result<Proxy, StartError> {
         let mut bound = Vec::new();
         for l in &settings.listeners {
-            let tcp = TcpListener::bind(l.address).await.map_err(|source| StartError::Bind {
-                address: l.address,
-                source,
-            })?;
+            let tcp = TcpListener::bind(l.address)
+                .await
+                .map_err(|source| StartError::Bind {
+                    address: l.address,
+                    source,
+                })?;
             bound.push(tcp);
         }
-        let shared = Arc::new(Shared {
-            metrics,
-            pause: Default::default(),
-            settings: ArcSwap::from_pointee(settings),
-            topology,
-            monitor,
-            cancels: Arc::default(),
-            shutdown: CancellationToken::new(),
-            sessions: AtomicU64::new(0),
-            tiebreak: AtomicUsize::new(0),
-        });
+        let admin = match &settings.admin {
+            Some(a) => Some((
+                TcpListener::bind(a.address)
+                    .await
+                    .map_err(|source| StartError::AdminBind {
+                        address: a.address,
+                        source,
+                    })?,
+                a.token.clone(),
+            )),
+            None => None,
+        };
+        let shared = start_control(settings, config_path);
+        let admin_address = admin.as_ref().and_then(|(l, _)| l.local_addr().ok());
+        if let Some((listener, token)) = admin {
+            let stop = shared.control.stop.clone();
+            tokio::spawn(crate::admin::serve(listener, shared.clone(), token, stop));
+        }
         let sessions = TaskTracker::new();
         let mut addresses = Vec::new();
         for (i, tcp) in bound.into_iter().enumerate() {
             addresses.push(tcp.local_addr().expect("bound listener has an address"));
-            let config = Arc::new(shared.settings().listeners[i].clone());
-            tokio::spawn(listener::accept_loop(tcp, config, shared.clone(), sessions.clone()));
+            tokio::spawn(listener::accept_loop(tcp, i, shared.clone(), sessions.clone()));
         }
         Ok(Proxy {
             shared,
             addresses,
-            control,
+            admin_address,
             sessions,
         })
     }
@@ -131,17 +152,9 @@ impl Proxy {
     /// Waits until the topology has a primary, or the timeout passes.
     pub async fn wait_for_primary(&self, timeout: Duration) -> bool {
         let mut changes = self.shared.topology.subscribe();
-        let wait = async {
-            loop {
-                if self.shared.topology.load().primary.is_some() {
-                    return;
-                }
-                if changes.changed().await.is_err() {
-                    return;
-                }
-            }
-        };
-        tokio::time::timeout(timeout, wait).await.is_ok() && self.shared.topology.load().primary.is_some()
+        let topology = &self.shared.topology;
+        let found = tokio::time::timeout(timeout, changes.wait_for(|_| topology.load().primary.is_some()));
+        found.await.is_ok_and(|r| r.is_ok())
     }
 
     /// Graceful shutdown: stop accepting, end sessions at their next idle
@@ -152,7 +165,7 @@ impl Proxy {
         self.sessions.close();
         let _ = tokio::time::timeout(timeout, self.sessions.wait()).await;
         let left = self.sessions.len();
-        self.control.cancel();
+        self.shared.control.stop.cancel();
         left
     }
 }
@@ -160,6 +173,61 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.shared.shutdown.cancel();
-        self.control.cancel();
+        self.shared.control.stop.cancel();
+    }
+}
+
+/// Starts the decider and the monitors; returns the shared state.
+fn start_control(settings: Settings, config_path: Option<PathBuf>) -> Arc<Shared> {
+    let specs = node_specs(&settings);
+    let stop = CancellationToken::new();
+    let (reports, reports_rx) = mpsc::channel(1024);
+    let (reconfigure, reconfigure_rx) = mpsc::channel(4);
+    let metrics = Arc::new(Metrics::new(settings.relay_timing));
+    let (decider, topology) = Decider::new(specs.clone(), settings.monitor.clone(), metrics.clone());
+    tokio::spawn(decider.run(reports_rx, reconfigure_rx, stop.clone()));
+    let monitor = MonitorHandle::default();
+    let addresses: Vec<Option<String>> = specs.iter().map(|s| Some(s.address.clone())).collect();
+    monitor.restart(&addresses, &settings.monitor, &reports, &stop);
+    Arc::new(Shared {
+        settings: ArcSwap::from_pointee(settings),
+        topology,
+        monitor,
+        cancels: Arc::default(),
+        metrics,
+        pause: Pause::default(),
+        shutdown: CancellationToken::new(),
+        control: Control {
+            reports,
+            reconfigure,
+            stop,
+        },
+        config_path,
+        sessions: AtomicU64::new(0),
+        tiebreak: AtomicUsize::new(0),
+    })
+}
+
+fn node_specs(settings: &Settings) -> Vec<NodeSpec> {
+    settings
+        .nodes
+        .iter()
+        .map(|n| NodeSpec {
+            name: n.name.clone(),
+            address: n.address.clone(),
+            weight: n.weight,
+            stats: Arc::default(),
+            removed: false,
+        })
+        .collect()
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r,
+        _ = term.recv() => Ok(()),
     }
 }

@@ -208,6 +208,7 @@ mod tests {
                 lsn,
                 system_id: 1,
             }),
+            polled_at: None,
         }
     }
 

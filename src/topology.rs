@@ -47,6 +47,8 @@ pub struct Observation {
 pub struct NodeInput {
     pub up: bool,
     pub last: Option<Observation>,
+    /// When the node was last polled, successfully or not.
+    pub polled_at: Option<Instant>,
 }
 
 /// What a node is good for in this topology.
@@ -120,6 +122,8 @@ pub struct NodeView {
     /// How old the standby's replayed state is, on pgpivot's clock.
     pub lag: Option<Duration>,
     pub stats: Arc<NodeStats>,
+    /// When the monitor last reported on this node.
+    pub polled_at: Option<Instant>,
 }
 
 impl NodeView {
@@ -252,6 +256,7 @@ pub fn decide(
                 lag_bytes: lag.map(|(bytes, _)| bytes),
                 lag: lag.map(|(_, age)| age),
                 stats: spec.stats.clone(),
+                polled_at: inputs[i].polled_at,
             }
         })
         .collect();
@@ -384,6 +389,7 @@ mod tests {
                 lsn: 100,
                 system_id,
             }),
+            polled_at: None,
         }
     }
 

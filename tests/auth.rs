@@ -48,7 +48,9 @@ impl RawSession {
         let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
         packet.extend_from_slice(&body);
         let mut tcp = TcpStream::connect(addr).await.expect("connect to pgpivot");
-        tcp.write_all(&packet).await.expect("send the startup packet");
+        tcp.write_all(&packet)
+            .await
+            .expect("send the startup packet");
         RawSession {
             tcp,
             buf: Vec::new(),
@@ -109,8 +111,16 @@ fn auth_code(body: &[u8]) -> u32 {
 /// The first authentication request pgpivot relays for `user`.
 async fn first_auth_request(addr: SocketAddr, user: &str) -> (u32, Vec<u8>) {
     let mut session = RawSession::start(addr, user).await;
-    let (tag, body) = session.recv().await.expect("an answer to the startup packet");
-    assert_eq!(tag, b'R', "an Authentication request: {}", String::from_utf8_lossy(&body));
+    let (tag, body) = session
+        .recv()
+        .await
+        .expect("an answer to the startup packet");
+    assert_eq!(
+        tag,
+        b'R',
+        "an Authentication request: {}",
+        String::from_utf8_lossy(&body)
+    );
     (auth_code(&body), body)
 }
 
@@ -126,7 +136,10 @@ fn sasl_mechanisms(body: &[u8]) -> Vec<String> {
 /// `select current_user` through a fresh tokio-postgres client.
 async fn current_user(conn: &str) -> Result<String, tokio_postgres::Error> {
     let client = connect_with(conn).await?;
-    Ok(client.query_one("select current_user::text", &[]).await?.get(0))
+    Ok(client
+        .query_one("select current_user::text", &[])
+        .await?
+        .get(0))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,8 +149,14 @@ async fn scram_sha_256_login_works_and_offers_no_channel_binding() {
     let (code, body) = first_auth_request(addr, APP_USER).await;
     assert_eq!(code, AUTH_SASL, "pg_hba uses scram-sha-256 for {APP_USER}");
     let mechanisms = sasl_mechanisms(&body);
-    assert!(mechanisms.contains(&"SCRAM-SHA-256".to_string()), "{mechanisms:?}");
-    assert!(!mechanisms.iter().any(|m| m.ends_with("-PLUS")), "{mechanisms:?}");
+    assert!(
+        mechanisms.contains(&"SCRAM-SHA-256".to_string()),
+        "{mechanisms:?}"
+    );
+    assert!(
+        !mechanisms.iter().any(|m| m.ends_with("-PLUS")),
+        "{mechanisms:?}"
+    );
     let user = current_user(&conn_str(addr, APP_USER, "")).await.unwrap();
     assert_eq!(user, APP_USER);
 }
@@ -158,8 +177,13 @@ async fn cleartext_password_login_works() {
     let proxy = proxy().await;
     let addr = proxy.addresses[0];
     let (code, _) = first_auth_request(addr, CLEARTEXT_USER).await;
-    assert_eq!(code, AUTH_CLEARTEXT, "pg_hba uses password for {CLEARTEXT_USER}");
-    let user = current_user(&conn_str(addr, CLEARTEXT_USER, "")).await.unwrap();
+    assert_eq!(
+        code, AUTH_CLEARTEXT,
+        "pg_hba uses password for {CLEARTEXT_USER}"
+    );
+    let user = current_user(&conn_str(addr, CLEARTEXT_USER, ""))
+        .await
+        .unwrap();
     assert_eq!(user, CLEARTEXT_USER);
 }
 
@@ -174,15 +198,26 @@ async fn a_wrong_password_gets_the_servers_28p01_for_every_method() {
             addr.ip(),
             addr.port()
         );
-        let err = connect_with(&conn).await.err().expect("a wrong password is refused");
-        let db = err.as_db_error().unwrap_or_else(|| panic!("{user}: no server error: {err:?}"));
+        let err = connect_with(&conn)
+            .await
+            .expect_err("a wrong password is refused");
+        let db = err
+            .as_db_error()
+            .unwrap_or_else(|| panic!("{user}: no server error: {err:?}"));
         assert_eq!(db.code().code(), "28P01", "{user}: {err}");
         // The server's own message, not one made up by the proxy.
         let expected = format!("password authentication failed for user \"{user}\"");
         assert_eq!(db.message(), expected, "{user}");
     }
     // The proxy keeps serving, old sessions and new ones.
-    assert_eq!(before.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    assert_eq!(
+        before
+            .query_one("select 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
     let user = current_user(&conn_str(addr, APP_USER, "")).await.unwrap();
     assert_eq!(user, APP_USER);
 }
@@ -197,10 +232,16 @@ async fn backend_key_data_carries_the_real_pid() {
     session.send(b'p', format!("{PASSWORD}\0").as_bytes()).await;
     let login = session.until_ready().await;
     assert!(
-        login.iter().any(|(t, b)| *t == b'R' && auth_code(b) == AUTH_OK),
+        login
+            .iter()
+            .any(|(t, b)| *t == b'R' && auth_code(b) == AUTH_OK),
         "AuthenticationOk"
     );
-    let keys: Vec<&Vec<u8>> = login.iter().filter(|(t, _)| *t == b'K').map(|(_, b)| b).collect();
+    let keys: Vec<&Vec<u8>> = login
+        .iter()
+        .filter(|(t, _)| *t == b'K')
+        .map(|(_, b)| b)
+        .collect();
     assert_eq!(keys.len(), 1, "exactly one BackendKeyData");
     assert_eq!(keys[0].len(), 8, "pid and a 4-byte secret (protocol 3.0)");
     let key_pid = i32::from_be_bytes(keys[0][..4].try_into().unwrap());
@@ -215,7 +256,10 @@ async fn backend_key_data_carries_the_real_pid() {
     // DataRow: Int16 column count, then Int32 length and bytes per column.
     assert_eq!(&row[..2], &[0, 1]);
     let len = i32::from_be_bytes(row[2..6].try_into().unwrap()) as usize;
-    let backend_pid: i32 = std::str::from_utf8(&row[6..6 + len]).unwrap().parse().unwrap();
+    let backend_pid: i32 = std::str::from_utf8(&row[6..6 + len])
+        .unwrap()
+        .parse()
+        .unwrap();
     assert_eq!(key_pid, backend_pid);
 }
 
@@ -230,7 +274,8 @@ struct TlsFiles {
 impl TlsFiles {
     fn self_signed() -> TlsFiles {
         let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-        let certified = rcgen::generate_simple_self_signed(names).expect("a self-signed certificate");
+        let certified =
+            rcgen::generate_simple_self_signed(names).expect("a self-signed certificate");
         let dir = tempfile::tempdir().unwrap();
         let cert = dir.path().join("server.crt");
         let key = dir.path().join("server.key");
@@ -262,7 +307,12 @@ async fn tls_proxy(mode: TlsMode, tweak: impl FnOnce(&mut FileConfig)) -> (Proxy
 /// libpq options (sslmode, channel_binding).
 async fn psql(addr: SocketAddr, user: &str, extra: &str, command: &str) -> Output {
     let conn = conn_str(addr, user, extra);
-    run_tool(shared_cluster(), "psql", &["-XAt", "-d", &conn, "-c", command]).await
+    run_tool(
+        shared_cluster(),
+        "psql",
+        &["-XAt", "-d", &conn, "-c", command],
+    )
+    .await
 }
 
 /// Asserts psql succeeded and returns its trimmed stdout.
@@ -273,9 +323,17 @@ fn stdout_of(out: &Output) -> String {
 
 /// Asserts psql failed and that its stderr mentions `needle`.
 fn assert_psql_failed(out: &Output, needle: &str) {
-    assert!(!out.status.success(), "psql should have failed: {}", text(out));
+    assert!(
+        !out.status.success(),
+        "psql should have failed: {}",
+        text(out)
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(needle), "expected {needle:?}: {}", text(out));
+    assert!(
+        stderr.contains(needle),
+        "expected {needle:?}: {}",
+        text(out)
+    );
 }
 
 /// Whether psql's `\conninfo` output reports a TLS connection.
@@ -322,8 +380,7 @@ async fn tls_mode_require_refuses_plaintext_with_28000() {
     let addr = proxy.addresses[0];
     let err = connect_with(&conn_str(addr, SUPERUSER, "sslmode=disable"))
         .await
-        .err()
-        .expect("a plaintext client is refused");
+        .expect_err("a plaintext client is refused");
     assert_eq!(sqlstate(&err).as_deref(), Some("28000"), "{err}");
     let out = psql(addr, SUPERUSER, "sslmode=disable", "select 1").await;
     assert_psql_failed(&out, "requires TLS");
@@ -342,7 +399,9 @@ async fn tls_mode_prefer_also_accepts_plaintext() {
     let conninfo = stdout_of(&out);
     assert!(conninfo.contains("You are connected"), "{conninfo}");
     assert!(!reports_tls(&conninfo), "{conninfo}");
-    let user = current_user(&conn_str(addr, APP_USER, "sslmode=disable")).await.unwrap();
+    let user = current_user(&conn_str(addr, APP_USER, "sslmode=disable"))
+        .await
+        .unwrap();
     assert_eq!(user, APP_USER);
 }
 
@@ -381,10 +440,17 @@ async fn a_silent_client_gets_08p01_when_tls_is_configured() {
     };
     let reply = silent.recv().await;
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(400), "closed too early: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(400),
+        "closed too early: {waited:?}"
+    );
     let (tag, body) = reply.expect("an ErrorResponse before the close, not a bare close");
     assert_eq!(tag, b'E');
     let fields: Vec<&[u8]> = body.split(|&b| b == 0).collect();
-    assert!(fields.contains(&&b"C08P01"[..]), "{}", String::from_utf8_lossy(&body));
+    assert!(
+        fields.contains(&&b"C08P01"[..]),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
     assert!(silent.recv().await.is_none(), "closed after the error");
 }

@@ -56,7 +56,11 @@ fn parse_error_response(reply: &[u8]) -> HashMap<u8, String> {
     assert!(reply.len() >= 5, "no ErrorResponse, got {reply:?}");
     assert_eq!(reply[0], b'E', "not an ErrorResponse: {reply:?}");
     let len = u32::from_be_bytes([reply[1], reply[2], reply[3], reply[4]]) as usize;
-    assert_eq!(reply.len(), 1 + len, "one ErrorResponse and nothing else: {reply:?}");
+    assert_eq!(
+        reply.len(),
+        1 + len,
+        "one ErrorResponse and nothing else: {reply:?}"
+    );
     let mut fields = HashMap::new();
     let mut rest = &reply[5..];
     loop {
@@ -65,7 +69,10 @@ fn parse_error_response(reply: &[u8]) -> HashMap<u8, String> {
             assert!(tail.is_empty(), "bytes after the field list: {reply:?}");
             return fields;
         }
-        let nul = tail.iter().position(|&b| b == 0).expect("a NUL-terminated field");
+        let nul = tail
+            .iter()
+            .position(|&b| b == 0)
+            .expect("a NUL-terminated field");
         fields.insert(code, String::from_utf8_lossy(&tail[..nul]).into_owned());
         rest = &tail[nul + 1..];
     }
@@ -77,9 +84,20 @@ async fn expect_error_and_close(addr: SocketAddr, bytes: &[u8], sqlstate: &str) 
     let mut tcp = send_raw(addr, bytes).await;
     let reply = read_until_closed(&mut tcp).await;
     let fields = parse_error_response(&reply);
-    assert_eq!(fields.get(&b'C').map(String::as_str), Some(sqlstate), "{fields:?}");
-    assert_eq!(fields.get(&b'S').map(String::as_str), Some("FATAL"), "{fields:?}");
-    assert!(fields.contains_key(&b'M'), "an error has a message: {fields:?}");
+    assert_eq!(
+        fields.get(&b'C').map(String::as_str),
+        Some(sqlstate),
+        "{fields:?}"
+    );
+    assert_eq!(
+        fields.get(&b'S').map(String::as_str),
+        Some("FATAL"),
+        "{fields:?}"
+    );
+    assert!(
+        fields.contains_key(&b'M'),
+        "an error has a message: {fields:?}"
+    );
 }
 
 /// Checks that the proxy at `addr` still works: the session opened before
@@ -127,7 +145,12 @@ async fn a_2_gb_startup_length_gets_08p01_and_a_close() {
     let proxy = proxy().await;
     let addr = proxy.addresses[0];
     let before = connect(addr).await;
-    expect_error_and_close(addr, &[0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0], PROTOCOL_VIOLATION).await;
+    expect_error_and_close(
+        addr,
+        &[0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0],
+        PROTOCOL_VIOLATION,
+    )
+    .await;
     assert_still_serving(addr, &before).await;
 }
 
@@ -158,7 +181,10 @@ async fn a_truncated_startup_packet_is_closed_without_harm() {
     // be a protocol violation.
     if !reply.is_empty() {
         let fields = parse_error_response(&reply);
-        assert_eq!(fields.get(&b'C').map(String::as_str), Some(PROTOCOL_VIOLATION));
+        assert_eq!(
+            fields.get(&b'C').map(String::as_str),
+            Some(PROTOCOL_VIOLATION)
+        );
     }
     assert_still_serving(addr, &before).await;
 }
@@ -173,7 +199,11 @@ async fn a_stalled_half_packet_times_out_with_08p01() {
     packet.extend_from_slice(&[0u8; 16]);
     let started = Instant::now();
     expect_error_and_close(addr, &packet, PROTOCOL_VIOLATION).await;
-    assert!(started.elapsed() >= Duration::from_millis(400), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
     assert_still_serving(addr, &before).await;
 }
 
@@ -219,8 +249,14 @@ async fn a_silent_connection_gets_08p01_after_the_startup_timeout() {
     let started = Instant::now();
     expect_error_and_close(addr, &[], PROTOCOL_VIOLATION).await;
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(400), "closed too early: {waited:?}");
-    assert!(waited < Duration::from_secs(3), "closed too late: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(400),
+        "closed too early: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(3),
+        "closed too late: {waited:?}"
+    );
     assert_still_serving(addr, &before).await;
 }
 
@@ -246,7 +282,10 @@ async fn an_oversized_message_after_startup_gets_08p01() {
         .expect_err("a 2 MB message is over the 1 MB limit");
     match sqlstate(&err) {
         Some(code) => assert_eq!(code, PROTOCOL_VIOLATION, "{err}"),
-        None => assert!(err.is_closed(), "neither 08P01 nor a closed connection: {err:?}"),
+        None => assert!(
+            err.is_closed(),
+            "neither 08P01 nor a closed connection: {err:?}"
+        ),
     }
     assert!(client.is_closed() || client.query_one("select 1", &[]).await.is_err());
     assert_still_serving(addr, &before).await;
@@ -280,7 +319,9 @@ async fn fifty_garbage_clients_do_not_disturb_a_busy_session() {
     });
     futures_util::future::join_all(garbage).await;
     stop.store(true, Ordering::Relaxed);
-    let queries = worker.await.expect("the normal client's loop did not panic");
+    let queries = worker
+        .await
+        .expect("the normal client's loop did not panic");
     assert!(queries > 0, "the normal client ran no query");
 }
 
@@ -312,17 +353,28 @@ async fn the_third_client_over_a_limit_of_2_gets_53300() {
     let addr = proxy.addresses[0];
     let a = connect(addr).await;
     let b = connect(addr).await;
-    let refused = try_connect(addr).await.err().expect("a third client is refused");
+    let refused = try_connect(addr)
+        .await
+        .expect_err("a third client is refused");
     assert_eq!(refused, "53300");
     // Once one leaves, its slot (and only that one) is free again; the
     // refused client did not keep one.
-    assert_eq!(a.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    assert_eq!(
+        a.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0),
+        1
+    );
     drop(a);
     let c = connect_within(addr, Duration::from_secs(5)).await;
-    assert_eq!(c.query_one("select 3", &[]).await.unwrap().get::<_, i32>(0), 3);
+    assert_eq!(
+        c.query_one("select 3", &[]).await.unwrap().get::<_, i32>(0),
+        3
+    );
     // The freed slot is taken again: the limit still holds.
     assert_eq!(try_connect(addr).await.err().as_deref(), Some("53300"));
-    assert_eq!(b.query_one("select 2", &[]).await.unwrap().get::<_, i32>(0), 2);
+    assert_eq!(
+        b.query_one("select 2", &[]).await.unwrap().get::<_, i32>(0),
+        2
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

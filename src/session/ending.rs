@@ -123,6 +123,7 @@ mod tests {
                     lsn: 0,
                     system_id: 1,
                 }),
+                polled_at: None,
             })
             .collect();
         decide(&Topology::initial(&specs), &specs, &inputs, &LsnHistory::default(), Instant::now())

@@ -1,0 +1,152 @@
+//! `GET /status`: the topology, listeners and recent changes as JSON. The
+//! same structs deserialize in `pgpivot status`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::decider::ChangeRecord;
+use crate::pause::PauseScope;
+use crate::proxy::Shared;
+use crate::topology::{Role, Status};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub generation: u64,
+    pub primary: Option<String>,
+    pub fenced: bool,
+    pub paused: PauseScope,
+    pub nodes: Vec<NodeReport>,
+    pub listeners: Vec<ListenerReport>,
+    pub changes: Vec<ChangeReport>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NodeReport {
+    pub name: String,
+    pub address: String,
+    /// primary, standby, down, stale_primary, fenced, foreign_system, removed
+    pub status: String,
+    pub role: Option<String>,
+    pub up: bool,
+    pub timeline: Option<u32>,
+    pub lag_bytes: Option<u64>,
+    pub lag_seconds: Option<f64>,
+    pub sessions: usize,
+    pub weight: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ListenerReport {
+    pub address: String,
+    pub target: String,
+    pub max_lag_bytes: Option<u64>,
+    pub max_lag_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ChangeReport {
+    pub at_unix_ms: u64,
+    pub generation: u64,
+    pub kind: String,
+    pub summary: String,
+    pub write_gap_ms: Option<u64>,
+}
+
+impl From<ChangeRecord> for ChangeReport {
+    fn from(c: ChangeRecord) -> Self {
+        ChangeReport {
+            at_unix_ms: c.at_unix_ms,
+            generation: c.generation,
+            kind: c.kind.to_string(),
+            summary: c.summary,
+            write_gap_ms: c.write_gap_ms,
+        }
+    }
+}
+
+/// The report for the proxy's current state.
+pub fn report(shared: &Shared) -> StatusReport {
+    let topology = shared.topology.load();
+    let settings = shared.settings();
+    let nodes = topology
+        .nodes
+        .iter()
+        .map(|n| NodeReport {
+            name: n.name.clone(),
+            address: n.address.clone(),
+            status: status_name(n.status).into(),
+            role: match n.status {
+                Status::Primary | Status::StalePrimary { .. } | Status::Fenced => Some(Role::Primary),
+                Status::Standby => Some(Role::Standby),
+                _ => None,
+            }
+            .map(|r| format!("{r:?}").to_lowercase()),
+            up: !matches!(n.status, Status::Down | Status::Removed),
+            timeline: n.timeline,
+            lag_bytes: n.lag_bytes,
+            lag_seconds: n.lag.map(|d| d.as_secs_f64()),
+            sessions: n.stats.sessions(),
+            weight: n.weight,
+        })
+        .collect();
+    let listeners = settings
+        .listeners
+        .iter()
+        .map(|l| ListenerReport {
+            address: l.address.to_string(),
+            target: l.target.to_string(),
+            max_lag_bytes: l.budget.max_bytes,
+            max_lag_ms: l.budget.max_lag.map(|d| d.as_millis() as u64),
+        })
+        .collect();
+    StatusReport {
+        generation: topology.generation,
+        primary: topology.primary_view().map(|p| p.name.clone()),
+        fenced: topology.fenced,
+        paused: shared.pause.scope(),
+        nodes,
+        listeners,
+        changes: shared.topology.changes().into_iter().map(Into::into).collect(),
+    }
+}
+
+pub fn status_name(s: Status) -> &'static str {
+    match s {
+        Status::Primary => "primary",
+        Status::Standby => "standby",
+        Status::Down => "down",
+        Status::StalePrimary { .. } => "stale_primary",
+        Status::Fenced => "fenced",
+        Status::ForeignSystem { .. } => "foreign_system",
+        Status::Removed => "removed",
+    }
+}
+
+/// A `patronictl list`-like table.
+pub fn render_table(r: &StatusReport) -> String {
+    let mut out = format!(
+        "generation {}  primary {}  paused {:?}{}\n",
+        r.generation,
+        r.primary.as_deref().unwrap_or("-"),
+        r.paused,
+        if r.fenced { "  FENCED" } else { "" }
+    );
+    out.push_str(&format!(
+        "{:<8} {:<22} {:<14} {:<4} {:>8} {:>12} {:>9} {:>8}\n",
+        "node", "address", "status", "up", "timeline", "lag_bytes", "lag_s", "sessions"
+    ));
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    for n in &r.nodes {
+        out.push_str(&format!(
+            "{:<8} {:<22} {:<14} {:<4} {:>8} {:>12} {:>9} {:>8}\n",
+            n.name,
+            n.address,
+            n.status,
+            if n.up { "yes" } else { "no" },
+            opt(n.timeline.map(|t| t.to_string())),
+            opt(n.lag_bytes.map(|b| b.to_string())),
+            opt(n.lag_seconds.map(|s| format!("{s:.3}"))),
+            n.sessions
+        ));
+    }
+    out
+}
