@@ -876,6 +876,11 @@ async fn bench(cluster: &LocalCluster, runs: usize) -> anyhow::Result<()> {
         let record = run_once(cluster, roles, run as i32)
             .await
             .with_context(|| format!("run {run}"))?;
+        if record.promote.end - record.promote.start > Duration::from_secs(1) {
+            let log = std::fs::read_to_string(cluster.log_path(roles.standby)).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!("SLOW PROMOTE LOG:\n{}", lines[lines.len().saturating_sub(80)..].join("\n"));
+        }
         figures.push(record.figures().with_context(|| format!("run {run}"))?);
         for message in record.error_messages() {
             *errors.entry(message).or_insert(0) += 1;
@@ -913,7 +918,7 @@ fn main() -> anyhow::Result<()> {
     eprintln!("starting a local PostgreSQL primary and one standby...");
     let cluster = LocalCluster::start(ClusterOptions {
         standbys: 1,
-        ..ClusterOptions::default()
+        extra_conf: vec!["log_min_messages = debug1".into(), "log_line_prefix = '%m [%p] %b '".into()],
     })
     .context("a local PostgreSQL cluster (are the server binaries installed?)")?;
     let started = began.elapsed();

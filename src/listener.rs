@@ -25,7 +25,7 @@ pub async fn accept_loop(
 ) {
     let settings = shared.settings();
     let first = &settings.listeners[index];
-    let global = Arc::new(Semaphore::new(settings.max_client_connections));
+    let global = shared.connection_slots.clone();
     let local = Arc::new(Semaphore::new(first.max_connections));
     let address = listener.local_addr().map_or(first.address, |a| a);
     tracing::info!(%address, target = %first.target, "listening");
@@ -43,11 +43,17 @@ pub async fn accept_loop(
             _ = shared.shutdown.cancelled() => return,
         };
         shared.metrics.sessions_accepted.inc();
-        let permits = (global.clone().try_acquire_owned(), local.clone().try_acquire_owned());
+        // The listener's own slot first, so a refused client never holds a
+        // global one.
+        let permits = local
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .and_then(|l| Some((l, global.clone().try_acquire_owned().ok()?)));
         let config = Arc::new(current(&shared, index, address));
         let shared = shared.clone();
         sessions.spawn(async move {
-            let admitted = permits.0.is_ok() && permits.1.is_ok();
+            let admitted = permits.is_some();
             session::serve(shared, config, tcp, peer, admitted).await;
             drop(permits);
         });

@@ -34,6 +34,8 @@ pub struct Shared {
     pub cancels: Arc<CancelRegistry>,
     pub metrics: Arc<Metrics>,
     pub pause: Pause,
+    /// Client sessions over all listeners (`limits.max_client_connections`).
+    pub connection_slots: Arc<tokio::sync::Semaphore>,
     /// Cancelled to stop accepting and end sessions at their idle points.
     pub shutdown: CancellationToken,
     /// The control path's channels, for reloads.
@@ -189,6 +191,7 @@ fn start_control(settings: Settings, config_path: Option<PathBuf>) -> Arc<Shared
     let monitor = MonitorHandle::default();
     let addresses: Vec<Option<String>> = specs.iter().map(|s| Some(s.address.clone())).collect();
     monitor.restart(&addresses, &settings.monitor, &reports, &stop);
+    let connection_slots = Arc::new(tokio::sync::Semaphore::new(settings.max_client_connections));
     Arc::new(Shared {
         settings: ArcSwap::from_pointee(settings),
         topology,
@@ -196,6 +199,7 @@ fn start_control(settings: Settings, config_path: Option<PathBuf>) -> Arc<Shared
         cancels: Arc::default(),
         metrics,
         pause: Pause::default(),
+        connection_slots,
         shutdown: CancellationToken::new(),
         control: Control {
             reports,

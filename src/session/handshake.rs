@@ -36,8 +36,11 @@ pub async fn negotiate(
     let mut stream = ClientStream::Plain(tcp);
     if let (ClientStream::Plain(tcp), Some(tls)) = (&stream, tls) {
         let mut first = [0u8; 1];
-        let peeked = before(deadline, tcp.peek(&mut first)).await?;
-        if peeked? == 1 && first[0] == startup::TLS_HANDSHAKE_BYTE {
+        let peeked = match before(deadline, tcp.peek(&mut first)).await {
+            Ok(peeked) => peeked?,
+            Err(e) => return Err(fail(&mut stream, e).await),
+        };
+        if peeked == 1 && first[0] == startup::TLS_HANDSHAKE_BYTE {
             stream = upgrade(stream, tls, deadline).await?;
         }
     }
