@@ -505,6 +505,20 @@ fn spawn_prober(addr: SocketAddr, expected: u16) -> Background<Vec<Probe>> {
 // ---------------------------------------------------------------------------
 // One run
 
+/// An extra delay before the crash of run `run` of `runs`: `(run - 1) / runs`
+/// of the default poll interval.
+///
+/// Without it every run would crash and promote at the same point of the
+/// monitors' poll cycle (they start with the proxy, and the steps before the
+/// crash take about the same time each run), and `detect_ms` would measure
+/// that one phase over and over. Spreading the crash evenly over one
+/// interval samples every phase, which a handful of runs can't be trusted to
+/// do at random.
+fn crash_phase(run: usize, runs: usize) -> Duration {
+    let interval = Duration::from_millis(FileConfig::default().monitor.interval_ms);
+    interval * (run - 1) as u32 / runs as u32
+}
+
 /// Everything one run observed, before it is reduced to [`Figures`].
 struct RunRecord {
     roles: Roles,
@@ -525,7 +539,13 @@ struct RunRecord {
 
 /// Crashes `roles.primary` under load and promotes `roles.standby`, with a
 /// fresh pgpivot in front of the cluster; run number `run` tags the rows.
-async fn run_once(cluster: &LocalCluster, roles: Roles, run: i32) -> anyhow::Result<RunRecord> {
+/// The crash comes `phase` later than the bench could make it.
+async fn run_once(
+    cluster: &LocalCluster,
+    roles: Roles,
+    run: i32,
+    phase: Duration,
+) -> anyhow::Result<RunRecord> {
     let proxy = start_proxy(cluster).await?;
     let topology = proxy.shared.topology.clone();
     eventually("pgpivot to see the primary and its standby", || {
@@ -541,6 +561,7 @@ async fn run_once(cluster: &LocalCluster, roles: Roles, run: i32) -> anyhow::Res
         lock(&log).acks.len() >= ACKS_BEFORE_CRASH
     })
     .await?;
+    tokio::time::sleep(phase).await;
 
     let crash_unix_ms = ms(SystemTime::now().duration_since(UNIX_EPOCH)?);
     let (stopped, crash) = timed(|| cluster.stop_node(roles.primary, StopMode::Immediate));
@@ -873,13 +894,17 @@ async fn bench(cluster: &LocalCluster, runs: usize) -> anyhow::Result<()> {
             name(roles.primary),
             name(roles.standby)
         );
-        let record = run_once(cluster, roles, run as i32)
+        let phase = crash_phase(run, runs);
+        let record = run_once(cluster, roles, run as i32, phase)
             .await
             .with_context(|| format!("run {run}"))?;
         if record.promote.end - record.promote.start > Duration::from_secs(1) {
             let log = std::fs::read_to_string(cluster.log_path(roles.standby)).unwrap_or_default();
             let lines: Vec<&str> = log.lines().collect();
-            eprintln!("SLOW PROMOTE LOG:\n{}", lines[lines.len().saturating_sub(80)..].join("\n"));
+            eprintln!(
+                "SLOW PROMOTE LOG:\n{}",
+                lines[lines.len().saturating_sub(60)..].join("\n")
+            );
         }
         figures.push(record.figures().with_context(|| format!("run {run}"))?);
         for message in record.error_messages() {
@@ -918,7 +943,10 @@ fn main() -> anyhow::Result<()> {
     eprintln!("starting a local PostgreSQL primary and one standby...");
     let cluster = LocalCluster::start(ClusterOptions {
         standbys: 1,
-        extra_conf: vec!["log_min_messages = debug1".into(), "log_line_prefix = '%m [%p] %b '".into()],
+        extra_conf: vec![
+            "log_min_messages = log".into(),
+            "log_line_prefix = '%m [%p] %b '".into(),
+        ],
     })
     .context("a local PostgreSQL cluster (are the server binaries installed?)")?;
     let started = began.elapsed();

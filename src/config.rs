@@ -352,7 +352,9 @@ pub struct TlsSettings {
 
 impl std::fmt::Debug for TlsSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsSettings").field("mode", &self.mode).finish()
+        f.debug_struct("TlsSettings")
+            .field("mode", &self.mode)
+            .finish()
     }
 }
 
@@ -361,7 +363,10 @@ pub fn load(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
     let mut figment = Figment::from(Serialized::defaults(FileConfig::default()));
     if let Some(path) = path {
         if !path.exists() {
-            return Err(ConfigError::new("--config", format!("{} not found", path.display())));
+            return Err(ConfigError::new(
+                "--config",
+                format!("{} not found", path.display()),
+            ));
         }
         figment = figment.merge(Toml::file(path));
     }
@@ -411,7 +416,10 @@ impl FileConfig {
             nodes: self.validate_nodes()?,
             monitor: self.validate_monitor()?,
             hold_timeout: Duration::from_millis(self.failover.hold_timeout_ms),
-            max_client_connections: positive("limits.max_client_connections", limits.max_client_connections)?,
+            max_client_connections: positive(
+                "limits.max_client_connections",
+                limits.max_client_connections,
+            )?,
             startup_timeout: millis("limits.startup_timeout_ms", limits.startup_timeout_ms)?,
             connect_timeout: millis("limits.connect_timeout_ms", limits.connect_timeout_ms)?,
             max_message_bytes: positive("limits.max_message_bytes", limits.max_message_bytes)?,
@@ -425,7 +433,10 @@ impl FileConfig {
 
     fn validate_listeners(&self) -> Result<Vec<ListenerSettings>, ConfigError> {
         if self.listeners.is_empty() {
-            return Err(ConfigError::new("listeners", "at least one listener is required"));
+            return Err(ConfigError::new(
+                "listeners",
+                "at least one listener is required",
+            ));
         }
         let mut seen = Vec::new();
         self.listeners
@@ -435,7 +446,10 @@ impl FileConfig {
                 let key = format!("listeners[{i}]");
                 let address = socket_addr(&format!("{key}.address"), &l.address)?;
                 if address.port() != 0 && seen.contains(&address) {
-                    return Err(ConfigError::new(format!("{key}.address"), "used by two listeners"));
+                    return Err(ConfigError::new(
+                        format!("{key}.address"),
+                        "used by two listeners",
+                    ));
                 }
                 seen.push(address);
                 Ok(ListenerSettings {
@@ -449,7 +463,9 @@ impl FileConfig {
                         max_bytes: l.session_max_lag_bytes,
                         max_lag: l.session_max_lag_ms.map(Duration::from_millis),
                     },
-                    max_connections: l.max_connections.unwrap_or(self.limits.max_client_connections),
+                    max_connections: l
+                        .max_connections
+                        .unwrap_or(self.limits.max_client_connections),
                     on_lag: l.on_lag,
                 })
             })
@@ -467,7 +483,10 @@ impl FileConfig {
             .map(|(i, n)| {
                 let key = format!("nodes[{i}]");
                 if n.name.is_empty() || names.contains(&n.name.as_str()) {
-                    return Err(ConfigError::new(format!("{key}.name"), "must be non-empty and unique"));
+                    return Err(ConfigError::new(
+                        format!("{key}.name"),
+                        "must be non-empty and unique",
+                    ));
                 }
                 names.push(&n.name);
                 host_port(&format!("{key}.address"), &n.address)?;
@@ -543,7 +562,10 @@ fn host_port(key: &str, value: &str) -> Result<(), ConfigError> {
         ConfigError::new(key, format!("{value:?} is not a reachable host:port ({e})"))
     })?;
     if resolved.count() == 0 {
-        return Err(ConfigError::new(key, format!("{value:?} resolves to no address")));
+        return Err(ConfigError::new(
+            key,
+            format!("{value:?} resolves to no address"),
+        ));
     }
     Ok(())
 }
@@ -602,12 +624,17 @@ mod tests {
         assert_eq!(e.key, "nodes");
         let e = check(&format!("{MINIMAL}\n[[listeners]]\naddress='1.2.3.4'")).unwrap_err();
         assert_eq!(e.key, "listeners[0].address", "{e}");
-        let e = check(&format!("{MINIMAL}\n[[listeners]]\naddress='127.0.0.1:1'\ntarget='leader'"))
-            .unwrap_err();
+        let e = check(&format!(
+            "{MINIMAL}\n[[listeners]]\naddress='127.0.0.1:1'\ntarget='leader'"
+        ))
+        .unwrap_err();
         assert!(e.key.starts_with("listeners"), "{e}");
         let e = check(&format!("{MINIMAL}\n[admin]\naddress='0.0.0.0:9187'")).unwrap_err();
         assert_eq!(e.key, "admin.token", "{e}");
-        let e = check(&format!("{MINIMAL}\n[tls]\ncert='/nonexistent.crt'\nkey='/x.key'")).unwrap_err();
+        let e = check(&format!(
+            "{MINIMAL}\n[tls]\ncert='/nonexistent.crt'\nkey='/x.key'"
+        ))
+        .unwrap_err();
         assert_eq!(e.key, "tls.cert", "{e}");
         assert!(!e.to_string().contains('\n'));
     }

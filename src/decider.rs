@@ -173,7 +173,10 @@ impl Decider {
         self.health.resize(n, Health::default());
         self.last_ok.resize(n, None);
         for (i, spec) in r.specs.iter().enumerate() {
-            let moved = self.specs.get(i).is_some_and(|old| old.address != spec.address);
+            let moved = self
+                .specs
+                .get(i)
+                .is_some_and(|old| old.address != spec.address);
             if spec.removed || moved {
                 // Whatever was observed belongs to the old address.
                 self.inputs[i] = NodeInput::default();
@@ -200,7 +203,12 @@ impl Decider {
             }
             Err(e) => tracing::debug!(node = %self.specs[id].name, error = %e, "poll failed"),
         }
-        if let Some(obs) = report.result.as_ref().ok().filter(|o| o.role == Role::Primary) {
+        if let Some(obs) = report
+            .result
+            .as_ref()
+            .ok()
+            .filter(|o| o.role == Role::Primary)
+        {
             self.history.record(report.at, obs.lsn);
         }
         let was_up = self.inputs[id].up;
@@ -215,7 +223,13 @@ impl Decider {
 
     fn publish(&mut self) {
         let prev = self.current.load_full();
-        let next = decide(&prev, &self.specs, &self.inputs, &self.history, Instant::now());
+        let next = decide(
+            &prev,
+            &self.specs,
+            &self.inputs,
+            &self.history,
+            Instant::now(),
+        );
         let changed = next.generation != prev.generation;
         if changed {
             self.describe(&prev, &next);
@@ -263,15 +277,30 @@ impl Decider {
                 }
                 self.previous_primary = Some(new);
                 tracing::info!(generation = next.generation, "{summary}");
-                let kind = if prev.generation == 0 { "initial" } else { "promotion" };
+                let kind = if prev.generation == 0 {
+                    "initial"
+                } else {
+                    "promotion"
+                };
                 self.record(next, kind, summary, gap.map(|g| g.as_millis() as u64));
             }
             (Some(old), None) => {
                 self.write_gap_since = Some(now);
                 self.previous_primary = Some(old);
-                let why = if next.fenced { "writes fenced" } else { "no primary" };
-                let kind = if next.fenced { "fenced" } else { "primary_lost" };
-                let summary = format!("primary {} lost: {why}; new write sessions are held", name(old));
+                let why = if next.fenced {
+                    "writes fenced"
+                } else {
+                    "no primary"
+                };
+                let kind = if next.fenced {
+                    "fenced"
+                } else {
+                    "primary_lost"
+                };
+                let summary = format!(
+                    "primary {} lost: {why}; new write sessions are held",
+                    name(old)
+                );
                 if next.fenced {
                     tracing::error!(generation = next.generation, "{summary}");
                 } else {

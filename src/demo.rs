@@ -58,7 +58,11 @@ pub async fn run(standbys: usize) -> anyhow::Result<()> {
         listener(6433, Target::PreferStandby),
     ];
     let mut settings = settings_for(&cluster, listeners);
-    let admin_port = if std::net::TcpListener::bind(("127.0.0.1", 9187)).is_ok() { 9187 } else { 0 };
+    let admin_port = if std::net::TcpListener::bind(("127.0.0.1", 9187)).is_ok() {
+        9187
+    } else {
+        0
+    };
     settings.admin = Some(crate::config::AdminSettings {
         address: SocketAddr::from(([127, 0, 0, 1], admin_port)),
         token: None,
@@ -78,7 +82,11 @@ pub async fn run(standbys: usize) -> anyhow::Result<()> {
 
 fn print_banner(cluster: &LocalCluster, addresses: &[SocketAddr], admin: Option<SocketAddr>) {
     let url = |a: &SocketAddr| {
-        format!("postgresql://{SUPERUSER}:{PASSWORD}@{}:{}/postgres", a.ip(), a.port())
+        format!(
+            "postgresql://{SUPERUSER}:{PASSWORD}@{}:{}/postgres",
+            a.ip(),
+            a.port()
+        )
     };
     println!();
     println!("pgpivot is running in front of:");
@@ -89,7 +97,10 @@ fn print_banner(cluster: &LocalCluster, addresses: &[SocketAddr], admin: Option<
     println!("read-write (primary):        psql '{}'", url(&addresses[0]));
     println!("prefer-standby (standbys):   psql '{}'", url(&addresses[1]));
     println!();
-    println!("try:  psql '{}' -c 'select inet_server_port(), pg_is_in_recovery()'", url(&addresses[1]));
+    println!(
+        "try:  psql '{}' -c 'select inet_server_port(), pg_is_in_recovery()'",
+        url(&addresses[1])
+    );
     if let Some(admin) = admin {
         println!("admin:  curl http://{admin}/status   |   pgpivot status --admin {admin}");
     }

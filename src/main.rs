@@ -59,7 +59,10 @@ fn status(path: Option<PathBuf>, admin: Option<String>, token: Option<String>) -
         .or_else(|| configured.as_ref().map(|a| a.address.clone()))
         .unwrap_or_else(|| "127.0.0.1:9187".into());
     let token = token.or_else(|| configured.and_then(|a| a.token));
-    let fetched = runtime_value(pgpivot::admin::client::get_status(&address, token.as_deref()));
+    let fetched = runtime_value(pgpivot::admin::client::get_status(
+        &address,
+        token.as_deref(),
+    ));
     match fetched {
         Ok(report) => {
             print!("{}", pgpivot::admin::status::render_table(&report));
@@ -98,7 +101,8 @@ async fn serve(settings: config::Settings, path: Option<PathBuf>) -> anyhow::Res
     let proxy = pgpivot::proxy::Proxy::start_with_path(settings, path).await?;
     let shared = proxy.shared.clone();
     tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
             return;
         };
         while hup.recv().await.is_some() {
@@ -112,7 +116,10 @@ async fn serve(settings: config::Settings, path: Option<PathBuf>) -> anyhow::Res
     tracing::info!("shutting down: ending sessions at their next idle point");
     let left = proxy.shutdown(timeout).await;
     if left > 0 {
-        tracing::warn!(sessions = left, "shutdown timeout passed with sessions still open");
+        tracing::warn!(
+            sessions = left,
+            "shutdown timeout passed with sessions still open"
+        );
     }
     Ok(())
 }

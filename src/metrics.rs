@@ -142,12 +142,18 @@ impl Metrics {
     }
 
     pub fn topology_change(&self, kind: &'static str) {
-        let mut map = self.topology_changes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self
+            .topology_changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         *map.entry(kind).or_default() += 1;
     }
 
     pub fn topology_changes(&self) -> Vec<(&'static str, u64)> {
-        let map = self.topology_changes.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self
+            .topology_changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         map.iter().map(|(k, v)| (*k, *v)).collect()
     }
 

@@ -78,7 +78,11 @@ impl MonitorHandle {
     }
 
     pub fn poke_all(&self) {
-        self.current.load().pokes.iter().for_each(|n| n.notify_one());
+        self.current
+            .load()
+            .pokes
+            .iter()
+            .for_each(|n| n.notify_one());
     }
 
     /// Stops the running monitors and starts one per address (`None`: a
@@ -116,7 +120,12 @@ struct Poller {
 }
 
 impl Poller {
-    async fn run(mut self, reports: mpsc::Sender<Report>, poke: Arc<Notify>, stop: CancellationToken) {
+    async fn run(
+        mut self,
+        reports: mpsc::Sender<Report>,
+        poke: Arc<Notify>,
+        stop: CancellationToken,
+    ) {
         let mut failures = 0u32;
         loop {
             let result = self.poll().await;

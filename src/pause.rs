@@ -55,6 +55,30 @@ impl Pause {
         *self.scope.borrow()
     }
 
+    /// Whether a session of this class must wait now.
+    pub fn holds(&self, needs_primary: bool) -> bool {
+        self.scope().holds(needs_primary)
+    }
+
+    /// Waits for the pause to let this class through, counted in `busy`
+    /// from the moment it may go: the caller keeps the returned guard while it
+    /// works. Counting before checking closes the race with a pause that
+    /// starts in between (the pauser would see the session busy, not parked).
+    pub async fn enter<'a>(
+        &self,
+        needs_primary: bool,
+        busy: &'a crate::metrics::Gauge,
+    ) -> crate::metrics::GaugeGuard<'a> {
+        loop {
+            let guard = busy.track();
+            if !self.holds(needs_primary) {
+                return guard;
+            }
+            drop(guard);
+            self.wait_resumed(needs_primary).await;
+        }
+    }
+
     /// Returns at once unless a pause holds this class of session; then
     /// waits for the resume.
     pub async fn wait_resumed(&self, needs_primary: bool) {
@@ -82,6 +106,9 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished());
         pause.set(PauseScope::None);
-        tokio::time::timeout(Duration::from_secs(1), waiter).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

@@ -141,7 +141,12 @@ impl Proxy {
         let mut addresses = Vec::new();
         for (i, tcp) in bound.into_iter().enumerate() {
             addresses.push(tcp.local_addr().expect("bound listener has an address"));
-            tokio::spawn(listener::accept_loop(tcp, i, shared.clone(), sessions.clone()));
+            tokio::spawn(listener::accept_loop(
+                tcp,
+                i,
+                shared.clone(),
+                sessions.clone(),
+            ));
         }
         Ok(Proxy {
             shared,
@@ -155,7 +160,10 @@ impl Proxy {
     pub async fn wait_for_primary(&self, timeout: Duration) -> bool {
         let mut changes = self.shared.topology.subscribe();
         let topology = &self.shared.topology;
-        let found = tokio::time::timeout(timeout, changes.wait_for(|_| topology.load().primary.is_some()));
+        let found = tokio::time::timeout(
+            timeout,
+            changes.wait_for(|_| topology.load().primary.is_some()),
+        );
         found.await.is_ok_and(|r| r.is_ok())
     }
 
@@ -186,7 +194,8 @@ fn start_control(settings: Settings, config_path: Option<PathBuf>) -> Arc<Shared
     let (reports, reports_rx) = mpsc::channel(1024);
     let (reconfigure, reconfigure_rx) = mpsc::channel(4);
     let metrics = Arc::new(Metrics::new(settings.relay_timing));
-    let (decider, topology) = Decider::new(specs.clone(), settings.monitor.clone(), metrics.clone());
+    let (decider, topology) =
+        Decider::new(specs.clone(), settings.monitor.clone(), metrics.clone());
     tokio::spawn(decider.run(reports_rx, reconfigure_rx, stop.clone()));
     let monitor = MonitorHandle::default();
     let addresses: Vec<Option<String>> = specs.iter().map(|s| Some(s.address.clone())).collect();

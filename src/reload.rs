@@ -52,9 +52,12 @@ pub fn apply(shared: &Shared, file: &FileConfig) -> Result<ReloadReport, ConfigE
     if shared.control.reconfigure.try_send(reconfigure).is_err() {
         return Err(ConfigError::new("reload", "the decider is busy; try again"));
     }
-    shared
-        .monitor
-        .restart(&addresses, &new.monitor, &shared.control.reports, &shared.control.stop);
+    shared.monitor.restart(
+        &addresses,
+        &new.monitor,
+        &shared.control.reports,
+        &shared.control.stop,
+    );
     shared.store_settings(new);
     tracing::info!(
         added = ?report.added,

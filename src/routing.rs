@@ -231,7 +231,13 @@ mod tests {
         }));
         let mut h = LsnHistory::default();
         h.record(Instant::now(), 1000);
-        decide(&Topology::initial(&specs), &specs, &inputs, &h, Instant::now())
+        decide(
+            &Topology::initial(&specs),
+            &specs,
+            &inputs,
+            &h,
+            Instant::now(),
+        )
     }
 
     const NONE: LagBudget = LagBudget {
@@ -283,14 +289,22 @@ mod tests {
         assert_eq!(node(&t, Target::Standby, &NONE), Ok(1));
         t.nodes[2].weight = 0;
         let _d = t.nodes[1].stats.enter();
-        assert_eq!(node(&t, Target::Standby, &NONE), Ok(1), "weight 0 never reads");
+        assert_eq!(
+            node(&t, Target::Standby, &NONE),
+            Ok(1),
+            "weight 0 never reads"
+        );
     }
 
     #[test]
     fn lagging_standbys_get_no_sessions() {
         let t = cluster(&[Some(500), Some(990)]);
         assert_eq!(node(&t, Target::Standby, &TIGHT), Ok(2));
-        assert_eq!(node(&t, Target::Any, &TIGHT), Ok(0), "primary has no sessions either");
+        assert_eq!(
+            node(&t, Target::Any, &TIGHT),
+            Ok(0),
+            "primary has no sessions either"
+        );
     }
 
     #[test]
@@ -298,7 +312,10 @@ mod tests {
         let t = cluster(&[Some(10), None]);
         assert_eq!(node(&t, Target::Standby, &TIGHT), Err(NoRoute::NoStandby));
         let c = route(&t, Target::PreferStandby, &TIGHT, 0).unwrap();
-        assert_eq!((c.node, c.fell_back, c.read_only_on_primary), (0, true, false));
+        assert_eq!(
+            (c.node, c.fell_back, c.read_only_on_primary),
+            (0, true, false)
+        );
         let c = route(&t, Target::ReadOnly, &TIGHT, 0).unwrap();
         assert_eq!((c.node, c.read_only_on_primary), (0, true));
     }

@@ -170,7 +170,13 @@ impl Topology {
             max_timeline: 0,
             system_id: None,
         };
-        let mut t = decide(&empty, specs, &inputs, &LsnHistory::default(), Instant::now());
+        let mut t = decide(
+            &empty,
+            specs,
+            &inputs,
+            &LsnHistory::default(),
+            Instant::now(),
+        );
         t.generation = 0;
         t
     }
@@ -184,7 +190,7 @@ impl Topology {
     }
 
     /// What routing depends on; a change here is a new generation.
-    fn routing_shape(&self) -> (Option<NodeId>, bool, Vec<(&str, &str, Status)>) {
+    fn routing_shape(&self) -> RoutingShape<'_> {
         let nodes = self
             .nodes
             .iter()
@@ -193,6 +199,9 @@ impl Topology {
         (self.primary, self.fenced, nodes)
     }
 }
+
+/// Primary, fenced, and each node's (name, address, status).
+type RoutingShape<'a> = (Option<NodeId>, bool, Vec<(&'a str, &'a str, Status)>);
 
 /// Computes the next topology from the previous one and the current inputs
 /// (one per spec, same order).
@@ -209,7 +218,11 @@ pub fn decide(
         .or_else(|| (0..inputs.len()).find_map(|i| observed(i).map(|o| o.system_id)));
     let ours = |i: usize| observed(i).filter(|o| Some(o.system_id) == system_id);
     let primaries: Vec<(NodeId, u32)> = (0..inputs.len())
-        .filter_map(|i| ours(i).filter(|o| o.role == Role::Primary).map(|o| (i, o.timeline)))
+        .filter_map(|i| {
+            ours(i)
+                .filter(|o| o.role == Role::Primary)
+                .map(|o| (i, o.timeline))
+        })
         .collect();
     let max_timeline = primaries
         .iter()
@@ -496,7 +509,10 @@ mod tests {
         let t1 = decide(&t0, &s, &inputs, &h, Instant::now());
         h.record(Instant::now(), 500);
         let t2 = decide(&t1, &s, &inputs, &h, Instant::now());
-        assert_eq!(t1.generation, t2.generation, "lag alone is not a new generation");
+        assert_eq!(
+            t1.generation, t2.generation,
+            "lag alone is not a new generation"
+        );
         assert_eq!(t2.nodes[1].lag_bytes, Some(400));
         let t3 = decide(&t2, &s, &[down(), standby(1)], &h, Instant::now());
         assert_eq!(t3.generation, t2.generation + 1);

@@ -23,8 +23,15 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 /// Waits until pgpivot's topology names node `id` as the primary.
 async fn wait_primary(proxy: &Proxy, id: usize, timeout: Duration) -> Duration {
     let started = Instant::now();
-    let ok = eventually(timeout, || async { proxy.shared.topology.load().primary == Some(id) }).await;
-    assert!(ok, "node {id} never became primary: {:?}", proxy.shared.topology.load().primary);
+    let ok = eventually(timeout, || async {
+        proxy.shared.topology.load().primary == Some(id)
+    })
+    .await;
+    assert!(
+        ok,
+        "node {id} never became primary: {:?}",
+        proxy.shared.topology.load().primary
+    );
     started.elapsed()
 }
 
@@ -48,7 +55,10 @@ fn make_synchronous(cluster: &LocalCluster) -> usize {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let name = cluster
-            .psql(0, "select application_name from pg_stat_replication where sync_state = 'sync'")
+            .psql(
+                0,
+                "select application_name from pg_stat_replication where sync_state = 'sync'",
+            )
             .unwrap();
         if let Some(i) = cluster.nodes().iter().position(|n| n.name == name) {
             return i;
@@ -131,32 +141,48 @@ async fn crash_failover_keeps_every_acknowledged_write_and_holds_new_sessions() 
 
     let stop = Arc::new(AtomicBool::new(false));
     let (log, writer) = spawn_writer(rw, Duration::from_millis(20), stop.clone());
-    assert!(eventually(Duration::from_secs(10), || async { log.lock().unwrap().acked.len() >= 10 }).await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            log.lock().unwrap().acked.len() >= 10
+        })
+        .await
+    );
 
     blocking(|| cluster.stop_node(0, StopMode::Immediate)).unwrap();
     // New sessions opened while there is no primary must wait, not fail.
     let waiting: Vec<_> = (0..5).map(|_| tokio::spawn(landing(rw))).collect();
     assert!(
-        eventually(Duration::from_secs(10), || async { proxy.shared.topology.load().primary.is_none() }).await,
+        eventually(Duration::from_secs(10), || async {
+            proxy.shared.topology.load().primary.is_none()
+        })
+        .await,
         "the crash was not noticed"
     );
     blocking(|| cluster.promote(sync)).unwrap();
     wait_primary(&proxy, sync, Duration::from_secs(10)).await;
     let new_port = cluster.node(sync).port as i32;
     for w in waiting {
-        let (port, in_recovery) = w.await.unwrap().expect("a held session connects, not fails");
+        let (port, in_recovery) = w
+            .await
+            .unwrap()
+            .expect("a held session connects, not fails");
         assert_eq!((port, in_recovery), (new_port, false));
     }
 
     let before = log.lock().unwrap().acked.len();
     assert!(
-        eventually(Duration::from_secs(15), || async { log.lock().unwrap().acked.len() > before + 10 }).await,
+        eventually(Duration::from_secs(15), || async {
+            log.lock().unwrap().acked.len() > before + 10
+        })
+        .await,
         "the writer did not resume through the same address"
     );
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
 
-    let direct = connect_with(&cluster.node(sync).conn_string()).await.unwrap();
+    let direct = connect_with(&cluster.node(sync).conn_string())
+        .await
+        .unwrap();
     let stored: BTreeSet<i64> = direct
         .query("select id from writes", &[])
         .await
@@ -166,9 +192,19 @@ async fn crash_failover_keeps_every_acknowledged_write_and_holds_new_sessions() 
         .collect();
     let log = log.lock().unwrap();
     let lost: Vec<_> = log.acked.difference(&stored).collect();
-    assert!(lost.is_empty(), "acknowledged writes missing on the new primary: {lost:?}");
-    assert!(log.errors_in_flight <= 2, "only in-flight writes may fail: {}", log.errors_in_flight);
-    assert_eq!(log.errors_connect, 0, "new sessions must be held, not refused");
+    assert!(
+        lost.is_empty(),
+        "acknowledged writes missing on the new primary: {lost:?}"
+    );
+    assert!(
+        log.errors_in_flight <= 2,
+        "only in-flight writes may fail: {}",
+        log.errors_in_flight
+    );
+    assert_eq!(
+        log.errors_connect, 0,
+        "new sessions must be held, not refused"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,13 +227,24 @@ async fn planned_switchover_moves_writes_and_the_old_primary_becomes_a_standby()
     let (port, in_recovery) = landing(rw).await.unwrap();
     assert_eq!((port, in_recovery), (cluster.node(1).port as i32, false));
     let client = connect(rw).await;
-    client.batch_execute("create table after_switchover (x int)").await.unwrap();
+    client
+        .batch_execute("create table after_switchover (x int)")
+        .await
+        .unwrap();
     // The old primary is now a read target: a standby-only session can land on it.
     let mut seen_old = false;
     for _ in 0..20 {
-        let conn = conn_str(proxy.addresses[1], SUPERUSER, "options='-c pgpivot.target_session_attrs=standby'");
+        let conn = conn_str(
+            proxy.addresses[1],
+            SUPERUSER,
+            "options='-c pgpivot.target_session_attrs=standby'",
+        );
         let c = connect_with(&conn).await.unwrap();
-        let port: i32 = c.query_one("select inet_server_port()", &[]).await.unwrap().get(0);
+        let port: i32 = c
+            .query_one("select inet_server_port()", &[])
+            .await
+            .unwrap()
+            .get(0);
         seen_old |= port == cluster.node(0).port as i32;
     }
     assert!(seen_old, "no read session landed on the rejoined node");
@@ -214,7 +261,16 @@ async fn split_brain_an_old_primary_on_a_lower_timeline_never_gets_writes() {
     let detected = Instant::now();
     wait_primary(&proxy, 1, Duration::from_secs(10)).await;
     let status = proxy.shared.topology.load().nodes[0].status;
-    assert!(matches!(status, Status::StalePrimary { timeline: 1, current: 2 }), "{status:?}");
+    assert!(
+        matches!(
+            status,
+            Status::StalePrimary {
+                timeline: 1,
+                current: 2
+            }
+        ),
+        "{status:?}"
+    );
 
     // The idle session was ended with 57P01 naming the new primary.
     let ended = tokio::time::timeout(Duration::from_secs(5), idle_connection)
@@ -228,7 +284,11 @@ async fn split_brain_an_old_primary_on_a_lower_timeline_never_gets_writes() {
 
     for _ in 0..20 {
         let (port, _) = landing(rw).await.unwrap();
-        assert_eq!(port, cluster.node(1).port as i32, "a write session went to the stale primary");
+        assert_eq!(
+            port,
+            cluster.node(1).port as i32,
+            "a write session went to the stale primary"
+        );
     }
     // Restarting the old primary keeps it on its old timeline: still fenced off.
     blocking(|| {
@@ -237,7 +297,10 @@ async fn split_brain_an_old_primary_on_a_lower_timeline_never_gets_writes() {
     })
     .unwrap();
     let stale = eventually(Duration::from_secs(10), || async {
-        matches!(proxy.shared.topology.load().nodes[0].status, Status::StalePrimary { .. })
+        matches!(
+            proxy.shared.topology.load().nodes[0].status,
+            Status::StalePrimary { .. }
+        )
     })
     .await;
     assert!(stale);
@@ -254,13 +317,23 @@ async fn with_no_primary_new_sessions_are_held_then_refused_with_57p03() {
     config.failover.hold_timeout_ms = 1500;
     let proxy = start_proxy(config).await;
     blocking(|| cluster.stop_node(0, StopMode::Immediate)).unwrap();
-    assert!(eventually(Duration::from_secs(10), || async { proxy.shared.topology.load().primary.is_none() }).await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            proxy.shared.topology.load().primary.is_none()
+        })
+        .await
+    );
     let started = Instant::now();
-    let err = connect_with(&conn_str(proxy.addresses[0], SUPERUSER, "")).await.unwrap_err();
+    let err = connect_with(&conn_str(proxy.addresses[0], SUPERUSER, ""))
+        .await
+        .unwrap_err();
     let waited = started.elapsed();
     assert_eq!(sqlstate(&err).as_deref(), Some("57P03"), "{err}");
     assert!(message(&err).contains("no primary"), "{}", message(&err));
-    assert!(waited >= Duration::from_millis(1400), "did not hold: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(1400),
+        "did not hold: {waited:?}"
+    );
     // Reads still work while writes are held.
     let (port, in_recovery) = landing(proxy.addresses[1]).await.unwrap();
     assert_eq!((port, in_recovery), (cluster.node(1).port as i32, true));
@@ -295,12 +368,24 @@ struct Frozen(Vec<String>);
 
 impl Frozen {
     fn node(cluster: &LocalCluster, i: usize) -> Frozen {
-        let pidfile = std::fs::read_to_string(cluster.node(i).data_dir.join("postmaster.pid")).unwrap();
+        let pidfile =
+            std::fs::read_to_string(cluster.node(i).data_dir.join("postmaster.pid")).unwrap();
         let postmaster = pidfile.lines().next().unwrap().trim().to_string();
-        let children = std::process::Command::new("pgrep").args(["-P", &postmaster]).output().unwrap();
+        let children = std::process::Command::new("pgrep")
+            .args(["-P", &postmaster])
+            .output()
+            .unwrap();
         let mut pids = vec![postmaster];
-        pids.extend(String::from_utf8_lossy(&children.stdout).split_whitespace().map(str::to_string));
-        let status = std::process::Command::new("kill").arg("-STOP").args(&pids).status().unwrap();
+        pids.extend(
+            String::from_utf8_lossy(&children.stdout)
+                .split_whitespace()
+                .map(str::to_string),
+        );
+        let status = std::process::Command::new("kill")
+            .arg("-STOP")
+            .args(&pids)
+            .status()
+            .unwrap();
         assert!(status.success());
         Frozen(pids)
     }
@@ -308,7 +393,10 @@ impl Frozen {
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("kill").arg("-CONT").args(&self.0).status();
+        let _ = std::process::Command::new("kill")
+            .arg("-CONT")
+            .args(&self.0)
+            .status();
     }
 }
 
@@ -338,6 +426,9 @@ async fn a_hung_primary_is_detected_by_the_poll_timeout() {
         .await
         .expect("the session on the hung primary was not ended")
         .unwrap_err();
-    assert!(sqlstate(&err).as_deref() == Some("57P01") || err.is_closed(), "{err}");
+    assert!(
+        sqlstate(&err).as_deref() == Some("57P01") || err.is_closed(),
+        "{err}"
+    );
     drop(frozen);
 }

@@ -321,6 +321,42 @@ async fn reads_spread_over_the_standbys_and_writes_stay_on_the_primary() {
     assert!(landed.keys().all(|p| standbys.contains(p)), "{landed:?}");
 }
 
+/// Opens and closes sessions through `conn` one after another until `stop`;
+/// returns the errors, with how many sessions were tried.
+async fn churn(conn: String, stop: Instant) -> (usize, Vec<String>) {
+    let (mut tried, mut errors) = (0, Vec::new());
+    while Instant::now() < stop {
+        tried += 1;
+        if let Err(e) = open_session(&conn).await {
+            errors.push(message(&e));
+        }
+    }
+    (tried, errors)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_keeps_working_while_sessions_come_and_go() {
+    let _serial = serial().await;
+    let cluster = cluster();
+    let proxy = start(config_for(cluster)).await;
+    let stop = Instant::now() + Duration::from_secs(3);
+    let clients: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(churn(reader(proxy.addresses[1]), stop)))
+        .collect();
+    let (mut tried, mut errors) = (0, Vec::new());
+    for c in clients {
+        let (n, e) = c.await.unwrap();
+        tried += n;
+        errors.extend(e);
+    }
+    assert!(
+        errors.is_empty(),
+        "{} of {tried} sessions failed, e.g. {:?}",
+        errors.len(),
+        errors[0]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_options_are_validated_and_never_forwarded() {
     let _serial = serial().await;

@@ -31,7 +31,10 @@ async fn simple_query_reaches_the_primary_with_its_real_pid() {
     // The pid is the backend's own: it shows up in pg_stat_activity.
     let pid: i32 = row.get(1).unwrap().parse().unwrap();
     let found: i64 = client
-        .query_one("select count(*) from pg_stat_activity where pid = $1", &[&pid])
+        .query_one(
+            "select count(*) from pg_stat_activity where pid = $1",
+            &[&pid],
+        )
         .await
         .unwrap()
         .get(0);
@@ -46,7 +49,12 @@ async fn pipeline_of_100_statements() {
     let queries = (0..100).map(|i| {
         let client = &client;
         let stmt = &stmt;
-        async move { client.query_one(stmt, &[&i]).await.map(|r| r.get::<_, i32>(0)) }
+        async move {
+            client
+                .query_one(stmt, &[&i])
+                .await
+                .map(|r| r.get::<_, i32>(0))
+        }
     });
     let results = futures_util::future::join_all(queries).await;
     for (i, r) in results.into_iter().enumerate() {
@@ -68,7 +76,10 @@ async fn prepared_statements_with_binary_parameters() {
     let bytes: Vec<u8> = (0..=255).collect();
     let arr = vec![1i64, -2, i64::MAX];
     let row = client
-        .query_one(&stmt, &[&bytes, &1.5f64, &arr, &"héllo\u{0}".replace('\u{0}', "")])
+        .query_one(
+            &stmt,
+            &[&bytes, &1.5f64, &arr, &"héllo\u{0}".replace('\u{0}', "")],
+        )
         .await
         .unwrap();
     assert_eq!(row.get::<_, Vec<u8>>(0), bytes);
@@ -124,7 +135,14 @@ async fn copy_in_and_out_of_10_mb() {
     assert!(all.starts_with(line(0).as_bytes()));
     assert!(all.ends_with(line(rows - 1).as_bytes()));
     // The session still works after COPY.
-    assert_eq!(client.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    assert_eq!(
+        client
+            .query_one("select 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,13 +156,21 @@ async fn listen_notify_is_delivered_while_idle() {
     let stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
     tokio::spawn(stream.for_each(move |m| {
         if let Ok(AsyncMessage::Notification(n)) = m {
-            let _ = tx.send((n.channel().to_string(), n.payload().to_string(), n.process_id()));
+            let _ = tx.send((
+                n.channel().to_string(),
+                n.payload().to_string(),
+                n.process_id(),
+            ));
         }
         async {}
     }));
     listener.batch_execute("listen pgpivot_test").await.unwrap();
     let notifier = connect(proxy.addresses[0]).await;
-    let sender_pid: i32 = notifier.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
+    let sender_pid: i32 = notifier
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     notifier
         .batch_execute("notify pgpivot_test, 'hello'")
         .await
@@ -154,7 +180,10 @@ async fn listen_notify_is_delivered_while_idle() {
         .await
         .expect("notification within 10 s")
         .unwrap();
-    assert_eq!((channel.as_str(), payload.as_str()), ("pgpivot_test", "hello"));
+    assert_eq!(
+        (channel.as_str(), payload.as_str()),
+        ("pgpivot_test", "hello")
+    );
     assert_eq!(pid, sender_pid, "the sender pid is the real backend pid");
 }
 
@@ -191,12 +220,18 @@ async fn a_cancel_with_an_unknown_key_is_ignored() {
     let proxy = proxy().await;
     let client = connect(proxy.addresses[0]).await;
     // A raw CancelRequest with a made-up key: no answer, nothing cancelled.
-    let mut raw = tokio::net::TcpStream::connect(proxy.addresses[0]).await.unwrap();
+    let mut raw = tokio::net::TcpStream::connect(proxy.addresses[0])
+        .await
+        .unwrap();
     let mut packet = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
     packet.extend_from_slice(&[0, 0, 0, 1, 9, 9, 9, 9]);
-    tokio::io::AsyncWriteExt::write_all(&mut raw, &packet).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut raw, &packet)
+        .await
+        .unwrap();
     let mut buf = [0u8; 1];
-    let n = tokio::io::AsyncReadExt::read(&mut raw, &mut buf).await.unwrap();
+    let n = tokio::io::AsyncReadExt::read(&mut raw, &mut buf)
+        .await
+        .unwrap();
     assert_eq!(n, 0, "a cancel request gets no reply");
     let r = client.query_one("select pg_sleep(0.2)::text", &[]).await;
     assert!(r.is_ok());
@@ -206,7 +241,11 @@ async fn a_cancel_with_an_unknown_key_is_ignored() {
 async fn backend_termination_is_delivered_as_the_server_sent_it() {
     let proxy = proxy().await;
     let victim = connect(proxy.addresses[0]).await;
-    let pid: i32 = victim.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
+    let pid: i32 = victim
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     let killer = connect(proxy.addresses[0]).await;
     killer
         .query_one("select pg_terminate_backend($1)", &[&pid])
@@ -227,13 +266,24 @@ async fn psql_commands_and_copy_script() {
     let cluster = shared_cluster();
     let proxy = proxy().await;
     let conn = conn_str(proxy.addresses[0], SUPERUSER, "");
-    let out = run_tool(cluster, "psql", &["-XAtq", "-d", &conn, "-c", "select 40 + 2"]).await;
+    let out = run_tool(
+        cluster,
+        "psql",
+        &["-XAtq", "-d", &conn, "-c", "select 40 + 2"],
+    )
+    .await;
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("in.csv");
-    std::fs::write(&data, (1..=1000).map(|i| format!("{i},row{i}\n")).collect::<String>()).unwrap();
+    std::fs::write(
+        &data,
+        (1..=1000)
+            .map(|i| format!("{i},row{i}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
     let out_file = dir.path().join("out.csv");
     let script = dir.path().join("script.sql");
     std::fs::write(
@@ -248,12 +298,27 @@ async fn psql_commands_and_copy_script() {
     let out = run_tool(
         cluster,
         "psql",
-        &["-XAtq", "-v", "ON_ERROR_STOP=1", "-d", &conn, "-f", script.to_str().unwrap()],
+        &[
+            "-XAtq",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            &conn,
+            "-f",
+            script.to_str().unwrap(),
+        ],
     )
     .await;
     assert!(out.status.success(), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("1000|500500"), "{}", text(&out));
-    assert_eq!(std::fs::read(&out_file).unwrap(), std::fs::read(&data).unwrap());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1000|500500"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        std::fs::read(&out_file).unwrap(),
+        std::fs::read(&data).unwrap()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,7 +338,13 @@ async fn pgbench_runs_in_every_query_mode_without_failures() {
         let out = run_tool(cluster, "pgbench", &args).await;
         let report = text(&out);
         assert!(out.status.success(), "{report}");
-        assert!(report.contains("number of failed transactions: 0"), "{report}");
-        assert!(report.contains("number of transactions actually processed: 800/800"), "{report}");
+        assert!(
+            report.contains("number of failed transactions: 0"),
+            "{report}"
+        );
+        assert!(
+            report.contains("number of transactions actually processed: 800/800"),
+            "{report}"
+        );
     }
 }

@@ -71,22 +71,74 @@ fn seconds(micros: u64) -> f64 {
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn session_metrics(out: &mut Exposition, m: &Metrics) {
-    out.single("pgpivot_client_sessions_accepted_total", "counter", "Client connections accepted.", m.sessions_accepted.get());
-    out.single("pgpivot_client_sessions_active", "gauge", "Client sessions open now (all stages).", m.sessions_active.get());
-    out.family("pgpivot_client_sessions_busy", "gauge", "Sessions in a transaction or awaiting answers, by class.");
-    out.sample("pgpivot_client_sessions_busy", &[("class", "write")], m.busy_writers.get());
-    out.sample("pgpivot_client_sessions_busy", &[("class", "read")], m.busy_readers.get());
-    out.single("pgpivot_client_sessions_rejected_total", "counter", "Sessions refused with 53300 (connection limits).", m.sessions_rejected_limit.get());
-    out.single("pgpivot_sessions_held_total", "counter", "Sessions that waited for an eligible node.", m.sessions_held.get());
-    out.single("pgpivot_sessions_waiting", "gauge", "Sessions waiting for an eligible node now.", m.sessions_waiting.get());
-    out.single("pgpivot_sessions_hold_timeouts_total", "counter", "Held sessions refused with 57P03 after the hold timeout.", m.sessions_hold_timeout.get());
-    out.family("pgpivot_session_hold_seconds", "summary", "How long released sessions were held.");
+    out.single(
+        "pgpivot_client_sessions_accepted_total",
+        "counter",
+        "Client connections accepted.",
+        m.sessions_accepted.get(),
+    );
+    out.single(
+        "pgpivot_client_sessions_active",
+        "gauge",
+        "Client sessions open now (all stages).",
+        m.sessions_active.get(),
+    );
+    out.family(
+        "pgpivot_client_sessions_busy",
+        "gauge",
+        "Sessions in a transaction or awaiting answers, by class.",
+    );
+    out.sample(
+        "pgpivot_client_sessions_busy",
+        &[("class", "write")],
+        m.busy_writers.get(),
+    );
+    out.sample(
+        "pgpivot_client_sessions_busy",
+        &[("class", "read")],
+        m.busy_readers.get(),
+    );
+    out.single(
+        "pgpivot_client_sessions_rejected_total",
+        "counter",
+        "Sessions refused with 53300 (connection limits).",
+        m.sessions_rejected_limit.get(),
+    );
+    out.single(
+        "pgpivot_sessions_held_total",
+        "counter",
+        "Sessions that waited for an eligible node.",
+        m.sessions_held.get(),
+    );
+    out.single(
+        "pgpivot_sessions_waiting",
+        "gauge",
+        "Sessions waiting for an eligible node now.",
+        m.sessions_waiting.get(),
+    );
+    out.single(
+        "pgpivot_sessions_hold_timeouts_total",
+        "counter",
+        "Held sessions refused with 57P03 after the hold timeout.",
+        m.sessions_hold_timeout.get(),
+    );
+    out.family(
+        "pgpivot_session_hold_seconds",
+        "summary",
+        "How long released sessions were held.",
+    );
     out.summary("pgpivot_session_hold_seconds", &[], &m.hold_time);
-    out.family("pgpivot_sessions_ended_total", "counter", "Sessions ended by pgpivot, by reason.");
+    out.family(
+        "pgpivot_sessions_ended_total",
+        "counter",
+        "Sessions ended by pgpivot, by reason.",
+    );
     for (reason, c) in [
         ("demoted", &m.ended_demoted),
         ("node_lost", &m.ended_node_lost),
@@ -94,19 +146,53 @@ fn session_metrics(out: &mut Exposition, m: &Metrics) {
         ("lagging", &m.ended_lagging),
         ("shutdown", &m.ended_shutdown),
     ] {
-        out.sample("pgpivot_sessions_ended_total", &[("reason", reason)], c.get());
+        out.sample(
+            "pgpivot_sessions_ended_total",
+            &[("reason", reason)],
+            c.get(),
+        );
     }
-    out.single("pgpivot_read_fallbacks_total", "counter", "Read sessions placed on the primary for want of a standby within budget.", m.fallbacks.get());
-    out.single("pgpivot_cancel_requests_total", "counter", "CancelRequests received.", m.cancel_requests.get());
-    out.family("pgpivot_relayed_bytes_total", "counter", "Bytes relayed after authentication.");
-    out.sample("pgpivot_relayed_bytes_total", &[("direction", "client_to_server")], m.bytes_from_clients.get());
-    out.sample("pgpivot_relayed_bytes_total", &[("direction", "server_to_client")], m.bytes_to_clients.get());
+    out.single(
+        "pgpivot_read_fallbacks_total",
+        "counter",
+        "Read sessions placed on the primary for want of a standby within budget.",
+        m.fallbacks.get(),
+    );
+    out.single(
+        "pgpivot_cancel_requests_total",
+        "counter",
+        "CancelRequests received.",
+        m.cancel_requests.get(),
+    );
+    out.family(
+        "pgpivot_relayed_bytes_total",
+        "counter",
+        "Bytes relayed after authentication.",
+    );
+    out.sample(
+        "pgpivot_relayed_bytes_total",
+        &[("direction", "client_to_server")],
+        m.bytes_from_clients.get(),
+    );
+    out.sample(
+        "pgpivot_relayed_bytes_total",
+        &[("direction", "server_to_client")],
+        m.bytes_to_clients.get(),
+    );
 }
 
 fn node_metrics(out: &mut Exposition, shared: &Shared) {
     let topology = shared.topology.load();
-    let nodes: Vec<&NodeView> = topology.nodes.iter().filter(|n| n.status != Status::Removed).collect();
-    let per_node = |out: &mut Exposition, name: &str, kind: &str, help: &str, value: &dyn Fn(&NodeView) -> Option<String>| {
+    let nodes: Vec<&NodeView> = topology
+        .nodes
+        .iter()
+        .filter(|n| n.status != Status::Removed)
+        .collect();
+    let per_node = |out: &mut Exposition,
+                    name: &str,
+                    kind: &str,
+                    help: &str,
+                    value: &dyn Fn(&NodeView) -> Option<String>| {
         out.family(name, kind, help);
         for n in &nodes {
             if let Some(v) = value(n) {
@@ -114,41 +200,125 @@ fn node_metrics(out: &mut Exposition, shared: &Shared) {
             }
         }
     };
-    per_node(out, "pgpivot_node_up", "gauge", "1 if the node answers its monitor.", &|n| {
-        Some(u8::from(n.status != Status::Down).to_string())
-    });
-    out.family("pgpivot_node_status", "gauge", "1 for the node's current status.");
+    per_node(
+        out,
+        "pgpivot_node_up",
+        "gauge",
+        "1 if the node answers its monitor.",
+        &|n| Some(u8::from(n.status != Status::Down).to_string()),
+    );
+    out.family(
+        "pgpivot_node_status",
+        "gauge",
+        "1 for the node's current status.",
+    );
     for n in &nodes {
-        out.sample("pgpivot_node_status", &[("node", &n.name), ("status", status_name(n.status))], 1);
+        out.sample(
+            "pgpivot_node_status",
+            &[("node", &n.name), ("status", status_name(n.status))],
+            1,
+        );
     }
-    per_node(out, "pgpivot_node_timeline", "gauge", "Timeline the node reports.", &|n| n.timeline.map(|t| t.to_string()));
-    per_node(out, "pgpivot_node_lag_bytes", "gauge", "WAL bytes a standby is behind the primary.", &|n| n.lag_bytes.map(|b| b.to_string()));
-    per_node(out, "pgpivot_node_lag_seconds", "gauge", "How old a standby's replayed state is, on pgpivot's clock.", &|n| {
-        n.lag.map(|d| d.as_secs_f64().to_string())
-    });
-    per_node(out, "pgpivot_node_client_sessions", "gauge", "Client sessions routed to the node now.", &|n| Some(n.stats.sessions().to_string()));
-    per_node(out, "pgpivot_backend_connects_total", "counter", "Backend connections opened.", &|n| Some(n.stats.connects.get().to_string()));
-    per_node(out, "pgpivot_backend_connect_failures_total", "counter", "Backend connections that failed.", &|n| {
-        Some(n.stats.connect_failures.get().to_string())
-    });
-    out.family("pgpivot_backend_connect_seconds", "summary", "Backend TCP connect and startup write time.");
+    per_node(
+        out,
+        "pgpivot_node_timeline",
+        "gauge",
+        "Timeline the node reports.",
+        &|n| n.timeline.map(|t| t.to_string()),
+    );
+    per_node(
+        out,
+        "pgpivot_node_lag_bytes",
+        "gauge",
+        "WAL bytes a standby is behind the primary.",
+        &|n| n.lag_bytes.map(|b| b.to_string()),
+    );
+    per_node(
+        out,
+        "pgpivot_node_lag_seconds",
+        "gauge",
+        "How old a standby's replayed state is, on pgpivot's clock.",
+        &|n| n.lag.map(|d| d.as_secs_f64().to_string()),
+    );
+    per_node(
+        out,
+        "pgpivot_node_client_sessions",
+        "gauge",
+        "Client sessions routed to the node now.",
+        &|n| Some(n.stats.sessions().to_string()),
+    );
+    per_node(
+        out,
+        "pgpivot_backend_connects_total",
+        "counter",
+        "Backend connections opened.",
+        &|n| Some(n.stats.connects.get().to_string()),
+    );
+    per_node(
+        out,
+        "pgpivot_backend_connect_failures_total",
+        "counter",
+        "Backend connections that failed.",
+        &|n| Some(n.stats.connect_failures.get().to_string()),
+    );
+    out.family(
+        "pgpivot_backend_connect_seconds",
+        "summary",
+        "Backend TCP connect and startup write time.",
+    );
     for n in &nodes {
-        out.summary("pgpivot_backend_connect_seconds", &[("node", &n.name)], &n.stats.connect_latency);
+        out.summary(
+            "pgpivot_backend_connect_seconds",
+            &[("node", &n.name)],
+            &n.stats.connect_latency,
+        );
     }
-    out.family("pgpivot_round_trip_seconds", "summary", "Client request to the ReadyForQuery that closes it.");
+    out.family(
+        "pgpivot_round_trip_seconds",
+        "summary",
+        "Client request to the ReadyForQuery that closes it.",
+    );
     for n in &nodes {
-        out.summary("pgpivot_round_trip_seconds", &[("node", &n.name)], &n.stats.round_trip);
+        out.summary(
+            "pgpivot_round_trip_seconds",
+            &[("node", &n.name)],
+            &n.stats.round_trip,
+        );
     }
 }
 
 fn topology_metrics(out: &mut Exposition, shared: &Shared) {
     let topology = shared.topology.load();
-    out.single("pgpivot_topology_generation", "gauge", "Generation of the current topology snapshot.", topology.generation);
-    out.single("pgpivot_primary_known", "gauge", "1 while a primary is known.", u8::from(topology.primary.is_some()));
-    out.single("pgpivot_writes_fenced", "gauge", "1 while two primaries tie and writes are refused.", u8::from(topology.fenced));
-    out.family("pgpivot_topology_changes_total", "counter", "Topology changes, by kind.");
+    out.single(
+        "pgpivot_topology_generation",
+        "gauge",
+        "Generation of the current topology snapshot.",
+        topology.generation,
+    );
+    out.single(
+        "pgpivot_primary_known",
+        "gauge",
+        "1 while a primary is known.",
+        u8::from(topology.primary.is_some()),
+    );
+    out.single(
+        "pgpivot_writes_fenced",
+        "gauge",
+        "1 while two primaries tie and writes are refused.",
+        u8::from(topology.fenced),
+    );
+    out.family(
+        "pgpivot_topology_changes_total",
+        "counter",
+        "Topology changes, by kind.",
+    );
     for (kind, n) in shared.metrics.topology_changes() {
         out.sample("pgpivot_topology_changes_total", &[("kind", kind)], n);
     }
-    out.single("pgpivot_paused", "gauge", "1 while sessions are paused.", u8::from(shared.pause.scope() != crate::pause::PauseScope::None));
+    out.single(
+        "pgpivot_paused",
+        "gauge",
+        "1 while sessions are paused.",
+        u8::from(shared.pause.scope() != crate::pause::PauseScope::None),
+    );
 }

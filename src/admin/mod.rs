@@ -33,7 +33,12 @@ use crate::pause::PauseScope;
 use crate::proxy::Shared;
 
 /// Serves the admin API on `listener` until `stop`.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, token: Option<String>, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    token: Option<String>,
+    stop: CancellationToken,
+) {
     let router = Router::new()
         .route("/health", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
@@ -50,7 +55,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, token: Option<Str
     }
 }
 
-async fn authorize(State(token): State<Arc<Option<String>>>, request: Request, next: Next) -> Response {
+async fn authorize(
+    State(token): State<Arc<Option<String>>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let Some(token) = token.as_deref() else {
         return next.run(request).await;
     };
@@ -107,12 +116,19 @@ struct PauseAnswer {
     busy_readers: u64,
 }
 
-async fn pause(State(shared): State<Arc<Shared>>, Query(p): Query<PauseParams>) -> Json<PauseAnswer> {
+async fn pause(
+    State(shared): State<Arc<Shared>>,
+    Query(p): Query<PauseParams>,
+) -> Json<PauseAnswer> {
     shared.pause.set(p.scope);
     tracing::info!(scope = ?p.scope, "paused by the admin endpoint");
     let m = &shared.metrics;
     let busy = || {
-        let readers = if p.scope == PauseScope::All { m.busy_readers.get() } else { 0 };
+        let readers = if p.scope == PauseScope::All {
+            m.busy_readers.get()
+        } else {
+            0
+        };
         m.busy_writers.get() + readers
     };
     let deadline = Instant::now() + Duration::from_millis(p.timeout_ms);
@@ -155,7 +171,11 @@ async fn resume(State(shared): State<Arc<Shared>>) -> Json<ResumeAnswer> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     shared.pause.set(PauseScope::None);
-    let primary = shared.topology.load().primary_view().map(|p| p.name.clone());
+    let primary = shared
+        .topology
+        .load()
+        .primary_view()
+        .map(|p| p.name.clone());
     tracing::info!(primary = ?primary, "resumed by the admin endpoint");
     Json(ResumeAnswer {
         resumed: true,

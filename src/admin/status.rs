@@ -75,7 +75,9 @@ pub fn report(shared: &Shared) -> StatusReport {
             address: n.address.clone(),
             status: status_name(n.status).into(),
             role: match n.status {
-                Status::Primary | Status::StalePrimary { .. } | Status::Fenced => Some(Role::Primary),
+                Status::Primary | Status::StalePrimary { .. } | Status::Fenced => {
+                    Some(Role::Primary)
+                }
                 Status::Standby => Some(Role::Standby),
                 _ => None,
             }
@@ -105,7 +107,12 @@ pub fn report(shared: &Shared) -> StatusReport {
         paused: shared.pause.scope(),
         nodes,
         listeners,
-        changes: shared.topology.changes().into_iter().map(Into::into).collect(),
+        changes: shared
+            .topology
+            .changes()
+            .into_iter()
+            .map(Into::into)
+            .collect(),
     }
 }
 

@@ -190,7 +190,10 @@ mod tests {
             parameter_status(b"in_hot_standby\0off\0"),
             Some((&b"in_hot_standby"[..], &b"off"[..]))
         );
-        assert_eq!(backend_key(&[0, 0, 1, 0, 9, 9, 9, 9]), Some((256, &[9u8, 9, 9, 9][..])));
+        assert_eq!(
+            backend_key(&[0, 0, 1, 0, 9, 9, 9, 9]),
+            Some((256, &[9u8, 9, 9, 9][..]))
+        );
         let mut buf = BytesMut::new();
         put_backend_key(&mut buf, 256, &[1, 2, 3, 4]);
         assert_eq!(&buf[..], &[b'K', 0, 0, 0, 12, 0, 0, 1, 0, 1, 2, 3, 4]);

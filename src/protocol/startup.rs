@@ -153,9 +153,9 @@ pub fn parse_packet(body: Bytes) -> Result<StartupPacket, StartupError> {
     match code {
         SSL_REQUEST_CODE if rest.is_empty() => Ok(StartupPacket::SslRequest),
         GSSENC_REQUEST_CODE if rest.is_empty() => Ok(StartupPacket::GssEncRequest),
-        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE => Err(StartupError::Malformed(
-            "encryption request with a body",
-        )),
+        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE => {
+            Err(StartupError::Malformed("encryption request with a body"))
+        }
         CANCEL_REQUEST_CODE => parse_cancel(rest).map(StartupPacket::Cancel),
         c if c >> 16 == PROTOCOL_MAJOR_3 => Ok(StartupPacket::Startup(StartupMessage {
             version: c,
@@ -247,7 +247,10 @@ mod tests {
             secret: Bytes::from_static(&[1, 2, 3, 4]),
         };
         assert_eq!(cancel, StartupPacket::Cancel(key.clone()));
-        assert_eq!(&key.encode_request()[..], &packet(CANCEL_REQUEST_CODE, &[0, 0, 0, 7, 1, 2, 3, 4])[..]);
+        assert_eq!(
+            &key.encode_request()[..],
+            &packet(CANCEL_REQUEST_CODE, &[0, 0, 0, 7, 1, 2, 3, 4])[..]
+        );
     }
 
     #[tokio::test]

@@ -63,11 +63,14 @@ where
             .ok_or(SessionError::BackendClosedDuringAuth)?;
         match t {
             tag::AUTHENTICATION => {
-                let code = messages::auth_code(&body)
-                    .ok_or_else(|| SessionError::BackendProtocol("short authentication message".into()))?;
+                let code = messages::auth_code(&body).ok_or_else(|| {
+                    SessionError::BackendProtocol("short authentication message".into())
+                })?;
                 if code == 10 {
                     if !messages::sasl_without_channel_binding(&body, &mut out) {
-                        return Err(SessionError::BackendProtocol("bad SASL mechanism list".into()));
+                        return Err(SessionError::BackendProtocol(
+                            "bad SASL mechanism list".into(),
+                        ));
                     }
                 } else {
                     put_message(&mut out, t, &body);
@@ -138,7 +141,10 @@ fn put_message(out: &mut BytesMut, t: u8, body: &[u8]) {
     out.extend_from_slice(body);
 }
 
-async fn flush<C: AsyncWrite + Unpin>(client: &mut C, out: &mut BytesMut) -> Result<(), SessionError> {
+async fn flush<C: AsyncWrite + Unpin>(
+    client: &mut C,
+    out: &mut BytesMut,
+) -> Result<(), SessionError> {
     client.write_all(out).await?;
     out.clear();
     Ok(())

@@ -52,13 +52,6 @@ pub async fn connect(
     let mut changes = shared.topology.subscribe();
     let mut held = false;
     let mut _waiting = None;
-    let paused = tokio::time::timeout_at(
-        deadline.into(),
-        shared.pause.wait_resumed(request.target.needs_primary()),
-    );
-    if paused.await.is_err() {
-        return Err(SessionError::Paused);
-    }
     loop {
         changes.borrow_and_update();
         let miss = match try_once(shared, request, startup).await {
@@ -107,8 +100,13 @@ async fn try_once(
     startup: &StartupMessage,
 ) -> Result<Connected, Miss> {
     let topology = shared.topology.load();
-    let choice = route(&topology, request.target, &request.budget, shared.next_tiebreak())
-        .map_err(Miss::NoRoute)?;
+    let choice = route(
+        &topology,
+        request.target,
+        &request.budget,
+        shared.next_tiebreak(),
+    )
+    .map_err(Miss::NoRoute)?;
     let node = &topology.nodes[choice.node];
     let load = node.stats.enter();
     let unreachable = |detail: String| {

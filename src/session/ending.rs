@@ -8,7 +8,10 @@ use crate::topology::{NodeId, Status, Topology};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EndReason {
     /// A read-write session's node is no longer the primary.
-    NotPrimary { node: String, new_primary: Option<String> },
+    NotPrimary {
+        node: String,
+        new_primary: Option<String>,
+    },
     /// The node is down or excluded.
     NodeLost { node: String },
     /// A standby session's node was promoted (targets that require a standby).
@@ -126,7 +129,13 @@ mod tests {
                 polled_at: None,
             })
             .collect();
-        decide(&Topology::initial(&specs), &specs, &inputs, &LsnHistory::default(), Instant::now())
+        decide(
+            &Topology::initial(&specs),
+            &specs,
+            &inputs,
+            &LsnHistory::default(),
+            Instant::now(),
+        )
     }
 
     #[test]
@@ -145,7 +154,10 @@ mod tests {
         let down = topology(&[None, Some((Standby, 1))]);
         assert!(matches!(
             eligibility(&down, 0, Target::Primary, false),
-            Some(EndReason::NotPrimary { new_primary: None, .. })
+            Some(EndReason::NotPrimary {
+                new_primary: None,
+                ..
+            })
         ));
         let fenced = topology(&[Some((Primary, 2)), Some((Primary, 2))]);
         assert!(eligibility(&fenced, 0, Target::ReadWrite, false).is_some());

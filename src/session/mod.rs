@@ -69,15 +69,19 @@ async fn run(
     let settings = shared.settings();
     let _ = tcp.set_nodelay(true);
     let deadline = Instant::now() + settings.startup_timeout;
-    let (mut client, mut startup) = match handshake::negotiate(tcp, settings.tls.as_ref(), deadline).await? {
-        Hello::Cancel(key) => {
-            shared.metrics.cancel_requests.inc();
-            shared.cancels.cancel(&key, settings.connect_timeout).await;
-            return Ok(());
-        }
-        Hello::Startup(client, startup) => (client, startup),
-    };
-    let tls_required = settings.tls.as_ref().is_some_and(|t| t.mode == TlsMode::Require);
+    let (mut client, mut startup) =
+        match handshake::negotiate(tcp, settings.tls.as_ref(), deadline).await? {
+            Hello::Cancel(key) => {
+                shared.metrics.cancel_requests.inc();
+                shared.cancels.cancel(&key, settings.connect_timeout).await;
+                return Ok(());
+            }
+            Hello::Startup(client, startup) => (client, startup),
+        };
+    let tls_required = settings
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.mode == TlsMode::Require);
     let checked = if !admitted {
         shared.metrics.sessions_rejected_limit.inc();
         Err(SessionError::TooManyConnections)
@@ -88,7 +92,26 @@ async fn run(
     };
     let request = or_reply(&mut client, checked).await?;
     tracing::debug!(user = startup.param("user"), database = startup.param("database"), target = %request.target, "startup");
-    let connected = or_reply(&mut client, connect::connect(shared, &request, &startup).await).await?;
+    // Until the relay starts, a session past the pause gate counts as busy:
+    // a pause waits for it, and a paused proxy holds it here.
+    let busy_gauge = if request.target.needs_primary() {
+        &shared.metrics.busy_writers
+    } else {
+        &shared.metrics.busy_readers
+    };
+    let deadline = Instant::now() + settings.hold_timeout;
+    let entered = tokio::time::timeout_at(
+        deadline.into(),
+        shared
+            .pause
+            .enter(request.target.needs_primary(), busy_gauge),
+    );
+    let starting = or_reply(&mut client, entered.await.map_err(|_| SessionError::Paused)).await?;
+    let connected = or_reply(
+        &mut client,
+        connect::connect(shared, &request, &startup).await,
+    )
+    .await?;
     tracing::Span::current().record("node", connected.name.as_str());
     let mut backend = connected.backend;
     let auth_ctx = auth::AuthContext {
@@ -116,19 +139,20 @@ async fn run(
         lag_check: settings.monitor.interval,
         stats: &connected.stats,
         pause: &shared.pause,
-        busy_gauge: if request.target.needs_primary() {
-            &shared.metrics.busy_writers
-        } else {
-            &shared.metrics.busy_readers
-        },
+        busy_gauge,
     };
+    drop(starting);
     let end = relay_streams(client, &mut backend, &ctx).await;
     drop(authenticated.cancel);
     drop(connected.load);
     match end {
         Ok(RelayEnd::Ended(reason)) => {
             shared.metrics.ended(reason.kind());
-            tracing::info!(reason = reason.kind(), "session ended by pgpivot: {}", reason.message());
+            tracing::info!(
+                reason = reason.kind(),
+                "session ended by pgpivot: {}",
+                reason.message()
+            );
         }
         Ok(RelayEnd::ClientProtocol(e)) => tracing::info!("client protocol violation: {e}"),
         Ok(other) => tracing::debug!(end = ?other, "session ended"),
@@ -157,7 +181,10 @@ async fn relay_streams(
 }
 
 /// Passes a stage's result through, telling the client about an error.
-async fn or_reply<T>(client: &mut ClientStream, result: Result<T, SessionError>) -> Result<T, SessionError> {
+async fn or_reply<T>(
+    client: &mut ClientStream,
+    result: Result<T, SessionError>,
+) -> Result<T, SessionError> {
     if let Err(e) = &result {
         reply(client, e).await;
     }

@@ -171,7 +171,12 @@ mod tests {
             version: 196608,
             params: params
                 .iter()
-                .map(|(k, v)| (Bytes::copy_from_slice(k.as_bytes()), Bytes::copy_from_slice(v.as_bytes())))
+                .map(|(k, v)| {
+                    (
+                        Bytes::copy_from_slice(k.as_bytes()),
+                        Bytes::copy_from_slice(v.as_bytes()),
+                    )
+                })
                 .collect(),
         }
     }
@@ -191,7 +196,10 @@ mod tests {
 
     #[test]
     fn only_pgpivot_options_removes_the_parameter() {
-        let mut s = startup(&[("user", "u"), ("options", "-c pgpivot.target_session_attrs=any")]);
+        let mut s = startup(&[
+            ("user", "u"),
+            ("options", "-c pgpivot.target_session_attrs=any"),
+        ]);
         extract(&mut s, &listener()).unwrap();
         assert_eq!(s.param("options"), None);
         assert_eq!(s.param("user"), Some("u"));
@@ -207,7 +215,10 @@ mod tests {
 
     #[test]
     fn escaped_spaces_survive() {
-        let mut s = startup(&[("options", r"-c application_name=a\ b -c pgpivot.max_lag_ms=1")]);
+        let mut s = startup(&[(
+            "options",
+            r"-c application_name=a\ b -c pgpivot.max_lag_ms=1",
+        )]);
         extract(&mut s, &listener()).unwrap();
         assert_eq!(s.param("options"), Some(r"-c application_name=a\ b"));
     }

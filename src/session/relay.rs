@@ -191,7 +191,9 @@ enum Outcome {
 /// Writes a FATAL error to the client if the stream is at a boundary.
 async fn say<W: AsyncWrite + Unpin>(cw: &mut W, clean: bool, code: &str, message: &str) {
     if clean {
-        let _ = cw.write_all(&messages::error_bytes(Severity::Fatal, code, message)).await;
+        let _ = cw
+            .write_all(&messages::error_bytes(Severity::Fatal, code, message))
+            .await;
     }
 }
 
@@ -221,8 +223,17 @@ where
             Ok(_) => {}
         }
         if state.is_idle() && framer.at_boundary() {
-            // A new unit of work starts here: the point where a pause holds it.
-            ctx.pause.wait_resumed(ctx.target.needs_primary()).await;
+            // A new unit of work starts here: the point where a pause holds
+            // it. Busy first, then check, so a pause that starts in between
+            // sees this session as busy rather than parked.
+            loop {
+                state.mark_busy(ctx.busy_gauge);
+                if !ctx.pause.holds(ctx.target.needs_primary()) {
+                    break;
+                }
+                state.mark_idle(ctx.busy_gauge);
+                ctx.pause.wait_resumed(ctx.target.needs_primary()).await;
+            }
         }
         let mut pos = 0;
         let mut terminated = false;
@@ -240,7 +251,9 @@ where
                     tag::QUERY | tag::SYNC | tag::FUNCTION_CALL => {
                         let before = state.outstanding.fetch_add(1, Ordering::Relaxed);
                         if before == 0 && ctx.metrics.relay_figures {
-                            state.round_trip_start.store(state.now_ns(), Ordering::Relaxed);
+                            state
+                                .round_trip_start
+                                .store(state.now_ns(), Ordering::Relaxed);
                         }
                     }
                     tag::TERMINATE => terminated = true,
@@ -271,7 +284,12 @@ where
     }
 }
 
-async fn backend_to_client<R, W>(br: &mut R, cw: &mut W, state: &Shared, ctx: &RelayContext<'_>) -> Outcome
+async fn backend_to_client<R, W>(
+    br: &mut R,
+    cw: &mut W,
+    state: &Shared,
+    ctx: &RelayContext<'_>,
+) -> Outcome
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -347,7 +365,10 @@ where
             };
             if let Frame::Message { tag: t, body } = frame {
                 last_fatal = observe(t, body, state, ctx);
-            } else if let Frame::Pass { starts: Some(_), .. } = frame {
+            } else if let Frame::Pass {
+                starts: Some(_), ..
+            } = frame
+            {
                 last_fatal = false;
             }
             pos += frame.len();
@@ -390,11 +411,20 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 }
 
 /// Ends the session with the reason's error, if the stream allows a message.
-async fn finish<W: AsyncWrite + Unpin>(cw: &mut W, state: &Shared, reason: EndReason, clean: bool) -> Outcome {
+async fn finish<W: AsyncWrite + Unpin>(
+    cw: &mut W,
+    state: &Shared,
+    reason: EndReason,
+    clean: bool,
+) -> Outcome {
     state.client_clean.store(false, Ordering::Relaxed);
     if clean {
         let _ = cw
-            .write_all(&messages::error_bytes(Severity::Fatal, reason.sqlstate(), &reason.message()))
+            .write_all(&messages::error_bytes(
+                Severity::Fatal,
+                reason.sqlstate(),
+                &reason.message(),
+            ))
             .await;
     }
     Outcome::Ended(reason)
@@ -404,9 +434,10 @@ async fn finish<W: AsyncWrite + Unpin>(cw: &mut W, state: &Shared, reason: EndRe
 fn observe(t: u8, body: &[u8], state: &Shared, ctx: &RelayContext<'_>) -> bool {
     match t {
         tag::READY_FOR_QUERY => {
-            let before = state
-                .outstanding
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            let before =
+                state
+                    .outstanding
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
             if before == Ok(1) && ctx.metrics.relay_figures {
                 let started = state.round_trip_start.load(Ordering::Relaxed);
                 let ns = state.now_ns().saturating_sub(started);
@@ -441,6 +472,7 @@ fn observe(t: u8, body: &[u8], state: &Shared, ctx: &RelayContext<'_>) -> bool {
 
 /// Whether an ErrorResponse body has severity FATAL or PANIC.
 fn is_fatal(body: &[u8]) -> bool {
-    body.split(|&b| b == 0)
-        .any(|field| field == b"VFATAL" || field == b"VPANIC" || field == b"SFATAL" || field == b"SPANIC")
+    body.split(|&b| b == 0).any(|field| {
+        field == b"VFATAL" || field == b"VPANIC" || field == b"SFATAL" || field == b"SPANIC"
+    })
 }

@@ -89,6 +89,14 @@ pub async fn start_proxy(config: FileConfig) -> Proxy {
         proxy.wait_for_primary(Duration::from_secs(20)).await,
         "pgpivot found no primary"
     );
+    let all_polled = eventually(Duration::from_secs(20), || async {
+        let t = proxy.shared.topology.load();
+        t.nodes
+            .iter()
+            .all(|n| n.status != pgpivot::topology::Status::Down)
+    })
+    .await;
+    assert!(all_polled, "not every node answered its first poll");
     proxy
 }
 

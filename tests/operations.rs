@@ -1,0 +1,439 @@
+//! Operating pgpivot: the admin endpoint (metrics, status, health, ready,
+//! pause/resume, reload) and graceful shutdown, against a real cluster.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pgpivot::admin::client::call;
+use pgpivot::admin::status::StatusReport;
+use pgpivot::config::{AdminConfig, FileConfig};
+use pgpivot::localcluster::{LocalCluster, StopMode, SUPERUSER};
+use pgpivot::proxy::Proxy;
+use pgpivot::topology::Status;
+
+use common::*;
+
+fn with_admin(mut config: FileConfig, token: Option<&str>) -> FileConfig {
+    config.admin = Some(AdminConfig {
+        address: "127.0.0.1:0".into(),
+        token: token.map(str::to_string),
+    });
+    config
+}
+
+fn admin(proxy: &Proxy) -> String {
+    proxy.admin_address.expect("admin endpoint on").to_string()
+}
+
+async fn get(proxy: &Proxy, path: &str) -> String {
+    let (status, body) = call(&admin(proxy), "GET", path, None).await.unwrap();
+    assert_eq!(status, 200, "GET {path}: {body}");
+    body
+}
+
+async fn post(proxy: &Proxy, path: &str) -> (u16, String) {
+    call(&admin(proxy), "POST", path, None).await.unwrap()
+}
+
+/// Parses Prometheus text strictly: every sample belongs to a family
+/// declared once with HELP and TYPE, names and labels are well formed and
+/// values are numbers. Returns samples keyed by `name{labels}`.
+fn parse_prometheus(text: &str) -> HashMap<String, f64> {
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && n.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+            })
+    };
+    let mut types: HashMap<String, String> = HashMap::new();
+    let mut samples = HashMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(valid_name(name), "bad metric name {name}");
+            assert!(
+                ["counter", "gauge", "summary", "histogram", "untyped"].contains(&kind),
+                "{line}"
+            );
+            assert!(
+                types.insert(name.into(), kind.into()).is_none(),
+                "TYPE twice: {name}"
+            );
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.is_empty() {
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unknown comment: {line}");
+        let (series, value) = line.rsplit_once(' ').expect("sample and value");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value: {line}"));
+        let name = series.split('{').next().unwrap();
+        assert!(valid_name(name), "bad sample name: {line}");
+        if let Some(labels) = series.strip_prefix(name).filter(|l| !l.is_empty()) {
+            let inner = labels
+                .strip_prefix('{')
+                .and_then(|l| l.strip_suffix('}'))
+                .expect("{labels}");
+            for pair in inner.split(',') {
+                let (k, v) = pair.split_once('=').expect("label=value");
+                assert!(
+                    valid_name(k) && v.starts_with('"') && v.ends_with('"'),
+                    "bad label: {line}"
+                );
+            }
+        }
+        let family = ["_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| types.get(*f).is_some_and(|t| t == "summary"))
+            })
+            .unwrap_or(name);
+        assert!(types.contains_key(family), "sample without TYPE: {line}");
+        if types[family] == "counter" {
+            assert!(name.ends_with("_total"), "counter without _total: {name}");
+        }
+        samples.insert(series.to_string(), value);
+    }
+    samples
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_move_with_sessions() {
+    let proxy = start_proxy(with_admin(config_for(shared_cluster()), None)).await;
+    let before = parse_prometheus(&get(&proxy, "/metrics").await);
+    let accepted = |m: &HashMap<String, f64>| m["pgpivot_client_sessions_accepted_total"];
+    let trips = |m: &HashMap<String, f64>| m["pgpivot_round_trip_seconds_count{node=\"pg1\"}"];
+    for _ in 0..3 {
+        let c = connect(proxy.addresses[0]).await;
+        for _ in 0..5 {
+            c.simple_query("select 1").await.unwrap();
+        }
+    }
+    let ok = eventually(Duration::from_secs(5), || async {
+        let m = parse_prometheus(&get(&proxy, "/metrics").await);
+        m["pgpivot_node_client_sessions{node=\"pg1\"}"] == 0.0
+            && m["pgpivot_client_sessions_active"] == 0.0
+    })
+    .await;
+    assert!(ok, "session gauges did not return to zero");
+    let after = parse_prometheus(&get(&proxy, "/metrics").await);
+    assert_eq!(accepted(&after) - accepted(&before), 3.0);
+    assert!(
+        trips(&after) - trips(&before) >= 15.0,
+        "round trips not counted"
+    );
+    assert!(after["pgpivot_relayed_bytes_total{direction=\"server_to_client\"}"] > 0.0);
+    assert_eq!(after["pgpivot_node_up{node=\"pg2\"}"], 1.0);
+    assert_eq!(
+        after["pgpivot_node_status{node=\"pg1\",status=\"primary\"}"],
+        1.0
+    );
+    assert_eq!(after["pgpivot_primary_known"], 1.0);
+    assert!(after["pgpivot_backend_connects_total{node=\"pg1\"}"] >= 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_health_and_ready_match_the_cluster() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(with_admin(config_for(cluster), None)).await;
+    let report: StatusReport = serde_json::from_str(&get(&proxy, "/status").await).unwrap();
+    assert_eq!(report.primary.as_deref(), Some("pg1"));
+    for (i, node) in report.nodes.iter().enumerate() {
+        let in_recovery =
+            tokio::task::block_in_place(|| cluster.psql(i, "select pg_is_in_recovery()")).unwrap();
+        let expected = if in_recovery == "t" {
+            "standby"
+        } else {
+            "primary"
+        };
+        assert_eq!(node.status, expected, "{}", node.name);
+        assert!(node.up);
+    }
+    assert_eq!(report.listeners.len(), 2);
+    assert_eq!(get(&proxy, "/health").await.trim(), "ok");
+    assert!(get(&proxy, "/ready").await.contains("pg1"));
+    // The CLI's table shows the same.
+    let table = pgpivot::admin::status::render_table(&report);
+    assert!(table.contains("pg1") && table.contains("primary"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_guards_the_admin_endpoint() {
+    let proxy = start_proxy(with_admin(config_for(shared_cluster()), Some("s3cret"))).await;
+    let address = admin(&proxy);
+    let (status, _) = call(&address, "GET", "/status", None).await.unwrap();
+    assert_eq!(status, 401);
+    let (status, _) = call(&address, "GET", "/status", Some("wrong"))
+        .await
+        .unwrap();
+    assert_eq!(status, 401);
+    let (status, _) = call(&address, "GET", "/status", Some("s3cret"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+}
+
+/// Writes a config file for `cluster` (all its nodes) with the admin
+/// endpoint on, and returns its path.
+fn write_config(dir: &std::path::Path, cluster: &LocalCluster, extra: &str) -> std::path::PathBuf {
+    let mut text =
+        String::from("[[listeners]]\naddress = \"127.0.0.1:0\"\ntarget = \"read-write\"\n");
+    text.push_str("[[listeners]]\naddress = \"127.0.0.1:0\"\ntarget = \"standby\"\n");
+    for n in cluster.nodes() {
+        text.push_str(&format!(
+            "[[nodes]]\nname = \"{}\"\naddress = \"{}\"\n",
+            n.name,
+            n.address()
+        ));
+    }
+    text.push_str("[monitor]\nuser = \"postgres\"\npassword = \"postgres\"\ninterval_ms = 100\n");
+    text.push_str("[admin]\naddress = \"127.0.0.1:0\"\n");
+    text.push_str(extra);
+    let path = dir.join("pgpivot.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn start_from_file(path: &std::path::Path) -> Proxy {
+    let file = pgpivot::config::load(Some(path)).unwrap();
+    let proxy = Proxy::start_with_path(file.validate().unwrap(), Some(path.into()))
+        .await
+        .unwrap();
+    assert!(proxy.wait_for_primary(Duration::from_secs(20)).await);
+    proxy
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_a_standby_and_an_invalid_reload_changes_nothing() {
+    let mut cluster = new_cluster(2);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &cluster, "");
+    let proxy = start_from_file(&path).await;
+
+    // An invalid file is rejected and routing stays as it was.
+    std::fs::write(
+        &path,
+        "[[nodes]]\nname = \"pg1\"\naddress = \"127.0.0.1:1\"\nbogus = 1\n",
+    )
+    .unwrap();
+    let generation = proxy.shared.topology.load().generation;
+    let (status, body) = post(&proxy, "/reload").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("bogus"), "{body}");
+    assert_eq!(proxy.shared.topology.load().generation, generation);
+    assert_eq!(proxy.shared.topology.load().nodes.len(), 3);
+
+    let added = tokio::task::block_in_place(|| cluster.add_standby(0)).unwrap();
+    write_config(dir.path(), &cluster, "");
+    let (status, body) = post(&proxy, "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("pg4"), "{body}");
+    let ok = eventually(Duration::from_secs(10), || async {
+        proxy
+            .shared
+            .topology
+            .load()
+            .nodes
+            .get(added)
+            .is_some_and(|n| n.status == Status::Standby)
+    })
+    .await;
+    assert!(ok, "the new standby was not picked up");
+    // Sessions start landing on it (least sessions first: it has none).
+    let mut clients = Vec::new();
+    let mut on_new = 0;
+    for _ in 0..9 {
+        let c = connect(proxy.addresses[1]).await;
+        let port: i32 = c
+            .query_one("select inet_server_port()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        on_new += usize::from(port == cluster.node(added).port as i32);
+        clients.push(c);
+    }
+    assert!(
+        on_new >= 2,
+        "only {on_new} of 9 sessions on the new standby"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_promote_resume_gives_sessions_started_after_the_pause_no_errors() {
+    let cluster = new_cluster(1);
+    let proxy = start_proxy(with_admin(config_for(&cluster), None)).await;
+    let rw = proxy.addresses[0];
+    connect(rw)
+        .await
+        .batch_execute("create table switch (id bigint primary key)")
+        .await
+        .unwrap();
+
+    // A client running one transaction per connection, in a loop. pgpivot
+    // relays sessions, it does not pool them: a session authenticated on the
+    // old primary before the pause cannot move to the new one, so an error
+    // there is possible (the server's own 57P01 when it stops). Every session
+    // that *starts* after the pause began must see no error at all.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let worker = tokio::spawn({
+        let (stop, acked, errors) = (stop.clone(), acked.clone(), errors.clone());
+        async move {
+            let mut id = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                id += 1;
+                let started = Instant::now();
+                let result = async {
+                    let c = connect_with(&conn_str(rw, SUPERUSER, "")).await?;
+                    c.execute("insert into switch values ($1)", &[&id]).await
+                }
+                .await;
+                match result {
+                    Ok(_) => {
+                        acked.lock().unwrap().insert(id);
+                    }
+                    Err(e) => errors.lock().unwrap().push((started, format!("{e:?}"))),
+                }
+            }
+        }
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            acked.lock().unwrap().len() >= 20
+        })
+        .await
+    );
+
+    let pause_requested = Instant::now();
+    let (status, body) = post(&proxy, "/pause?scope=writes&timeout_ms=10000").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"parked\":true"), "{body}");
+    tokio::task::block_in_place(|| {
+        cluster.stop_node(0, StopMode::Fast)?;
+        cluster.promote(1)
+    })
+    .unwrap();
+    let (status, body) = post(&proxy, "/resume").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"primary\":\"pg2\""), "{body}");
+
+    let resumed_at = acked.lock().unwrap().len();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            acked.lock().unwrap().len() >= resumed_at + 20
+        })
+        .await
+    );
+    stop.store(true, Ordering::Relaxed);
+    worker.await.unwrap();
+    let errors = errors.lock().unwrap().clone();
+    let after_pause: Vec<_> = errors
+        .iter()
+        .filter(|(at, _)| *at >= pause_requested)
+        .collect();
+    assert!(
+        after_pause.is_empty(),
+        "sessions started after the pause saw errors: {after_pause:?}"
+    );
+    assert!(
+        errors.len() <= 1,
+        "more than the one session open at the pause failed: {errors:?}"
+    );
+    let direct = connect_with(&cluster.node(1).conn_string()).await.unwrap();
+    let stored: BTreeSet<i64> = direct
+        .query("select id from switch", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let missing: Vec<_> = acked.lock().unwrap().difference(&stored).copied().collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged writes missing on the new primary: {missing:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_open_transaction_finish_then_ends_the_session() {
+    let cluster = shared_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    // The binary needs fixed ports: pick free ones.
+    let (rw, admin_port) = (
+        pgpivot::localcluster::free_port(),
+        pgpivot::localcluster::free_port(),
+    );
+    let mut text = format!("[[listeners]]\naddress = \"127.0.0.1:{rw}\"\n");
+    for n in cluster.nodes() {
+        text.push_str(&format!(
+            "[[nodes]]\nname = \"{}\"\naddress = \"{}\"\n",
+            n.name,
+            n.address()
+        ));
+    }
+    text.push_str(&format!(
+        "[monitor]\nuser = \"postgres\"\npassword = \"postgres\"\n[admin]\naddress = \"127.0.0.1:{admin_port}\"\n"
+    ));
+    let path = dir.path().join("pgpivot.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgpivot"))
+        .arg("--config")
+        .arg(&path)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let admin_address = format!("127.0.0.1:{admin_port}");
+    let ready = eventually(Duration::from_secs(20), || async {
+        matches!(
+            call(&admin_address, "GET", "/ready", None).await,
+            Ok((200, _))
+        )
+    })
+    .await;
+    assert!(ready, "pgpivot did not become ready");
+
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{rw}").parse().unwrap();
+    let (client, connection) = connect_watched(&conn_str(addr, SUPERUSER, "")).await;
+    client
+        .batch_execute("create temp table t (x int); begin; insert into t values (1)")
+        .await
+        .unwrap();
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // The transaction is allowed to finish...
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(300) {
+        client
+            .simple_query("select 1")
+            .await
+            .expect("the open transaction keeps working");
+    }
+    client
+        .batch_execute("insert into t values (2); commit")
+        .await
+        .unwrap();
+    // ...then the session is ended at its idle point with 57P01.
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .unwrap()
+        .unwrap();
+    let err = ended.expect_err("the session must be ended");
+    assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{err:?}");
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
