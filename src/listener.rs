@@ -54,6 +54,8 @@ pub async fn accept_loop(
         let shared = shared.clone();
         sessions.spawn(async move {
             let admitted = permits.is_some();
+            let open = shared.clone();
+            let _open = open.listener_sessions[index].track();
             session::serve(shared, config, tcp, peer, admitted).await;
             drop(permits);
         });

@@ -34,6 +34,10 @@ pub struct Shared {
     pub cancels: Arc<CancelRegistry>,
     pub metrics: Arc<Metrics>,
     pub pause: Pause,
+    /// Sessions open now per listener (config order).
+    pub listener_sessions: Vec<crate::metrics::Gauge>,
+    /// Bound listener addresses (port 0 resolved), config order.
+    pub listener_addresses: std::sync::OnceLock<Vec<SocketAddr>>,
     /// Client sessions over all listeners (`limits.max_client_connections`).
     pub connection_slots: Arc<tokio::sync::Semaphore>,
     /// Cancelled to stop accepting and end sessions at their idle points.
@@ -201,6 +205,11 @@ fn start_control(settings: Settings, config_path: Option<PathBuf>) -> Arc<Shared
     let addresses: Vec<Option<String>> = specs.iter().map(|s| Some(s.address.clone())).collect();
     monitor.restart(&addresses, &settings.monitor, &reports, &stop);
     let connection_slots = Arc::new(tokio::sync::Semaphore::new(settings.max_client_connections));
+    let listener_sessions = settings
+        .listeners
+        .iter()
+        .map(|_| Default::default())
+        .collect();
     Arc::new(Shared {
         settings: ArcSwap::from_pointee(settings),
         topology,
@@ -209,6 +218,8 @@ fn start_control(settings: Settings, config_path: Option<PathBuf>) -> Arc<Shared
         metrics,
         pause: Pause::default(),
         connection_slots,
+        listener_sessions,
+        listener_addresses: Default::default(),
         shutdown: CancellationToken::new(),
         control: Control {
             reports,

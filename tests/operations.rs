@@ -137,6 +137,11 @@ async fn metrics_parse_and_move_with_sessions() {
     );
     assert_eq!(after["pgpivot_primary_known"], 1.0);
     assert!(after["pgpivot_backend_connects_total{node=\"pg1\"}"] >= 3.0);
+    let listener_series = after
+        .keys()
+        .filter(|k| k.starts_with("pgpivot_listener_client_sessions{"))
+        .count();
+    assert_eq!(listener_series, 2, "one series per listener");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,7 @@ pub fn render(shared: &Shared) -> String {
     let mut out = Exposition::default();
     let m = &shared.metrics;
     session_metrics(&mut out, m);
+    listener_metrics(&mut out, shared);
     node_metrics(&mut out, shared);
     topology_metrics(&mut out, shared);
     out.0
@@ -179,6 +180,25 @@ fn session_metrics(out: &mut Exposition, m: &Metrics) {
         &[("direction", "server_to_client")],
         m.bytes_to_clients.get(),
     );
+}
+
+fn listener_metrics(out: &mut Exposition, shared: &Shared) {
+    let settings = shared.settings();
+    let bound = shared.listener_addresses.get().cloned().unwrap_or_default();
+    out.family(
+        "pgpivot_listener_client_sessions",
+        "gauge",
+        "Client sessions open now, by listener.",
+    );
+    for (i, gauge) in shared.listener_sessions.iter().enumerate() {
+        let address = bound.get(i).map_or_else(String::new, |a| a.to_string());
+        let target = settings.listeners.get(i).map_or("", |l| l.target.as_str());
+        out.sample(
+            "pgpivot_listener_client_sessions",
+            &[("listener", &address), ("target", target)],
+            gauge.get(),
+        );
+    }
 }
 
 fn node_metrics(out: &mut Exposition, shared: &Shared) {
