@@ -61,16 +61,7 @@ pub struct FileConfig {
 impl Default for FileConfig {
     fn default() -> Self {
         FileConfig {
-            listeners: vec![ListenerConfig {
-                address: "127.0.0.1:6432".into(),
-                target: Target::ReadWrite,
-                max_lag_bytes: None,
-                max_lag_ms: None,
-                max_connections: None,
-                session_max_lag_bytes: None,
-                session_max_lag_ms: None,
-                on_lag: OnLag::Stay,
-            }],
+            listeners: vec![ListenerConfig::new("127.0.0.1:6432", Target::ReadWrite)],
             nodes: Vec::new(),
             monitor: MonitorConfig::default(),
             failover: FailoverConfig::default(),
@@ -117,6 +108,22 @@ pub struct ListenerConfig {
     /// `disconnect` (they end at their next idle point with 57P01).
     #[serde(default)]
     pub on_lag: OnLag,
+}
+
+impl ListenerConfig {
+    /// A listener on `address` with default target `target` and no budgets.
+    pub fn new(address: impl Into<String>, target: Target) -> Self {
+        ListenerConfig {
+            address: address.into(),
+            target,
+            max_lag_bytes: None,
+            max_lag_ms: None,
+            max_connections: None,
+            session_max_lag_bytes: None,
+            session_max_lag_ms: None,
+            on_lag: OnLag::Stay,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

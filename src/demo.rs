@@ -12,20 +12,14 @@ use crate::routing::Target;
 /// when free.
 fn listener(port: u16, target: Target) -> ListenerConfig {
     let free = std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
-    ListenerConfig {
-        address: format!("127.0.0.1:{}", if free { port } else { 0 }),
-        target,
-        max_lag_bytes: None,
-        max_lag_ms: (target != Target::ReadWrite).then_some(1000),
-        max_connections: None,
-        session_max_lag_bytes: None,
-        session_max_lag_ms: None,
-        on_lag: crate::config::OnLag::Stay,
-    }
+    let mut l = ListenerConfig::new(format!("127.0.0.1:{}", if free { port } else { 0 }), target);
+    l.max_lag_ms = (target != Target::ReadWrite).then_some(1000);
+    l
 }
 
-/// Settings for a proxy in front of `cluster`.
-pub fn settings_for(cluster: &LocalCluster, listeners: Vec<ListenerConfig>) -> Settings {
+/// A config for a proxy in front of `cluster`: its nodes, the superuser as
+/// monitor role, and `listeners`; everything else at defaults.
+pub fn file_config(cluster: &LocalCluster, listeners: Vec<ListenerConfig>) -> FileConfig {
     let mut file = FileConfig {
         listeners,
         ..FileConfig::default()
@@ -41,7 +35,14 @@ pub fn settings_for(cluster: &LocalCluster, listeners: Vec<ListenerConfig>) -> S
         .collect();
     file.monitor.user = SUPERUSER.into();
     file.monitor.password = PASSWORD.into();
-    file.validate().expect("the demo config is valid")
+    file
+}
+
+/// Validated settings for a proxy in front of `cluster`.
+pub fn settings_for(cluster: &LocalCluster, listeners: Vec<ListenerConfig>) -> Settings {
+    file_config(cluster, listeners)
+        .validate()
+        .expect("a local cluster's config is valid")
 }
 
 /// Starts the cluster and the proxy, prints how to connect, runs until

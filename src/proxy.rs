@@ -236,13 +236,7 @@ fn node_specs(settings: &Settings) -> Vec<NodeSpec> {
     settings
         .nodes
         .iter()
-        .map(|n| NodeSpec {
-            name: n.name.clone(),
-            address: n.address.clone(),
-            weight: n.weight,
-            stats: Arc::default(),
-            removed: false,
-        })
+        .map(|n| NodeSpec::new(&n.name, &n.address, n.weight))
         .collect()
 }
 

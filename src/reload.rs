@@ -11,8 +11,6 @@
 //! never move: a removed node stays as a tombstone (`Status::Removed`) and
 //! new nodes are appended.
 
-use std::sync::Arc;
-
 use crate::config::{self, ConfigError, FileConfig, Settings};
 use crate::decider::Reconfigure;
 use crate::proxy::Shared;
@@ -120,13 +118,7 @@ fn merge_nodes(shared: &Shared, new: &Settings, report: &mut ReloadReport) -> Ve
     }
     for n in &new.nodes {
         if !specs.iter().any(|s| !s.removed && s.name == n.name) {
-            specs.push(NodeSpec {
-                name: n.name.clone(),
-                address: n.address.clone(),
-                weight: n.weight,
-                stats: Arc::default(),
-                removed: false,
-            });
+            specs.push(NodeSpec::new(&n.name, &n.address, n.weight));
             report.added.push(n.name.clone());
         }
     }

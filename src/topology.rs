@@ -158,6 +158,19 @@ pub struct NodeSpec {
     pub removed: bool,
 }
 
+impl NodeSpec {
+    /// A configured node with fresh figures.
+    pub fn new(name: &str, address: &str, weight: u32) -> NodeSpec {
+        NodeSpec {
+            name: name.to_string(),
+            address: address.to_string(),
+            weight,
+            stats: Arc::default(),
+            removed: false,
+        }
+    }
+}
+
 impl Topology {
     /// The snapshot before any poll: every node down, no primary.
     pub fn initial(specs: &[NodeSpec]) -> Topology {

@@ -2,10 +2,12 @@
 //!
 //! - where sessions land for each target, per listener and per session
 //!   (`options=-c pgpivot.target_session_attrs=...`), how reads spread over
-//!   the standbys, and that the `pgpivot.*` options never reach the server;
+//!   the standbys (also while sessions come and go), and that the
+//!   `pgpivot.*` options never reach the server;
 //! - lag budgets: a standby whose replay is paused while the primary writes
 //!   gets no new sessions until it catches up; with every standby behind,
-//!   each target falls back, waits or is refused as documented;
+//!   each target falls back, waits or is refused as documented, and a
+//!   waiting `standby` session goes ahead once a standby catches up;
 //! - an idle primary does not make its standbys look old;
 //! - a 100 ms budget really bounds how stale a read can be;
 //! - a standby lost mid-session, `on_lag = "disconnect"` and the ceiling on
@@ -234,10 +236,10 @@ impl Drop for ReplayPaused<'_> {
 }
 
 /// Pauses replay on `nodes`, writes a few hundred KB on the primary and
-/// waits until pgpivot measures each of them past [`BUDGET_BYTES`]. The
-/// wait must not exceed two monitor intervals (plus scheduling slack on a
-/// busy 2-core machine): one for the primary's poll to see the write, one
-/// for good measure.
+/// waits until pgpivot measures each of them past [`BUDGET_BYTES`]. That
+/// must take at most two monitor intervals (plus scheduling slack on a busy
+/// 2-core machine): a poll of the primary already under way when the write
+/// commits may read the old position, the next one sees the new.
 async fn lag_behind<'a>(
     proxy: &Proxy,
     cluster: &'a LocalCluster,
@@ -496,6 +498,12 @@ async fn a_held_standby_session_is_released_when_a_standby_catches_up() {
 
     let started = Instant::now();
     let held = tokio::spawn(async move { open_session(&conn).await.map(|(_, port)| port) });
+    let metrics = &proxy.shared.metrics;
+    let waiting = eventually(Duration::from_secs(2), || async {
+        metrics.sessions_waiting.get() == 1
+    })
+    .await;
+    assert!(waiting, "the standby session was not held");
     drop(paused);
     let landed = held.await.unwrap();
     let waited = started.elapsed();
@@ -534,6 +542,7 @@ async fn an_idle_primary_leaves_its_standbys_at_zero_lag() {
             .fold(worst, Duration::max);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    eprintln!("idle for 10 s: the standbys' largest lag was {worst:?}");
     assert!(
         worst < Duration::from_secs(1),
         "lag reached {worst:?} while idle"

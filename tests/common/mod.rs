@@ -7,7 +7,7 @@ use std::process::Output;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use pgpivot::config::{FileConfig, ListenerConfig, NodeConfig};
+use pgpivot::config::{FileConfig, ListenerConfig};
 use pgpivot::localcluster::{ClusterOptions, LocalCluster, PASSWORD, SUPERUSER};
 use pgpivot::proxy::Proxy;
 use pgpivot::routing::Target;
@@ -45,36 +45,14 @@ pub fn init_tracing() {
 }
 
 pub fn listener(target: Target) -> ListenerConfig {
-    ListenerConfig {
-        address: "127.0.0.1:0".into(),
-        target,
-        max_lag_bytes: None,
-        max_lag_ms: None,
-        max_connections: None,
-        session_max_lag_bytes: None,
-        session_max_lag_ms: None,
-        on_lag: pgpivot::config::OnLag::Stay,
-    }
+    ListenerConfig::new("127.0.0.1:0", target)
 }
 
 /// A config for a proxy in front of `cluster`: a read-write listener and a
 /// prefer-standby one, fast monitor timings.
 pub fn config_for(cluster: &LocalCluster) -> FileConfig {
-    let mut file = FileConfig {
-        listeners: vec![listener(Target::ReadWrite), listener(Target::PreferStandby)],
-        ..FileConfig::default()
-    };
-    file.nodes = cluster
-        .nodes()
-        .iter()
-        .map(|n| NodeConfig {
-            name: n.name.clone(),
-            address: n.address().to_string(),
-            weight: 1,
-        })
-        .collect();
-    file.monitor.user = SUPERUSER.into();
-    file.monitor.password = PASSWORD.into();
+    let listeners = vec![listener(Target::ReadWrite), listener(Target::PreferStandby)];
+    let mut file = pgpivot::demo::file_config(cluster, listeners);
     file.monitor.interval_ms = 100;
     file.monitor.timeout_ms = 1000;
     file.failover.hold_timeout_ms = 15_000;
