@@ -6,6 +6,8 @@
 //! client error. A pause covers writes only (sessions that need the primary)
 //! or all sessions.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -36,23 +38,32 @@ impl PauseScope {
 #[derive(Debug)]
 pub struct Pause {
     scope: watch::Sender<PauseScope>,
+    /// The scope as a plain atomic, for the per-message check (reading the
+    /// watch channel takes a shared lock).
+    current: AtomicU8,
 }
 
 impl Default for Pause {
     fn default() -> Self {
         Pause {
             scope: watch::channel(PauseScope::None).0,
+            current: AtomicU8::new(PauseScope::None as u8),
         }
     }
 }
 
 impl Pause {
     pub fn set(&self, scope: PauseScope) {
+        self.current.store(scope as u8, Ordering::SeqCst);
         self.scope.send_replace(scope);
     }
 
     pub fn scope(&self) -> PauseScope {
-        *self.scope.borrow()
+        match self.current.load(Ordering::SeqCst) {
+            x if x == PauseScope::Writes as u8 => PauseScope::Writes,
+            x if x == PauseScope::All as u8 => PauseScope::All,
+            _ => PauseScope::None,
+        }
     }
 
     /// Whether a session of this class must wait now.

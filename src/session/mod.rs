@@ -14,6 +14,7 @@
 
 pub mod auth;
 pub mod connect;
+pub mod control;
 pub mod ending;
 pub mod error;
 pub mod handshake;

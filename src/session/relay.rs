@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::ending::{eligibility, EndReason};
+use super::control::{self, Signal, Signals};
+use super::ending::EndReason;
 use crate::decider::TopologyHandle;
 use crate::monitor::MonitorHandle;
 use crate::protocol::frame::{Frame, FrameError, Framer};
@@ -150,9 +151,11 @@ where
         state.mark_busy(ctx.busy_gauge);
     }
     let mut upstream = Framer::new(&[], ctx.max_message_bytes);
+    let signals = Signals::default();
     let outcome = tokio::select! {
         end = client_to_backend(cr, bw, &state, &mut upstream, ctx) => end,
-        end = backend_to_client(br, cw, &state, ctx) => end,
+        end = backend_to_client(br, cw, &state, &signals, ctx) => end,
+        _ = control::watch(ctx, &signals) => unreachable!("the control watch never returns"),
     };
     let clean = state.client_clean.load(Ordering::Relaxed);
     match &outcome {
@@ -288,6 +291,7 @@ async fn backend_to_client<R, W>(
     br: &mut R,
     cw: &mut W,
     state: &Shared,
+    signals: &Signals,
     ctx: &RelayContext<'_>,
 ) -> Outcome
 where
@@ -301,10 +305,9 @@ where
     ];
     let mut framer = Framer::new(&inspect, usize::MAX);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut changes = ctx.topology.subscribe();
+    // An immediate end waiting for the current message to finish.
     let mut ending: Option<(EndReason, tokio::time::Instant)> = None;
     let mut at_idle: Option<EndReason> = None;
-    let mut lag_tick = tokio::time::interval(ctx.lag_check);
     let mut last_fatal = false;
     loop {
         reserve(&mut buf);
@@ -323,37 +326,18 @@ where
                 }
                 Ok(_) => {}
             },
-            changed = changes.changed(), if ending.is_none() => {
-                if changed.is_err() {
-                    continue;
-                }
-                if let Some(reason) = eligibility(&ctx.topology.load(), ctx.node, ctx.target, ctx.on_standby) {
+            _ = signals.raised() => match signals.take() {
+                Some(Signal::EndNow(reason)) if ending.is_none() => {
                     state.stop_forwarding.store(true, Ordering::Relaxed);
-                    if framer.at_boundary() && buf.is_empty() {
-                        return finish(cw, state, reason, true).await;
-                    }
                     ending = Some((reason, tokio::time::Instant::now() + END_GRACE));
                 }
-                continue;
-            },
-            _ = ctx.shutdown.cancelled(), if at_idle.is_none() => {
-                at_idle = Some(EndReason::Shutdown);
-            },
-            _ = lag_tick.tick(), if at_idle.is_none() && ctx.lag_budget.is_some() => {
-                at_idle = lagging(ctx);
+                Some(Signal::EndAtIdle(reason)) => at_idle = Some(reason),
+                _ => {}
             },
             _ = sleep_until(grace) => {
                 let (reason, _) = ending.take().expect("grace only while ending");
                 return finish(cw, state, reason, false).await;
             }
-        }
-        if buf.is_empty() {
-            // Woken by a signal, not data: an idle session can end right now.
-            if let Some(reason) = at_idle.take_if(|_| framer.at_boundary() && state.is_idle()) {
-                state.stop_forwarding.store(true, Ordering::Relaxed);
-                return finish(cw, state, reason, true).await;
-            }
-            continue;
         }
         let mut pos = 0;
         loop {
@@ -373,14 +357,16 @@ where
             }
             pos += frame.len();
         }
-        state.client_clean.store(false, Ordering::Relaxed);
-        if cw.write_all(&buf[..pos]).await.is_err() {
-            return Outcome::ClientGone;
+        if pos > 0 {
+            state.client_clean.store(false, Ordering::Relaxed);
+            if cw.write_all(&buf[..pos]).await.is_err() {
+                return Outcome::ClientGone;
+            }
+            if ctx.metrics.relay_figures {
+                ctx.metrics.bytes_to_clients.add(pos as u64);
+            }
+            buf.advance(pos);
         }
-        if ctx.metrics.relay_figures {
-            ctx.metrics.bytes_to_clients.add(pos as u64);
-        }
-        buf.advance(pos);
         let at_boundary = framer.at_boundary();
         state.client_clean.store(at_boundary, Ordering::Relaxed);
         if let Some((reason, _)) = ending.take_if(|_| at_boundary) {
@@ -391,16 +377,6 @@ where
             return finish(cw, state, reason, true).await;
         }
     }
-}
-
-/// The end reason for a session whose standby is past its lag budget.
-fn lagging(ctx: &RelayContext<'_>) -> Option<EndReason> {
-    let topology = ctx.topology.load();
-    let node = topology.node(ctx.node)?;
-    let budget = ctx.lag_budget?;
-    (node.is_standby() && !budget.admits(node)).then(|| EndReason::Lagging {
-        node: node.name.clone(),
-    })
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
