@@ -99,6 +99,25 @@ pub fn eligibility(
     }
 }
 
+/// Resolves when a session starting on `node` with `target` would have to
+/// end (its node demoted, lost or excluded).
+pub async fn lost(
+    topology: &crate::decider::TopologyHandle,
+    node: NodeId,
+    target: Target,
+    started_on_standby: bool,
+) -> EndReason {
+    let mut changes = topology.subscribe();
+    loop {
+        if let Some(reason) = eligibility(&topology.load(), node, target, started_on_standby) {
+            return reason;
+        }
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,6 +38,9 @@ use handshake::Hello;
 use relay::{RelayContext, RelayEnd};
 use stream::ClientStream;
 
+/// PostgreSQL's default `authentication_timeout`.
+const AUTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Serves one accepted connection. `admitted` is false when a connection
 /// limit was hit: the client then gets 53300 after its startup packet.
 pub async fn serve(
@@ -120,7 +123,26 @@ async fn run(
         cancels: &shared.cancels,
         needs_primary: request.target.needs_primary(),
     };
-    let authenticated = auth::authenticate(&mut client, &mut backend, auth_ctx).await;
+    let routed_to_standby = !request.target.needs_primary() && !connected.choice.fell_back;
+    // A backend that hangs mid-authentication (its postmaster stopped, say)
+    // must not hold the client forever: give up when the monitor declares
+    // the node ineligible, or after PostgreSQL's own authentication timeout.
+    let authenticated = tokio::select! {
+        r = tokio::time::timeout(AUTH_TIMEOUT, auth::authenticate(&mut client, &mut backend, auth_ctx)) => {
+            r.unwrap_or(Err(SessionError::BackendUnavailable {
+                node: connected.name.clone(),
+                detail: "authentication timed out".into(),
+                waited_ms: AUTH_TIMEOUT.as_millis(),
+            }))
+        }
+        reason = ending::lost(&shared.topology, connected.node, request.target, routed_to_standby) => {
+            Err(SessionError::BackendUnavailable {
+                node: connected.name.clone(),
+                detail: reason.message(),
+                waited_ms: 0,
+            })
+        }
+    };
     if let Err(SessionError::NotPrimaryAnymore { .. }) = &authenticated {
         shared.monitor.poke(connected.node);
     }
