@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::MonitorSettings;
 use crate::metrics::Metrics;
+use crate::monitor::MonitorHandle;
 use crate::monitor::Report;
 use crate::topology::{
     decide, Health, LsnHistory, NodeId, NodeInput, NodeSpec, Role, Status, Topology,
@@ -110,6 +111,8 @@ pub struct Decider {
     /// The last primary, remembered through a gap with none.
     previous_primary: Option<NodeId>,
     metrics: Arc<Metrics>,
+    /// Told to poll urgently while there is no primary.
+    monitor: Arc<MonitorHandle>,
 }
 
 impl Decider {
@@ -118,6 +121,7 @@ impl Decider {
         specs: Vec<NodeSpec>,
         settings: MonitorSettings,
         metrics: Arc<Metrics>,
+        monitor: Arc<MonitorHandle>,
     ) -> (Decider, TopologyHandle) {
         let initial = Topology::initial(&specs);
         let current = Arc::new(ArcSwap::from_pointee(initial));
@@ -142,6 +146,7 @@ impl Decider {
             last_ok: vec![None; n],
             previous_primary: None,
             metrics,
+            monitor,
         };
         (decider, handle)
     }
@@ -235,6 +240,7 @@ impl Decider {
             self.describe(&prev, &next);
         }
         let generation = next.generation;
+        self.monitor.set_urgent(next.primary.is_none());
         self.current.store(Arc::new(next));
         if changed {
             self.changes.send_replace(generation);
@@ -275,13 +281,13 @@ impl Decider {
                         gap.as_millis()
                     ));
                 }
-                self.previous_primary = Some(new);
-                tracing::info!(generation = next.generation, "{summary}");
-                let kind = if prev.generation == 0 {
+                let kind = if old.or(self.previous_primary).is_none() {
                     "initial"
                 } else {
                     "promotion"
                 };
+                self.previous_primary = Some(new);
+                tracing::info!(generation = next.generation, "{summary}");
                 self.record(next, kind, summary, gap.map(|g| g.as_millis() as u64));
             }
             (Some(old), None) => {

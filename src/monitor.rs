@@ -9,6 +9,7 @@
 //! that notice a role change first (ParameterStatus `in_hot_standby`, SQLSTATE
 //! 25006) [`poke`](MonitorHandle::poke) the node's monitor to poll at once.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,7 +60,14 @@ SELECT pg_is_in_recovery(),
 #[derive(Debug, Default)]
 pub struct MonitorHandle {
     current: ArcSwap<Generation>,
+    /// Set by the decider while no primary is known: healthy nodes are then
+    /// polled [`URGENT_SPEEDUP`] times as often, so a promotion is seen
+    /// within a fraction of the interval.
+    urgent: Arc<AtomicBool>,
 }
+
+/// How much faster nodes are polled while no primary is known.
+pub const URGENT_SPEEDUP: u32 = 5;
 
 /// One set of monitor tasks and the token that stops them.
 #[derive(Debug, Default)]
@@ -85,6 +93,14 @@ impl MonitorHandle {
             .for_each(|n| n.notify_one());
     }
 
+    /// Switches urgent polling on (no primary known) or off; switching it on
+    /// also polls every node at once.
+    pub fn set_urgent(&self, urgent: bool) {
+        if !self.urgent.swap(urgent, Ordering::Relaxed) && urgent {
+            self.poke_all();
+        }
+    }
+
     /// Stops the running monitors and starts one per address (`None`: a
     /// removed node, not monitored). Node ids are positions in `addresses`.
     pub fn restart(
@@ -103,6 +119,7 @@ impl MonitorHandle {
                 address: address.clone(),
                 settings: settings.clone(),
                 session: None,
+                urgent: self.urgent.clone(),
             };
             tokio::spawn(poller.run(reports.clone(), pokes[id].clone(), stop.clone()));
         }
@@ -117,6 +134,7 @@ struct Poller {
     settings: MonitorSettings,
     /// The open connection and its prepared poll statement.
     session: Option<(Client, Statement)>,
+    urgent: Arc<AtomicBool>,
 }
 
 impl Poller {
@@ -150,6 +168,9 @@ impl Poller {
     /// dead node costs little; the first failures are retried at the normal
     /// pace so that the down threshold is reached quickly.
     fn delay(&self, failures: u32) -> Duration {
+        if failures == 0 && self.urgent.load(Ordering::Relaxed) {
+            return self.settings.interval / URGENT_SPEEDUP;
+        }
         let over = failures.saturating_sub(self.settings.failures + 1).min(2);
         self.settings.interval * (1 << over)
     }

@@ -30,7 +30,7 @@ use crate::topology::NodeSpec;
 pub struct Shared {
     settings: ArcSwap<Settings>,
     pub topology: TopologyHandle,
-    pub monitor: MonitorHandle,
+    pub monitor: Arc<MonitorHandle>,
     pub cancels: Arc<CancelRegistry>,
     pub metrics: Arc<Metrics>,
     pub pause: Pause,
@@ -198,10 +198,14 @@ fn start_control(settings: Settings, config_path: Option<PathBuf>) -> Arc<Shared
     let (reports, reports_rx) = mpsc::channel(1024);
     let (reconfigure, reconfigure_rx) = mpsc::channel(4);
     let metrics = Arc::new(Metrics::new(settings.relay_timing));
-    let (decider, topology) =
-        Decider::new(specs.clone(), settings.monitor.clone(), metrics.clone());
+    let monitor = Arc::new(MonitorHandle::default());
+    let (decider, topology) = Decider::new(
+        specs.clone(),
+        settings.monitor.clone(),
+        metrics.clone(),
+        monitor.clone(),
+    );
     tokio::spawn(decider.run(reports_rx, reconfigure_rx, stop.clone()));
-    let monitor = MonitorHandle::default();
     let addresses: Vec<Option<String>> = specs.iter().map(|s| Some(s.address.clone())).collect();
     monitor.restart(&addresses, &settings.monitor, &reports, &stop);
     let connection_slots = Arc::new(tokio::sync::Semaphore::new(settings.max_client_connections));

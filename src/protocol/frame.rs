@@ -229,14 +229,27 @@ pub async fn read_message<R: tokio::io::AsyncRead + Unpin>(
     buf: &mut bytes::BytesMut,
     limit: usize,
 ) -> Result<Option<(u8, bytes::BytesMut)>, ReadError> {
+    let Some((tag, total)) = fill_message(stream, buf, limit).await? else {
+        return Ok(None);
+    };
+    let mut message = buf.split_to(total);
+    let _ = message.split_to(HEADER_LEN);
+    Ok(Some((tag, message)))
+}
+
+/// Reads until `buf` starts with one whole message of at most `limit` bytes;
+/// returns its type byte and total size, leaving it in the buffer.
+pub async fn fill_message<R: tokio::io::AsyncRead + Unpin>(
+    stream: &mut R,
+    buf: &mut bytes::BytesMut,
+    limit: usize,
+) -> Result<Option<(u8, usize)>, ReadError> {
     use tokio::io::AsyncReadExt;
     let framer = Framer::new(&[], limit);
     loop {
         if let Some((tag, total)) = framer.header(buf)? {
             if buf.len() >= total {
-                let mut message = buf.split_to(total);
-                let _ = message.split_to(HEADER_LEN);
-                return Ok(Some((tag, message)));
+                return Ok(Some((tag, total)));
             }
             buf.reserve(total - buf.len());
         }

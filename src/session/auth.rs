@@ -38,6 +38,8 @@ pub struct AuthContext<'a> {
     pub cancels: &'a std::sync::Arc<CancelRegistry>,
     /// The session must be on a primary: abort if the backend is a standby.
     pub needs_primary: bool,
+    /// Bytes the backend already sent.
+    pub received: BytesMut,
 }
 
 /// Relays the exchange from the backend's first answer to the startup packet
@@ -51,7 +53,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut from_backend = BytesMut::with_capacity(8 * 1024);
+    let mut from_backend = ctx.received;
     let mut from_client = BytesMut::with_capacity(1024);
     let mut out = BytesMut::with_capacity(8 * 1024);
     let mut cancel = None;

@@ -9,11 +9,14 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::error::SessionError;
 use super::params::SessionRequest;
+use crate::protocol::frame::{fill_message, HEADER_LEN};
+use crate::protocol::messages::{self, tag};
 use crate::protocol::startup::StartupMessage;
 use crate::proxy::Shared;
 use crate::routing::{route, Choice, NoRoute};
@@ -32,6 +35,8 @@ pub struct Connected {
     pub stats: std::sync::Arc<crate::topology::NodeStats>,
     /// How long the session waited for an eligible node.
     pub held: Duration,
+    /// What the backend already sent (at least its first message).
+    pub first: BytesMut,
 }
 
 /// Why the last attempt did not produce a connection.
@@ -134,6 +139,26 @@ async fn try_once(
     if let Err(e) = backend.write_all(&startup.encode()).await {
         return Err(unreachable(e.to_string()));
     }
+    // The backend's first answer tells whether it will take a session at
+    // all. A server that is shutting down or starting up (57P0x), or that
+    // closes at once, is treated like a refused connect: the session holds
+    // and retries. Nothing has reached the client yet, so this is safe.
+    let mut first = BytesMut::with_capacity(1024);
+    let answer =
+        tokio::time::timeout(timeout, fill_message(&mut backend, &mut first, 64 * 1024)).await;
+    match answer {
+        Err(_) => return Err(unreachable(format!("no answer within {timeout:?}"))),
+        Ok(Err(e)) => return Err(unreachable(e.to_string())),
+        Ok(Ok(None)) => return Err(unreachable("closed the connection at once".into())),
+        Ok(Ok(Some((tag::ERROR_RESPONSE, total)))) => {
+            let code = messages::sqlstate(&first[HEADER_LEN..total]).unwrap_or_default();
+            if code.starts_with(b"57P0") {
+                let code = String::from_utf8_lossy(code).into_owned();
+                return Err(unreachable(format!("refused sessions (SQLSTATE {code})")));
+            }
+        }
+        Ok(Ok(Some(_))) => {}
+    }
     node.stats.connects.inc();
     node.stats.connect_latency.record(started.elapsed());
     if choice.fell_back {
@@ -149,5 +174,6 @@ async fn try_once(
         load,
         stats: node.stats.clone(),
         held: Duration::ZERO,
+        first,
     })
 }

@@ -111,7 +111,7 @@ async fn run(
             .enter(request.target.needs_primary(), busy_gauge),
     );
     let starting = or_reply(&mut client, entered.await.map_err(|_| SessionError::Paused)).await?;
-    let connected = or_reply(
+    let mut connected = or_reply(
         &mut client,
         connect::connect(shared, &request, &startup).await,
     )
@@ -122,6 +122,7 @@ async fn run(
         backend_address: &connected.address,
         cancels: &shared.cancels,
         needs_primary: request.target.needs_primary(),
+        received: std::mem::take(&mut connected.first),
     };
     let routed_to_standby = !request.target.needs_primary() && !connected.choice.fell_back;
     // A backend that hangs mid-authentication (its postmaster stopped, say)
