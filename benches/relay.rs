@@ -24,8 +24,10 @@
 //!   bench, as a child process with a generated TOML config: a process of
 //!   its own, like PgBouncer and HAProxy.
 //! * `pgpivot (in-process)`: [`Proxy::start`] inside this bench's tokio
-//!   runtime. It shares the runtime's worker threads (and so the CPUs) with
-//!   the load generator, which makes it look slower than it is.
+//!   runtime, sharing its worker threads with the load generator. That
+//!   saves the wake-ups of a second process and costs contention for the
+//!   same threads, so its numbers are not comparable to the other proxies';
+//!   the process row is.
 //! * `pgbouncer (session)` and `haproxy (tcp)`: children started from
 //!   configs in temporary directories, if `pgbouncer` / `haproxy` are on the
 //!   machine (the bench tries `apt-get install` once when they are missing).
@@ -172,6 +174,11 @@ impl Target {
         }
     }
 
+    /// The primary itself.
+    fn direct(cluster: &LocalCluster) -> Target {
+        Target::local("direct", cluster.node(0).port)
+    }
+
     /// A new connection, its driver task spawned on the runtime.
     async fn connect(&self) -> anyhow::Result<Client> {
         let (client, connection) = tokio_postgres::connect(&self.conn_string, NoTls)
@@ -194,7 +201,7 @@ struct Peer {
 }
 
 impl Peer {
-    /// Spawns `cmd` with stdin closed and stdout and stderr appended to
+    /// Spawns `cmd` with stdin closed and stdout and stderr written to
     /// `<dir>/<name>.log`.
     fn spawn(name: &str, dir: TempDir, mut cmd: Command) -> anyhow::Result<Peer> {
         let log = dir.path().join(format!("{name}.log"));
@@ -269,7 +276,7 @@ impl Fleet {
         notes: &mut Vec<String>,
     ) -> anyhow::Result<Fleet> {
         let mut fleet = Fleet {
-            targets: vec![Target::local("direct", cluster.node(0).port)],
+            targets: vec![Target::direct(cluster)],
             peers: Vec::new(),
             in_process: None,
         };
@@ -336,7 +343,7 @@ impl Fleet {
         }
     }
 
-    /// Stops the in-process proxy; the peers are killed when `self` drops.
+    /// Stops the in-process proxy gracefully, then kills the peers.
     async fn stop(self) {
         if let Some(proxy) = self.in_process {
             proxy.shutdown(Duration::from_secs(5)).await;
@@ -372,6 +379,13 @@ fn start_pgpivot_process(binary: &Path, cluster: &LocalCluster) -> anyhow::Resul
     fs::write(&config, pgpivot_toml(cluster, &format!("127.0.0.1:{port}")))?;
     let mut cmd = Command::new(binary);
     cmd.arg("--config").arg(&config);
+    // pgpivot reads every PGPIVOT_* variable as a config key, and rejects
+    // unknown ones such as this bench's own PGPIVOT_BENCH_*.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("PGPIVOT_") {
+            cmd.env_remove(key);
+        }
+    }
     Ok((port, Peer::spawn("pgpivot", dir, cmd)?))
 }
 
@@ -534,16 +548,15 @@ fn which(tool: &str) -> Option<PathBuf> {
 }
 
 /// Creates and fills `bench_kv` on the primary.
-async fn create_table(primary: &Target) -> anyhow::Result<()> {
-    let client = primary.connect().await?;
+async fn create_table(cluster: &LocalCluster) -> anyhow::Result<()> {
+    let client = Target::direct(cluster).connect().await?;
     client
         .batch_execute(&format!(
-            "drop table if exists bench_kv;
-             create table bench_kv(id int primary key, v text);
-             insert into bench_kv select g, md5(g::text) from generate_series(1, {ROWS}) g;
-             vacuum analyze bench_kv;"
+            "create table bench_kv(id int primary key, v text);
+             insert into bench_kv select g, md5(g::text) from generate_series(1, {ROWS}) g"
         ))
         .await?;
+    client.batch_execute("vacuum analyze bench_kv").await?;
     Ok(())
 }
 
@@ -686,12 +699,12 @@ async fn select_case(targets: &[Target], cfg: &Config) -> Vec<anyhow::Result<Sel
 async fn bulk_case(targets: &[Target]) -> Vec<anyhow::Result<BulkResult>> {
     let mut runs: Vec<anyhow::Result<Vec<f64>>> = targets.iter().map(|_| Ok(Vec::new())).collect();
     for round in 1..=BULK_RUNS {
-        for (target, runs) in targets.iter().zip(&mut runs) {
-            let Ok(done) = runs else { continue };
+        for (target, slot) in targets.iter().zip(&mut runs) {
+            let Ok(done) = slot else { continue };
             eprintln!("bulk: {} run {round}/{BULK_RUNS} ...", target.name);
             match run_bulk(target).await {
                 Ok(mb_s) => done.push(mb_s),
-                Err(err) => *runs = Err(err),
+                Err(err) => *slot = Err(err),
             }
         }
     }
@@ -761,11 +774,12 @@ fn print_bulk(targets: &[Target], results: &[anyhow::Result<BulkResult>]) {
 }
 
 /// Everything inside the runtime: table, targets, both cases, tables.
+/// Progress goes to stderr, the tables to stdout.
 /// Fails at the end if any run failed.
 async fn bench(cluster: &LocalCluster, cfg: &Config) -> anyhow::Result<()> {
+    create_table(cluster).await?;
     let mut notes = Vec::new();
     let fleet = Fleet::start(cluster, cfg, &mut notes).await?;
-    create_table(&fleet.targets[0]).await?;
     for note in &notes {
         eprintln!("note: {note}");
     }
@@ -798,6 +812,8 @@ fn init_tracing() {
         .init();
 }
 
+/// Starts the primary, runs [`bench`] in a multi-thread runtime, then stops
+/// everything and prints the wall-clock time of the whole run.
 fn main() -> anyhow::Result<()> {
     let began = Instant::now();
     let cfg = Config::load()?;
