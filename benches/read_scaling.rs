@@ -210,9 +210,9 @@ fn pgpivot_binary() -> Option<PathBuf> {
     Some(PathBuf::from(env!("CARGO_BIN_EXE_pgpivot"))).filter(|p| p.is_file())
 }
 
-/// Whether sessions through the prefer-standby listener reach every standby
-/// and writes reach the primary: four sessions opened together cover both
-/// standbys once pgpivot has seen them.
+/// Whether the read-write listener answers and sessions through the
+/// prefer-standby listener reach every standby: four sessions opened
+/// together cover both standbys once pgpivot has seen them.
 async fn ready(pgpivot: &Pgpivot, standby_ports: &[i32]) -> bool {
     let Ok(writer) = connect_port(pgpivot.read_write).await else {
         return false;

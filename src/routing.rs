@@ -173,21 +173,23 @@ fn least_loaded(
             && ((n.is_standby() && budget.admits(n))
                 || (with_primary && Some(n.id) == topology.primary))
     };
-    // (sessions + 1) / weight, compared without division.
-    let score = |n: &NodeView| (n.stats.sessions() as u64 + 1, n.weight as u64);
+    // (sessions + 1) / weight, compared without division. Session counts
+    // move under our feet, so each is read exactly once.
+    let scored: Vec<(NodeId, (u64, u64))> = topology
+        .nodes
+        .iter()
+        .filter(eligible)
+        .map(|n| (n.id, (n.stats.sessions() as u64 + 1, n.weight as u64)))
+        .collect();
     let better = |a: (u64, u64), b: (u64, u64)| (a.0 * b.1).cmp(&(b.0 * a.1));
-    let best = topology
-        .nodes
+    let best = scored
         .iter()
-        .filter(eligible)
-        .map(score)
+        .map(|&(_, s)| s)
         .min_by(|&a, &b| better(a, b))?;
-    let tied: Vec<NodeId> = topology
-        .nodes
+    let tied: Vec<NodeId> = scored
         .iter()
-        .filter(eligible)
-        .filter(|n| better(score(n), best).is_eq())
-        .map(|n| n.id)
+        .filter(|&&(_, s)| better(s, best).is_eq())
+        .map(|&(id, _)| id)
         .collect();
     Some(tied[tiebreak % tied.len()])
 }

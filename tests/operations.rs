@@ -212,6 +212,12 @@ async fn start_from_file(path: &std::path::Path) -> Proxy {
         .await
         .unwrap();
     assert!(proxy.wait_for_primary(Duration::from_secs(20)).await);
+    let all_polled = eventually(Duration::from_secs(20), || async {
+        let t = proxy.shared.topology.load();
+        t.nodes.iter().all(|n| n.status != Status::Down)
+    })
+    .await;
+    assert!(all_polled, "not every node answered its first poll");
     proxy
 }
 

@@ -694,23 +694,20 @@ async fn sessions_on_a_killed_standby_end_and_new_ones_go_to_the_other() {
     let ro = reader(proxy.addresses[1]);
     let victim = port(&cluster, 1);
 
-    // Six sessions, three per standby; keep the victim's.
-    let mut on_victim = Vec::new();
+    // Six sessions, all open together so they split three per standby.
+    let (mut on_victim, mut others) = (Vec::new(), Vec::new());
     for _ in 0..6 {
         let (client, connection) = connect_watched(&ro).await;
-        let landed: i32 = client
-            .query_one("select inet_server_port()", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if landed == victim {
-            on_victim.push((client, connection));
-        }
+        let row = client.query_one("select inet_server_port()", &[]).await;
+        let landed: i32 = row.unwrap().get(0);
+        let sessions = if landed == victim {
+            &mut on_victim
+        } else {
+            &mut others
+        };
+        sessions.push((client, connection));
     }
-    assert!(
-        on_victim.len() >= 2,
-        "want an idle and a busy session on the victim"
-    );
+    assert_eq!(on_victim.len(), 3, "sessions did not split evenly");
     let (busy, busy_connection) = on_victim.pop().unwrap();
     let query =
         tokio::spawn(async move { busy.simple_query("select pg_sleep(30)").await.map(drop) });

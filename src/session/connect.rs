@@ -71,30 +71,32 @@ pub async fn connect(
             }
             Err(miss) => miss,
         };
+        if Instant::now() >= deadline {
+            shared.metrics.sessions_hold_timeout.inc();
+            return Err(miss.into_error(started.elapsed().as_millis()));
+        }
         if !held {
             held = true;
             shared.metrics.sessions_held.inc();
             _waiting = Some(shared.metrics.sessions_waiting.track());
         }
-        // Wake on a new generation; after an unreachable node, also retry
-        // after one monitor interval in case nothing changes.
-        let retry = match miss {
-            Miss::NoRoute(_) => deadline,
-            Miss::Unreachable { .. } => Instant::now() + settings.monitor.interval,
-        };
-        let wake = retry.min(deadline);
-        let changed = tokio::time::timeout_at(wake.into(), changes.changed()).await;
-        if Instant::now() >= deadline && changed.is_err() {
-            shared.metrics.sessions_hold_timeout.inc();
-            let waited_ms = started.elapsed().as_millis();
-            return Err(match miss {
-                Miss::NoRoute(reason) => SessionError::NoRoute { reason, waited_ms },
-                Miss::Unreachable { node, detail } => SessionError::BackendUnavailable {
-                    node,
-                    detail,
-                    waited_ms,
-                },
-            });
+        // Wake on a new generation, or after one monitor interval: lag
+        // figures (a standby catching up) and an unreachable node coming back
+        // change no generation. A last attempt is made at the deadline.
+        let wake = (Instant::now() + settings.monitor.interval).min(deadline);
+        let _ = tokio::time::timeout_at(wake.into(), changes.changed()).await;
+    }
+}
+
+impl Miss {
+    fn into_error(self, waited_ms: u128) -> SessionError {
+        match self {
+            Miss::NoRoute(reason) => SessionError::NoRoute { reason, waited_ms },
+            Miss::Unreachable { node, detail } => SessionError::BackendUnavailable {
+                node,
+                detail,
+                waited_ms,
+            },
         }
     }
 }

@@ -1,17 +1,22 @@
 //! A session's control signals: topology changes, shutdown and lag checks.
 //!
-//! One future per session ([`watch`]) waits on the shared sources (the
+//! One small task per session ([`spawn`]) waits on the shared sources (the
 //! topology watch channel, the shutdown token, a lag timer) and turns what
 //! concerns this session into a [`Signal`] on a session-local [`Signals`].
-//! The relay's hot loop then waits only on that local notifier: no
-//! registration on a structure every session shares, once per message.
+//! It is a task of its own, not a branch of the relay's `select!`, so that
+//! the relay's hot loop never re-polls (and re-locks) structures that every
+//! session shares: it waits only on the session-local notifier.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use super::ending::{eligibility, EndReason};
-use super::relay::RelayContext;
+use crate::decider::TopologyHandle;
+use crate::routing::{LagBudget, Target};
+use crate::topology::NodeId;
 
 /// What the relay must do.
 #[derive(Debug)]
@@ -54,27 +59,57 @@ impl Signals {
     }
 }
 
-/// Watches the shared sources for this session; never returns.
-pub async fn watch(ctx: &RelayContext<'_>, signals: &Signals) {
-    let mut changes = ctx.topology.subscribe();
-    let mut lag_tick = tokio::time::interval(ctx.lag_check);
+/// What the control task watches, for one session.
+pub struct Watch {
+    pub topology: TopologyHandle,
+    pub shutdown: CancellationToken,
+    pub node: NodeId,
+    pub target: Target,
+    /// The session was placed on a standby (not a fallback to the primary).
+    pub on_standby: bool,
+    /// With `on_lag = "disconnect"` on a standby: the budget the node must
+    /// stay within, checked every `lag_check`.
+    pub lag_budget: Option<LagBudget>,
+    pub lag_check: Duration,
+}
+
+/// Aborts the control task when the session ends.
+pub struct ControlTask(tokio::task::JoinHandle<()>);
+
+impl Drop for ControlTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Starts the control task; the signals it raises arrive on the returned
+/// [`Signals`].
+pub fn spawn(watch: Watch) -> (Arc<Signals>, ControlTask) {
+    let signals = Arc::new(Signals::default());
+    let task = tokio::spawn(run(watch, signals.clone()));
+    (signals, ControlTask(task))
+}
+
+async fn run(w: Watch, signals: Arc<Signals>) {
+    let mut changes = w.topology.subscribe();
+    let mut lag_tick = tokio::time::interval(w.lag_check);
     let mut shutting_down = false;
     loop {
         tokio::select! {
             changed = changes.changed() => {
                 if changed.is_err() {
-                    return std::future::pending().await;
+                    return;
                 }
-                if let Some(r) = eligibility(&ctx.topology.load(), ctx.node, ctx.target, ctx.on_standby) {
+                if let Some(r) = eligibility(&w.topology.load(), w.node, w.target, w.on_standby) {
                     signals.raise(Signal::EndNow(r));
                 }
             }
-            _ = ctx.shutdown.cancelled(), if !shutting_down => {
+            _ = w.shutdown.cancelled(), if !shutting_down => {
                 shutting_down = true;
                 signals.raise(Signal::EndAtIdle(EndReason::Shutdown));
             }
-            _ = lag_tick.tick(), if ctx.lag_budget.is_some() => {
-                if let Some(r) = lagging(ctx) {
+            _ = lag_tick.tick(), if w.lag_budget.is_some() => {
+                if let Some(r) = lagging(&w) {
                     signals.raise(Signal::EndAtIdle(r));
                 }
             }
@@ -83,10 +118,10 @@ pub async fn watch(ctx: &RelayContext<'_>, signals: &Signals) {
 }
 
 /// The end reason for a session whose standby is past its lag budget.
-fn lagging(ctx: &RelayContext<'_>) -> Option<EndReason> {
-    let topology = ctx.topology.load();
-    let node = topology.node(ctx.node)?;
-    let budget = ctx.lag_budget?;
+fn lagging(w: &Watch) -> Option<EndReason> {
+    let topology = w.topology.load();
+    let node = topology.node(w.node)?;
+    let budget = w.lag_budget?;
     (node.is_standby() && !budget.admits(node)).then(|| EndReason::Lagging {
         node: node.name.clone(),
     })

@@ -148,19 +148,24 @@ async fn run(
         shared.monitor.poke(connected.node);
     }
     let authenticated = or_reply(&mut client, authenticated).await?;
-    let ctx = RelayContext {
+    let (signals, _control) = control::spawn(control::Watch {
+        topology: shared.topology.clone(),
+        shutdown: shared.shutdown.clone(),
         node: connected.node,
         target: request.target,
         on_standby: authenticated.in_hot_standby,
-        status: authenticated.status,
-        topology: &shared.topology,
-        monitor: &shared.monitor,
-        max_message_bytes: settings.max_message_bytes,
-        metrics: &shared.metrics,
-        shutdown: &shared.shutdown,
         lag_budget: (listener.on_lag == OnLag::Disconnect && authenticated.in_hot_standby)
             .then_some(request.budget),
         lag_check: settings.monitor.interval,
+    });
+    let ctx = RelayContext {
+        node: connected.node,
+        target: request.target,
+        status: authenticated.status,
+        monitor: &shared.monitor,
+        max_message_bytes: settings.max_message_bytes,
+        metrics: &shared.metrics,
+        signals: &signals,
         stats: &connected.stats,
         pause: &shared.pause,
         busy_gauge,

@@ -24,9 +24,8 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::control::{self, Signal, Signals};
+use super::control::{Signal, Signals};
 use super::ending::EndReason;
-use crate::decider::TopologyHandle;
 use crate::monitor::MonitorHandle;
 use crate::protocol::frame::{Frame, FrameError, Framer};
 use crate::protocol::messages::{self, tag, Severity, TxStatus};
@@ -44,21 +43,13 @@ const END_GRACE: Duration = Duration::from_secs(1);
 pub struct RelayContext<'a> {
     pub node: NodeId,
     pub target: Target,
-    /// The session was placed on a standby (not a fallback to the primary).
-    pub on_standby: bool,
     pub status: TxStatus,
-    pub topology: &'a TopologyHandle,
     pub monitor: &'a MonitorHandle,
     pub max_message_bytes: usize,
     pub metrics: &'a crate::metrics::Metrics,
-    /// Cancelled when the proxy shuts down: the session ends at its next
-    /// idle point.
-    pub shutdown: &'a tokio_util::sync::CancellationToken,
-    /// With `on_lag = "disconnect"` on a standby: the budget the node must
-    /// stay within, checked every `lag_check`; past it the session ends at
-    /// its next idle point.
-    pub lag_budget: Option<crate::routing::LagBudget>,
-    pub lag_check: Duration,
+    /// Signals from the session's control task (node no longer eligible,
+    /// shutdown, lag).
+    pub signals: &'a Signals,
     /// The node's live figures (round-trip latency).
     pub stats: &'a crate::topology::NodeStats,
     pub pause: &'a crate::pause::Pause,
@@ -151,11 +142,9 @@ where
         state.mark_busy(ctx.busy_gauge);
     }
     let mut upstream = Framer::new(&[], ctx.max_message_bytes);
-    let signals = Signals::default();
     let outcome = tokio::select! {
         end = client_to_backend(cr, bw, &state, &mut upstream, ctx) => end,
-        end = backend_to_client(br, cw, &state, &signals, ctx) => end,
-        _ = control::watch(ctx, &signals) => unreachable!("the control watch never returns"),
+        end = backend_to_client(br, cw, &state, ctx.signals, ctx) => end,
     };
     let clean = state.client_clean.load(Ordering::Relaxed);
     match &outcome {
