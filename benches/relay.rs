@@ -20,14 +20,14 @@
 //! Targets, each reached through the same connection string shape:
 //!
 //! * `direct`: the primary itself, the baseline.
-//! * `pgpivot (process)`: the `pgpivot` binary that cargo built next to this
-//!   bench, as a child process with a generated TOML config: a process of
-//!   its own, like PgBouncer and HAProxy.
-//! * `pgpivot (in-process)`: [`Proxy::start`] inside this bench's tokio
-//!   runtime, sharing its worker threads with the load generator. That
-//!   saves the wake-ups of a second process and costs contention for the
-//!   same threads, so its numbers are not comparable to the other proxies';
-//!   the process row is.
+//! * `pgpivot`: the `pgpivot` binary that cargo built next to this bench, as
+//!   a child process with a generated TOML config: a process of its own,
+//!   like PgBouncer and HAProxy.
+//! * `pgpivot (relay_timing off)`: the same with `[metrics] relay_timing =
+//!   false`, so the pair shows what the per-round-trip metrics cost.
+//! * `pgpivot (in-process)` (with `--pgpivot in-process|both`):
+//!   [`Proxy::start`] inside this bench's tokio runtime, sharing its worker
+//!   threads with the load generator; not comparable to the other proxies.
 //! * `pgbouncer (session)` and `haproxy (tcp)`: children started from
 //!   configs in temporary directories, if `pgbouncer` / `haproxy` are on the
 //!   machine (the bench tries `apt-get install` once when they are missing).
@@ -94,7 +94,7 @@ struct Options {
     #[arg(long)]
     seconds: Option<u64>,
     /// Which pgpivot deployments to measure.
-    #[arg(long, value_enum, default_value_t = PgpivotMode::Both)]
+    #[arg(long, value_enum, default_value_t = PgpivotMode::Process)]
     pgpivot: PgpivotMode,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
@@ -284,8 +284,13 @@ impl Fleet {
         if cfg.pgpivot != PgpivotMode::InProcess {
             let binary = Path::new(env!("CARGO_BIN_EXE_pgpivot"));
             if binary.is_file() {
+                let started = start_pgpivot_process(binary, cluster, "");
+                fleet.add_peer("pgpivot", started).await?;
+                // The cost of the relay's metrics: the same binary with
+                // round-trip timing and byte counting switched off.
+                let started = start_pgpivot_process(binary, cluster, METRICS_OFF);
                 fleet
-                    .add_peer("pgpivot (process)", start_pgpivot_process(binary, cluster))
+                    .add_peer("pgpivot (relay_timing off)", started)
                     .await?;
             } else {
                 notes.push(format!(
@@ -371,12 +376,21 @@ fn pgpivot_toml(cluster: &LocalCluster, address: &str) -> String {
     text
 }
 
-/// Runs the `pgpivot` binary with a generated config on a free port.
-fn start_pgpivot_process(binary: &Path, cluster: &LocalCluster) -> anyhow::Result<(u16, Peer)> {
+/// Config lines that switch the relay's per-round-trip metrics off.
+const METRICS_OFF: &str = "\n[metrics]\nrelay_timing = false\n";
+
+/// Runs the `pgpivot` binary with a generated config (plus `extra` TOML) on
+/// a free port.
+fn start_pgpivot_process(
+    binary: &Path,
+    cluster: &LocalCluster,
+    extra: &str,
+) -> anyhow::Result<(u16, Peer)> {
     let port = free_port();
     let dir = TempDir::with_prefix("pgpivot-bench-")?;
     let config = dir.path().join("pgpivot.toml");
-    fs::write(&config, pgpivot_toml(cluster, &format!("127.0.0.1:{port}")))?;
+    let text = pgpivot_toml(cluster, &format!("127.0.0.1:{port}")) + extra;
+    fs::write(&config, text)?;
     let mut cmd = Command::new(binary);
     cmd.arg("--config").arg(&config);
     // pgpivot reads every PGPIVOT_* variable as a config key, and rejects
