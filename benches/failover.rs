@@ -79,6 +79,8 @@
 //! RUST_LOG=pgpivot=info cargo bench --bench failover   # pgpivot's logs
 //! ```
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -91,7 +93,7 @@ use clap::Parser;
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls, Row};
 
-use pgpivot::config::{FileConfig, NodeConfig};
+use pgpivot::config::{FileConfig, ListenerConfig};
 use pgpivot::decider::{ChangeRecord, TopologyHandle};
 use pgpivot::localcluster::{
     ClusterOptions, LocalCluster, LocalNode, StopMode, PASSWORD, SUPERUSER,
@@ -318,21 +320,9 @@ async fn stored_ids(node: &LocalNode, run: i32) -> anyhow::Result<BTreeSet<i64>>
 /// pgpivot in front of `cluster`: default `[monitor]` and `[failover]`,
 /// one read-write listener on an ephemeral port.
 async fn start_proxy(cluster: &LocalCluster) -> anyhow::Result<Proxy> {
-    let mut file = FileConfig::default();
-    file.listeners.truncate(1);
-    file.listeners[0].address = "127.0.0.1:0".into();
-    file.listeners[0].target = Target::ReadWrite;
-    file.nodes = cluster
-        .nodes()
-        .iter()
-        .map(|n| NodeConfig {
-            name: n.name.clone(),
-            address: n.address().to_string(),
-            weight: 1,
-        })
-        .collect();
-    file.monitor.user = SUPERUSER.into();
-    file.monitor.password = PASSWORD.into();
+    // Default [monitor] and [failover] settings: the figures are for those.
+    let listeners = vec![ListenerConfig::new("127.0.0.1:0", Target::ReadWrite)];
+    let file = pgpivot::demo::file_config(cluster, listeners);
     Ok(Proxy::start(file.validate()?).await?)
 }
 
@@ -942,21 +932,10 @@ async fn bench(cluster: &LocalCluster, runs: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// pgpivot's own logs, errors only (`RUST_LOG` overrides): the warnings a
-/// crash is expected to cause are in the change log printed at the end.
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn main() -> anyhow::Result<()> {
     let began = Instant::now();
     let runs = Options::parse().runs()?;
-    init_tracing();
+    common::init_tracing("error");
     eprintln!("starting a local PostgreSQL primary and one standby...");
     let cluster = LocalCluster::start(ClusterOptions {
         standbys: 1,

@@ -30,6 +30,8 @@
 //! PGPIVOT_BENCH_SECONDS=10 cargo bench --bench read_scaling
 //! ```
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -41,7 +43,7 @@ use hdrhistogram::Histogram;
 use tempfile::TempDir;
 use tokio_postgres::{Client, NoTls, Statement};
 
-use pgpivot::config::{FileConfig, ListenerConfig, NodeConfig};
+use pgpivot::config::{FileConfig, ListenerConfig};
 use pgpivot::localcluster::{free_port, ClusterOptions, LocalCluster, PASSWORD, SUPERUSER};
 use pgpivot::proxy::Proxy;
 use pgpivot::routing::Target;
@@ -148,15 +150,7 @@ fn pgpivot_config(
         ],
         ..FileConfig::default()
     };
-    file.nodes = cluster
-        .nodes()
-        .iter()
-        .map(|n| NodeConfig {
-            name: n.name.clone(),
-            address: n.address().to_string(),
-            weight: 1,
-        })
-        .collect();
+    file.nodes = pgpivot::demo::file_config(cluster, Vec::new()).nodes;
     file.monitor.user = SUPERUSER.into();
     file.monitor.password = PASSWORD.into();
     file.log.filter = "warn".into();
@@ -506,20 +500,10 @@ fn measured() -> anyhow::Result<Duration> {
     Ok(Duration::from_secs(seconds))
 }
 
-/// Logs of an in-process pgpivot (warnings and up; `RUST_LOG` overrides).
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn main() -> anyhow::Result<()> {
     let began = Instant::now();
     let measured = measured()?;
-    init_tracing();
+    common::init_tracing("warn");
     eprintln!("starting a local primary with two standbys...");
     let cluster = LocalCluster::start(ClusterOptions {
         standbys: 2,

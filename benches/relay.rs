@@ -45,6 +45,8 @@
 //! PGPIVOT_BENCH_CLIENTS=4 PGPIVOT_BENCH_SECONDS=3 cargo bench --bench relay
 //! ```
 
+mod common;
+
 use std::fs::{self, File};
 use std::os::unix::fs::chown;
 use std::os::unix::process::CommandExt;
@@ -816,22 +818,12 @@ async fn bench(cluster: &LocalCluster, cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Logs of the in-process pgpivot (warnings and up; `RUST_LOG` overrides).
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 /// Starts the primary, runs [`bench`] in a multi-thread runtime, then stops
 /// everything and prints the wall-clock time of the whole run.
 fn main() -> anyhow::Result<()> {
     let began = Instant::now();
     let cfg = Config::load()?;
-    init_tracing();
+    common::init_tracing("warn");
     eprintln!("starting a local PostgreSQL primary...");
     let cluster = LocalCluster::start(ClusterOptions {
         standbys: 0,
