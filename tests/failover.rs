@@ -432,3 +432,48 @@ async fn a_hung_primary_is_detected_by_the_poll_timeout() {
     );
     drop(frozen);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_keeps_working_for_sessions_from_before_a_topology_change() {
+    let cluster = new_cluster(2);
+    let proxy = start_proxy(config_for(&cluster)).await;
+    let standby_only = conn_str(
+        proxy.addresses[1],
+        SUPERUSER,
+        "options='-c pgpivot.target_session_attrs=standby'",
+    );
+    let client = connect_with(&standby_only).await.unwrap();
+    let row = client
+        .query_one("select inet_server_port(), pg_backend_pid()", &[])
+        .await
+        .unwrap();
+    let (port, pid): (i32, i32) = (row.get(0), row.get(1));
+    let mine = cluster
+        .nodes()
+        .iter()
+        .position(|n| n.port as i32 == port)
+        .unwrap();
+    let other = cluster
+        .nodes()
+        .iter()
+        .position(|n| n.port as i32 != port && n.name != "pg1")
+        .unwrap();
+    let token = client.cancel_token();
+    let generation = proxy.shared.topology.load().generation;
+    // Another standby goes away: a new generation, this session unaffected.
+    blocking(|| cluster.stop_node(other, StopMode::Immediate)).unwrap();
+    let changed = eventually(Duration::from_secs(10), || async {
+        proxy.shared.topology.load().generation > generation
+    })
+    .await;
+    assert!(changed);
+    let sleeper = tokio::spawn(async move { client.simple_query("select pg_sleep(30)").await });
+    wait_running(&cluster.node(mine).conn_string(), pid).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(5), sleeper)
+        .await
+        .expect("cancelled within 5 s")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+}

@@ -205,10 +205,15 @@ async fn a_100_mb_bytea_round_trips() {
 async fn cancel_reaches_the_right_backend_within_a_second() {
     let proxy = proxy().await;
     let client = connect(proxy.addresses[0]).await;
+    let pid: i32 = client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     let token = client.cancel_token();
     let started = Instant::now();
     let sleeper = tokio::spawn(async move { client.simple_query("select pg_sleep(30)").await });
-    tokio::time::sleep(Duration::from_millis(300)).await; // let the query start
+    wait_running(&shared_cluster().node(0).conn_string(), pid).await;
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
     let err = sleeper.await.unwrap().unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
@@ -347,4 +352,44 @@ async fn pgbench_runs_in_every_query_mode_without_failures() {
             "{report}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_objects_through_psql_use_function_calls() {
+    // psql's \lo_import and \lo_export go through libpq's fast-path
+    // FunctionCall ('F') messages: a real client of that protocol corner.
+    let cluster = shared_cluster();
+    let proxy = proxy().await;
+    let conn = conn_str(proxy.addresses[0], SUPERUSER, "");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("blob.bin");
+    let output = dir.path().join("blob.out");
+    let blob: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    std::fs::write(&input, &blob).unwrap();
+    let script = format!(
+        "\\lo_import '{}'\n\\lo_export :LASTOID '{}'\n\\lo_unlink :LASTOID\n",
+        input.display(),
+        output.display()
+    );
+    let script_path = dir.path().join("lo.sql");
+    std::fs::write(&script_path, script).unwrap();
+    let out = run_tool(
+        cluster,
+        "psql",
+        &[
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            &conn,
+            "-f",
+            script_path.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        std::fs::read(&output).unwrap() == blob,
+        "the large object came back different"
+    );
 }

@@ -171,3 +171,20 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Waits until backend `pid` on the server at `node_conn` runs a query, so a
+/// cancel sent next cannot arrive before it.
+pub async fn wait_running(node_conn: &str, pid: i32) {
+    let observer = connect_with(node_conn).await.expect("connect to the node");
+    let running = eventually(Duration::from_secs(10), || async {
+        let row = observer
+            .query_opt(
+                "select 1 from pg_stat_activity where pid = $1 and state = 'active'",
+                &[&pid],
+            )
+            .await;
+        matches!(row, Ok(Some(_)))
+    })
+    .await;
+    assert!(running, "backend {pid} never started its query");
+}
