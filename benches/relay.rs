@@ -8,8 +8,9 @@
 //! * **select**: N concurrent clients (default 8), each one tokio-postgres
 //!   connection running the prepared `select v from bench_kv where id = $1`
 //!   back to back, over keys spread across the table. After a 1 s warm-up,
-//!   every query's latency is recorded for a fixed time (default 10 s) in a
-//!   per-client HDR histogram; the histograms are merged. `tps` is queries
+//!   every query's latency is recorded for a fixed time (default 10 s, in
+//!   three rounds that interleave the targets) in a per-client HDR
+//!   histogram; the histograms are merged. `tps` is queries
 //!   started in the measured window divided by its length.
 //! * **bulk**: one client runs `COPY (select repeat('x', 1000) from
 //!   generate_series(1, 100000)) TO STDOUT` (100.1 MB of rows) and counts the
@@ -696,19 +697,47 @@ impl BulkResult {
 }
 
 /// The select case against every target, in order.
+/// The select case: [`SELECT_ROUNDS`] rounds, each running every target
+/// for a share of the measured time, merged per target, so slow drift of
+/// the machine (other load, CPU frequency) spreads over all targets alike.
 async fn select_case(targets: &[Target], cfg: &Config) -> Vec<anyhow::Result<SelectResult>> {
-    let mut results = Vec::new();
-    for target in targets {
-        eprintln!("select: {} ...", target.name);
-        let result = run_select(target, cfg).await;
-        match &result {
-            Ok(r) => eprintln!("select: {}: {:.1} tps", target.name, r.tps()),
-            Err(err) => eprintln!("select: {}: failed: {err:#}", target.name),
+    let share = Config {
+        measured: cfg.measured / SELECT_ROUNDS,
+        ..*cfg
+    };
+    let mut results: Vec<anyhow::Result<SelectResult>> = targets
+        .iter()
+        .map(|_| {
+            Ok(SelectResult {
+                latencies: new_histogram(),
+                measured: Duration::ZERO,
+            })
+        })
+        .collect();
+    for round in 1..=SELECT_ROUNDS {
+        for (target, merged) in targets.iter().zip(results.iter_mut()) {
+            let Ok(total) = merged else { continue };
+            eprintln!("select: {} round {round}/{SELECT_ROUNDS} ...", target.name);
+            match run_select(target, &share).await {
+                Ok(r) => {
+                    eprintln!("select: {}: {:.1} tps", target.name, r.tps());
+                    total.measured += r.measured;
+                    if let Err(e) = total.latencies.add(&r.latencies) {
+                        *merged = Err(e.into());
+                    }
+                }
+                Err(err) => {
+                    eprintln!("select: {}: failed: {err:#}", target.name);
+                    *merged = Err(err);
+                }
+            }
         }
-        results.push(result);
     }
     results
 }
+
+/// Rounds of the select case.
+const SELECT_ROUNDS: u32 = 3;
 
 /// The bulk case: [`BULK_RUNS`] rounds, each running every target once, so
 /// slow drift of the machine spreads over all targets.

@@ -90,6 +90,89 @@ impl Latency {
     }
 }
 
+impl Latency {
+    /// Records a batch under one lock.
+    pub fn record_all(&self, micros: &[u64]) {
+        let mut h = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for &m in micros {
+            let _ = h.record(m.clamp(1, 3_600_000_000));
+        }
+    }
+}
+
+/// A session's share of a shared counter, added to it in batches: relaying
+/// a message then costs no write to a cache line every session shares.
+pub struct LocalCounter<'a> {
+    shared: &'a Counter,
+    pending: u64,
+}
+
+impl<'a> LocalCounter<'a> {
+    /// Flushed to `shared` every this many units (bytes) and on drop.
+    const BATCH: u64 = 64 * 1024;
+
+    pub fn new(shared: &'a Counter) -> Self {
+        LocalCounter { shared, pending: 0 }
+    }
+
+    pub fn add(&mut self, n: u64) {
+        self.pending += n;
+        if self.pending >= Self::BATCH {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.pending > 0 {
+            self.shared.add(std::mem::take(&mut self.pending));
+        }
+    }
+}
+
+impl Drop for LocalCounter<'_> {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// A session's latency samples, recorded into a shared histogram in batches
+/// (one lock per batch rather than per round trip).
+pub struct LocalLatency<'a> {
+    shared: &'a Latency,
+    micros: Vec<u64>,
+}
+
+impl<'a> LocalLatency<'a> {
+    const BATCH: usize = 64;
+
+    pub fn new(shared: &'a Latency) -> Self {
+        LocalLatency {
+            shared,
+            micros: Vec::new(),
+        }
+    }
+
+    pub fn record(&mut self, d: Duration) {
+        self.micros.push(d.as_micros() as u64);
+        if self.micros.len() >= Self::BATCH {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if !self.micros.is_empty() {
+            self.shared.record_all(&self.micros);
+            self.micros.clear();
+        }
+    }
+}
+
+impl Drop for LocalLatency<'_> {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LatencySnapshot {
     pub count: u64,

@@ -13,10 +13,16 @@
 //! Backend → client also reads ReadyForQuery (transaction status: idle points
 //! are where a session may be ended cleanly), ParameterStatus
 //! (`in_hot_standby` changes at promotion) and ErrorResponse (25006 on a
-//! session routed as read-write; FATAL before a close). It also watches the
-//! topology: a session whose node stops being eligible is ended with an
-//! ErrorResponse at the next message boundary, and from that moment nothing
-//! more from the client reaches the backend.
+//! session routed as read-write; FATAL before a close). It also listens to
+//! the session's [control task](super::control): a session whose node stops
+//! being eligible is ended with an ErrorResponse at the next message
+//! boundary, and from that moment nothing more from the client reaches the
+//! backend; shutdown and lag end it at its next idle point.
+//!
+//! Pauses hold the client → backend direction at idle points, before a new
+//! unit of work is forwarded. With `[metrics] relay_timing`, the first
+//! request after an idle point starts a round-trip clock that the closing
+//! ReadyForQuery stops.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
@@ -26,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::control::{Signal, Signals};
 use super::ending::EndReason;
+use crate::metrics::{LocalCounter, LocalLatency};
 use crate::monitor::MonitorHandle;
 use crate::protocol::frame::{Frame, FrameError, Framer};
 use crate::protocol::messages::{self, tag, Severity, TxStatus};
@@ -74,7 +81,7 @@ pub enum RelayEnd {
 
 /// State shared by the two directions (same task; atomics only because the
 /// futures borrow it concurrently).
-struct Shared {
+struct SessionState {
     /// ReadyForQuery answers still expected.
     outstanding: AtomicU32,
     status: AtomicU8,
@@ -89,7 +96,7 @@ struct Shared {
     epoch: Instant,
 }
 
-impl Shared {
+impl SessionState {
     /// Between transactions with no answer pending: the session can be ended
     /// without the client losing anything.
     fn is_idle(&self) -> bool {
@@ -129,7 +136,7 @@ where
     BR: AsyncRead + Unpin,
     BW: AsyncWrite + Unpin,
 {
-    let state = Shared {
+    let state = SessionState {
         outstanding: AtomicU32::new(0),
         status: AtomicU8::new(ctx.status as u8),
         stop_forwarding: AtomicBool::new(false),
@@ -199,7 +206,7 @@ fn reserve(buf: &mut BytesMut) {
 async fn client_to_backend<R, W>(
     cr: &mut R,
     bw: &mut W,
-    state: &Shared,
+    state: &SessionState,
     framer: &mut Framer,
     ctx: &RelayContext<'_>,
 ) -> Outcome
@@ -208,6 +215,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut relayed = LocalCounter::new(&ctx.metrics.bytes_from_clients);
     loop {
         reserve(&mut buf);
         match cr.read_buf(&mut buf).await {
@@ -267,7 +275,7 @@ where
             return std::future::pending().await;
         }
         if ctx.metrics.relay_figures {
-            ctx.metrics.bytes_from_clients.add(pos as u64);
+            relayed.add(pos as u64);
         }
         buf.advance(pos);
         if terminated {
@@ -279,7 +287,7 @@ where
 async fn backend_to_client<R, W>(
     br: &mut R,
     cw: &mut W,
-    state: &Shared,
+    state: &SessionState,
     signals: &Signals,
     ctx: &RelayContext<'_>,
 ) -> Outcome
@@ -298,6 +306,8 @@ where
     let mut ending: Option<(EndReason, tokio::time::Instant)> = None;
     let mut at_idle: Option<EndReason> = None;
     let mut last_fatal = false;
+    let mut relayed = LocalCounter::new(&ctx.metrics.bytes_to_clients);
+    let mut round_trips = LocalLatency::new(&ctx.stats.round_trip);
     loop {
         reserve(&mut buf);
         let grace = ending.as_ref().map(|(_, at)| *at);
@@ -337,7 +347,7 @@ where
                 Err(_) => return Outcome::BackendGone { said_why: false },
             };
             if let Frame::Message { tag: t, body } = frame {
-                last_fatal = observe(t, body, state, ctx);
+                last_fatal = observe(t, body, state, ctx, &mut round_trips);
             } else if let Frame::Pass {
                 starts: Some(_), ..
             } = frame
@@ -352,7 +362,7 @@ where
                 return Outcome::ClientGone;
             }
             if ctx.metrics.relay_figures {
-                ctx.metrics.bytes_to_clients.add(pos as u64);
+                relayed.add(pos as u64);
             }
             buf.advance(pos);
         }
@@ -378,7 +388,7 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 /// Ends the session with the reason's error, if the stream allows a message.
 async fn finish<W: AsyncWrite + Unpin>(
     cw: &mut W,
-    state: &Shared,
+    state: &SessionState,
     reason: EndReason,
     clean: bool,
 ) -> Outcome {
@@ -396,7 +406,13 @@ async fn finish<W: AsyncWrite + Unpin>(
 }
 
 /// Reads one inspected backend message; returns whether it was a FATAL error.
-fn observe(t: u8, body: &[u8], state: &Shared, ctx: &RelayContext<'_>) -> bool {
+fn observe(
+    t: u8,
+    body: &[u8],
+    state: &SessionState,
+    ctx: &RelayContext<'_>,
+    round_trips: &mut LocalLatency<'_>,
+) -> bool {
     match t {
         tag::READY_FOR_QUERY => {
             let before =
@@ -406,7 +422,7 @@ fn observe(t: u8, body: &[u8], state: &Shared, ctx: &RelayContext<'_>) -> bool {
             if before == Ok(1) && ctx.metrics.relay_figures {
                 let started = state.round_trip_start.load(Ordering::Relaxed);
                 let ns = state.now_ns().saturating_sub(started);
-                ctx.stats.round_trip.record(Duration::from_nanos(ns));
+                round_trips.record(Duration::from_nanos(ns));
             }
             if let Some(status) = TxStatus::from_ready_for_query(body) {
                 state.status.store(status as u8, Ordering::Relaxed);
