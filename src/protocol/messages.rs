@@ -66,9 +66,14 @@ impl Severity {
     }
 }
 
+/// Longest message text the proxy puts in its own errors (they may quote
+/// client input, such as a bad parameter value).
+const MAX_MESSAGE_CHARS: usize = 1000;
+
 /// Appends an ErrorResponse the proxy itself sends.
 pub fn put_error(buf: &mut BytesMut, severity: Severity, code: &str, message: &str) {
-    let mut info = ErrorInfo::new(severity.as_str().into(), code.into(), message.into());
+    let message: String = message.chars().take(MAX_MESSAGE_CHARS).collect();
+    let mut info = ErrorInfo::new(severity.as_str().into(), code.into(), message);
     info.severity_nonlocalized = Some(severity.as_str().into());
     ErrorResponse::from(info)
         .encode(buf)

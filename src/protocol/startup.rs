@@ -148,7 +148,10 @@ fn closed_or_io(e: std::io::Error) -> StartupError {
 
 /// Parses a packet body (everything after the length word).
 pub fn parse_packet(body: Bytes) -> Result<StartupPacket, StartupError> {
-    let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+    let Some(code) = body.get(..4) else {
+        return Err(StartupError::Malformed("no startup code"));
+    };
+    let code = u32::from_be_bytes([code[0], code[1], code[2], code[3]]);
     let rest = body.slice(4..);
     match code {
         SSL_REQUEST_CODE if rest.is_empty() => Ok(StartupPacket::SslRequest),
