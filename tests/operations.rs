@@ -374,7 +374,7 @@ async fn pause_promote_resume_gives_sessions_started_after_the_pause_no_errors()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_lets_an_open_transaction_finish_then_ends_the_session() {
+async fn sighup_reloads_and_sigterm_lets_an_open_transaction_finish() {
     let cluster = shared_cluster();
     let dir = tempfile::tempdir().unwrap();
     // The binary needs fixed ports: pick free ones.
@@ -418,6 +418,21 @@ async fn sigterm_lets_an_open_transaction_finish_then_ends_the_session() {
         .await
         .unwrap();
     let pid = child.id().unwrap().to_string();
+    // SIGHUP re-reads the file: a node added to it shows up in /status.
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str("\n[[nodes]]\nname = \"extra\"\naddress = \"127.0.0.1:1\"\n");
+    std::fs::write(&path, text).unwrap();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let reloaded = eventually(Duration::from_secs(10), || async {
+        let status = call(&admin_address, "GET", "/status", None).await;
+        matches!(status, Ok((200, body)) if body.contains("\"extra\""))
+    })
+    .await;
+    assert!(reloaded, "SIGHUP did not reload the configuration");
     assert!(std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
