@@ -23,9 +23,15 @@
 //!   snapshots through arc-swap and announces generations on a watch channel.
 //! - [`topology`]: the snapshot types and the rules (pure).
 //!
+//! Operating surface:
+//! - [`admin`]: the HTTP endpoint (/metrics, /status, /health, /ready,
+//!   /pause, /resume, /reload) and the `pgpivot status` client.
+//! - [`pause`]: the pause switch sessions check at idle points.
+//! - [`reload`]: applying a re-read config (SIGHUP, /reload).
+//!
 //! Around them: [`config`] (figment, validation), [`proxy`] (shared state,
 //! start and graceful shutdown), [`metrics`], [`localcluster`] (a real
-//! primary + standbys for tests, benches and the demo).
+//! primary + standbys for tests, benches and the demo), [`demo`].
 
 pub mod admin;
 pub mod cancel;

@@ -463,3 +463,46 @@ async fn sighup_reloads_and_sigterm_lets_an_open_transaction_finish() {
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
 }
+
+/// Writes a self-signed certificate for `name` and its key to `cert`/`key`.
+fn write_certificate(name: &str, cert: &std::path::Path, key: &std::path::Path) {
+    let certified = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+    std::fs::write(cert, certified.cert.pem()).unwrap();
+    std::fs::write(key, certified.key_pair.serialize_pem()).unwrap();
+}
+
+/// The DNS names in the certificate a TLS client is shown at `addr`, read
+/// with `openssl s_client -starttls postgres` (a real PostgreSQL SSLRequest).
+async fn served_certificate(addr: std::net::SocketAddr) -> String {
+    let script = format!(
+        "openssl s_client -connect {addr} -starttls postgres </dev/null 2>/dev/null | openssl x509 -noout -text"
+    );
+    let out = tokio::process::Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_swaps_the_tls_certificate() {
+    let cluster = shared_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+    write_certificate("first.example", &cert, &key);
+    let tls = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let path = write_config(dir.path(), cluster, &tls);
+    let proxy = start_from_file(&path).await;
+    let shown = served_certificate(proxy.addresses[0]).await;
+    assert!(shown.contains("first.example"), "{shown}");
+    write_certificate("second.example", &cert, &key);
+    let (status, body) = post(&proxy, "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let shown = served_certificate(proxy.addresses[0]).await;
+    assert!(shown.contains("second.example"), "{shown}");
+}
