@@ -433,6 +433,20 @@ async fn sighup_reloads_and_sigterm_lets_an_open_transaction_finish() {
     })
     .await;
     assert!(reloaded, "SIGHUP did not reload the configuration");
+    // `pgpivot status` prints the same topology as a table.
+    let table = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgpivot"))
+        .args(["status", "--admin", &admin_address])
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(table.contains("primary pg1"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("extra") && l.contains("down")),
+        "{table}"
+    );
     assert!(std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
