@@ -30,6 +30,7 @@ pub struct TopologyHandle {
     current: Arc<ArcSwap<Topology>>,
     changes: watch::Receiver<u64>,
     events: Arc<ChangeLog>,
+    metrics: Arc<Metrics>,
 }
 
 impl TopologyHandle {
@@ -45,7 +46,7 @@ impl TopologyHandle {
 
     /// Recent topology changes, newest last.
     pub fn changes(&self) -> Vec<ChangeRecord> {
-        self.events.recent()
+        self.events.recent(self.metrics.ended_by_topology())
     }
 }
 
@@ -62,6 +63,15 @@ pub struct ChangeRecord {
     /// Primary lost → new primary published (writes unavailable), when this
     /// change ended such a gap.
     pub write_gap_ms: Option<u64>,
+    /// Sessions waiting for an eligible node when the change was published
+    /// (released by a promotion, held by a loss).
+    pub sessions_waiting: u64,
+    /// Sessions pgpivot ended (node demoted, lost or promoted under them)
+    /// from this change until the next one.
+    pub sessions_ended: u64,
+    /// The ended-sessions counter when this change was published.
+    #[serde(skip)]
+    ended_before: u64,
 }
 
 /// Bounded history of changes (a std Mutex: pushed by the decider, read by
@@ -80,9 +90,21 @@ impl ChangeLog {
         log.push_back(record);
     }
 
-    fn recent(&self) -> Vec<ChangeRecord> {
+    /// The records, each with the sessions ended between it and the next
+    /// (or now, given the counter's current value `ended_now`).
+    fn recent(&self, ended_now: u64) -> Vec<ChangeRecord> {
         let log = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        log.iter().cloned().collect()
+        let mut records: Vec<ChangeRecord> = log.iter().cloned().collect();
+        let next_marks: Vec<u64> = records
+            .iter()
+            .skip(1)
+            .map(|r| r.ended_before)
+            .chain([ended_now])
+            .collect();
+        for (record, until) in records.iter_mut().zip(next_marks) {
+            record.sessions_ended = until.saturating_sub(record.ended_before);
+        }
+        records
     }
 }
 
@@ -131,6 +153,7 @@ impl Decider {
             current: current.clone(),
             changes: rx,
             events: events.clone(),
+            metrics: metrics.clone(),
         };
         let n = specs.len();
         let decider = Decider {
@@ -327,6 +350,9 @@ impl Decider {
             kind,
             summary,
             write_gap_ms: gap,
+            sessions_waiting: self.metrics.sessions_waiting.get(),
+            sessions_ended: 0,
+            ended_before: self.metrics.ended_by_topology(),
         });
     }
 }

@@ -240,6 +240,11 @@ impl Metrics {
         map.iter().map(|(k, v)| (*k, *v)).collect()
     }
 
+    /// Sessions ended because the topology changed under them.
+    pub fn ended_by_topology(&self) -> u64 {
+        self.ended_demoted.get() + self.ended_node_lost.get() + self.ended_promoted.get()
+    }
+
     pub fn ended(&self, kind: &str) {
         match kind {
             "demoted" => self.ended_demoted.inc(),

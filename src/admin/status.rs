@@ -49,6 +49,8 @@ pub struct ChangeReport {
     pub kind: String,
     pub summary: String,
     pub write_gap_ms: Option<u64>,
+    pub sessions_waiting: u64,
+    pub sessions_ended: u64,
 }
 
 impl From<ChangeRecord> for ChangeReport {
@@ -59,6 +61,8 @@ impl From<ChangeRecord> for ChangeReport {
             kind: c.kind.to_string(),
             summary: c.summary,
             write_gap_ms: c.write_gap_ms,
+            sessions_waiting: c.sessions_waiting,
+            sessions_ended: c.sessions_ended,
         }
     }
 }
