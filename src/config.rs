@@ -211,6 +211,10 @@ pub struct LimitsConfig {
     /// Largest message a client may send, in bytes (PostgreSQL's own limit
     /// is 1 GiB).
     pub max_message_bytes: usize,
+    /// TCP keepalive on client and backend sockets: seconds of silence
+    /// before the first probe (0 = off). Frees sessions whose peer vanished
+    /// behind a network partition.
+    pub tcp_keepalive_s: u64,
 }
 
 impl Default for LimitsConfig {
@@ -220,6 +224,7 @@ impl Default for LimitsConfig {
             startup_timeout_ms: 10_000,
             connect_timeout_ms: 5_000,
             max_message_bytes: 0x3fff_ffff,
+            tcp_keepalive_s: 60,
         }
     }
 }
@@ -308,6 +313,8 @@ pub struct Settings {
     pub startup_timeout: Duration,
     pub connect_timeout: Duration,
     pub max_message_bytes: usize,
+    /// `None`: keepalive off.
+    pub tcp_keepalive: Option<Duration>,
     pub tls: Option<TlsSettings>,
     pub admin: Option<AdminSettings>,
     pub log: LogConfig,
@@ -430,6 +437,8 @@ impl FileConfig {
             startup_timeout: millis("limits.startup_timeout_ms", limits.startup_timeout_ms)?,
             connect_timeout: millis("limits.connect_timeout_ms", limits.connect_timeout_ms)?,
             max_message_bytes: positive("limits.max_message_bytes", limits.max_message_bytes)?,
+            tcp_keepalive: (limits.tcp_keepalive_s > 0)
+                .then(|| Duration::from_secs(limits.tcp_keepalive_s)),
             tls: self.tls.as_ref().map(validate_tls).transpose()?,
             admin: self.admin.as_ref().map(validate_admin).transpose()?,
             log: self.validate_log()?,

@@ -42,6 +42,7 @@ pub mod listener;
 pub mod localcluster;
 pub mod metrics;
 pub mod monitor;
+pub mod net;
 pub mod pause;
 pub mod protocol;
 pub mod proxy;

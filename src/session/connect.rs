@@ -131,7 +131,7 @@ async fn try_once(
         Ok(Err(e)) => return Err(unreachable(e.to_string())),
         Err(_) => return Err(unreachable(format!("connect timed out after {timeout:?}"))),
     };
-    let _ = backend.set_nodelay(true);
+    crate::net::tune(&backend, shared.settings().tcp_keepalive);
     let mut startup = startup.clone();
     if choice.read_only_on_primary {
         // A read-only session that fell back to the primary keeps its

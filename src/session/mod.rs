@@ -71,7 +71,7 @@ async fn run(
     admitted: bool,
 ) -> Result<(), SessionError> {
     let settings = shared.settings();
-    let _ = tcp.set_nodelay(true);
+    crate::net::tune(&tcp, settings.tcp_keepalive);
     let deadline = Instant::now() + settings.startup_timeout;
     let (mut client, mut startup) =
         match handshake::negotiate(tcp, settings.tls.as_ref(), deadline).await? {
