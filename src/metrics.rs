@@ -240,6 +240,15 @@ impl Metrics {
         map.iter().map(|(k, v)| (*k, *v)).collect()
     }
 
+    /// The busy gauge of a session's class (writers need the primary).
+    pub fn busy(&self, needs_primary: bool) -> &Gauge {
+        if needs_primary {
+            &self.busy_writers
+        } else {
+            &self.busy_readers
+        }
+    }
+
     /// Sessions ended because the topology changed under them.
     pub fn ended_by_topology(&self) -> u64 {
         self.ended_demoted.get() + self.ended_node_lost.get() + self.ended_promoted.get()

@@ -30,8 +30,9 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use crate::config::{ListenerSettings, OnLag, TlsMode};
+use crate::config::{ListenerSettings, OnLag, Settings, TlsMode};
 use crate::protocol::messages;
+use crate::protocol::startup::StartupMessage;
 use crate::proxy::Shared;
 use error::SessionError;
 use handshake::Hello;
@@ -82,27 +83,12 @@ async fn run(
             }
             Hello::Startup(client, startup) => (client, startup),
         };
-    let tls_required = settings
-        .tls
-        .as_ref()
-        .is_some_and(|t| t.mode == TlsMode::Require);
-    let checked = if !admitted {
-        shared.metrics.sessions_rejected_limit.inc();
-        Err(SessionError::TooManyConnections)
-    } else if tls_required && !client.is_tls() {
-        Err(SessionError::TlsRequired)
-    } else {
-        params::extract(&mut startup, listener)
-    };
+    let checked = admit(shared, &settings, listener, &client, &mut startup, admitted);
     let request = or_reply(&mut client, checked).await?;
     tracing::debug!(user = startup.param("user"), database = startup.param("database"), target = %request.target, "startup");
     // Until the relay starts, a session past the pause gate counts as busy:
     // a pause waits for it, and a paused proxy holds it here.
-    let busy_gauge = if request.target.needs_primary() {
-        &shared.metrics.busy_writers
-    } else {
-        &shared.metrics.busy_readers
-    };
+    let busy_gauge = shared.metrics.busy(request.target.needs_primary());
     let deadline = Instant::now() + settings.hold_timeout;
     let entered = tokio::time::timeout_at(
         deadline.into(),
@@ -111,42 +97,10 @@ async fn run(
             .enter(request.target.needs_primary(), busy_gauge),
     );
     let starting = or_reply(&mut client, entered.await.map_err(|_| SessionError::Paused)).await?;
-    let mut connected = or_reply(
-        &mut client,
-        connect::connect(shared, &request, &startup).await,
-    )
-    .await?;
+    let connected = connect::connect(shared, &request, &startup).await;
+    let mut connected = or_reply(&mut client, connected).await?;
     tracing::Span::current().record("node", connected.name.as_str());
-    let mut backend = connected.backend;
-    let auth_ctx = auth::AuthContext {
-        backend_address: &connected.address,
-        cancels: &shared.cancels,
-        needs_primary: request.target.needs_primary(),
-        received: std::mem::take(&mut connected.first),
-    };
-    let routed_to_standby = !request.target.needs_primary() && !connected.choice.fell_back;
-    // A backend that hangs mid-authentication (its postmaster stopped, say)
-    // must not hold the client forever: give up when the monitor declares
-    // the node ineligible, or after PostgreSQL's own authentication timeout.
-    let authenticated = tokio::select! {
-        r = tokio::time::timeout(AUTH_TIMEOUT, auth::authenticate(&mut client, &mut backend, auth_ctx)) => {
-            r.unwrap_or(Err(SessionError::BackendUnavailable {
-                node: connected.name.clone(),
-                detail: "authentication timed out".into(),
-                waited_ms: AUTH_TIMEOUT.as_millis(),
-            }))
-        }
-        reason = ending::lost(&shared.topology, connected.node, request.target, routed_to_standby) => {
-            Err(SessionError::BackendUnavailable {
-                node: connected.name.clone(),
-                detail: reason.message(),
-                waited_ms: 0,
-            })
-        }
-    };
-    if let Err(SessionError::NotPrimaryAnymore { .. }) = &authenticated {
-        shared.monitor.poke(connected.node);
-    }
+    let authenticated = authenticate(shared, &request, &mut connected, &mut client).await;
     let authenticated = or_reply(&mut client, authenticated).await?;
     let (signals, _control) = control::spawn(control::Watch {
         topology: shared.topology.clone(),
@@ -171,9 +125,74 @@ async fn run(
         busy_gauge,
     };
     drop(starting);
-    let end = relay_streams(client, &mut backend, &ctx).await;
-    drop(authenticated.cancel);
-    drop(connected.load);
+    let end = relay_streams(client, &mut connected.backend, &ctx).await;
+    report(shared, end);
+    Ok(())
+}
+
+/// Checks the connection limit and TLS requirement, then reads the
+/// session's own settings.
+fn admit(
+    shared: &Shared,
+    settings: &Settings,
+    listener: &ListenerSettings,
+    client: &ClientStream,
+    startup: &mut StartupMessage,
+    admitted: bool,
+) -> Result<params::SessionRequest, SessionError> {
+    let tls_required = settings
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.mode == TlsMode::Require);
+    if !admitted {
+        shared.metrics.sessions_rejected_limit.inc();
+        Err(SessionError::TooManyConnections)
+    } else if tls_required && !client.is_tls() {
+        Err(SessionError::TlsRequired)
+    } else {
+        params::extract(startup, listener)
+    }
+}
+
+/// Runs the pass-through authentication. A backend that hangs
+/// mid-authentication (its postmaster stopped, say) must not hold the client
+/// forever: this gives up when the monitor declares the node ineligible, or
+/// after PostgreSQL's own authentication timeout.
+async fn authenticate(
+    shared: &Shared,
+    request: &params::SessionRequest,
+    connected: &mut connect::Connected,
+    client: &mut ClientStream,
+) -> Result<auth::Authenticated, SessionError> {
+    let auth_ctx = auth::AuthContext {
+        backend_address: &connected.address,
+        cancels: &shared.cancels,
+        needs_primary: request.target.needs_primary(),
+        received: std::mem::take(&mut connected.first),
+    };
+    let routed_to_standby = !request.target.needs_primary() && !connected.choice.fell_back;
+    let unavailable = |detail: String, waited_ms| SessionError::BackendUnavailable {
+        node: connected.name.clone(),
+        detail,
+        waited_ms,
+    };
+    let authenticating = auth::authenticate(client, &mut connected.backend, auth_ctx);
+    let result = tokio::select! {
+        r = tokio::time::timeout(AUTH_TIMEOUT, authenticating) => {
+            r.unwrap_or_else(|_| Err(unavailable("authentication timed out".into(), AUTH_TIMEOUT.as_millis())))
+        }
+        reason = ending::lost(&shared.topology, connected.node, request.target, routed_to_standby) => {
+            Err(unavailable(reason.message(), 0))
+        }
+    };
+    if let Err(SessionError::NotPrimaryAnymore { .. }) = &result {
+        shared.monitor.poke(connected.node);
+    }
+    result
+}
+
+/// Logs (and counts) how a relay ended.
+fn report(shared: &Shared, end: std::io::Result<RelayEnd>) {
     match end {
         Ok(RelayEnd::Ended(reason)) => {
             shared.metrics.ended(reason.kind());
@@ -187,7 +206,6 @@ async fn run(
         Ok(other) => tracing::debug!(end = ?other, "session ended"),
         Err(e) => tracing::debug!("session i/o error: {e}"),
     }
-    Ok(())
 }
 
 /// Splits both streams and relays between them.
