@@ -3,9 +3,10 @@
 //!
 //! Applied: nodes added, removed or re-addressed, weights, lag budgets and
 //! targets of existing listeners, hold timeout, monitor timings and
-//! credentials, limits, TLS certificate and key. Listener addresses need a
-//! restart (the sockets stay as they are; the log says so). A config that
-//! does not validate changes nothing.
+//! credentials, timeouts and message limits, TLS certificate and key.
+//! Listener addresses, the admin endpoint and connection caps need a restart
+//! (they stay as they are; the log says so). A config that does not validate
+//! changes nothing.
 //!
 //! Node ids are positions in the node list and sessions hold them, so they
 //! never move: a removed node stays as a tombstone (`Status::Removed`) and
@@ -83,7 +84,15 @@ fn keep_listeners(old: &Settings, new: &mut Settings, report: &mut ReloadReport)
         new.listeners = old.listeners.clone();
     }
     if old.admin != new.admin {
-        report.restart_needed.push("admin.address".into());
+        report.restart_needed.push("admin".into());
+    }
+    let caps = |s: &Settings| {
+        let per_listener: Vec<usize> = s.listeners.iter().map(|l| l.max_connections).collect();
+        (s.max_client_connections, per_listener)
+    };
+    if caps(old) != caps(new) {
+        // The connection semaphores are sized at start.
+        report.restart_needed.push("connection limits".into());
     }
 }
 
