@@ -50,6 +50,21 @@ impl Exposition {
         self.sample(name, &[], value);
     }
 
+    /// One family whose samples differ in one label.
+    fn labelled(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        label: &str,
+        values: &[(&str, u64)],
+    ) {
+        self.family(name, kind, help);
+        for (v, n) in values {
+            self.sample(name, &[(label, v)], n);
+        }
+    }
+
     /// A summary with quantiles from a latency histogram (µs → seconds).
     fn summary(&mut self, name: &str, labels: &[(&str, &str)], latency: &Latency) {
         let s = latency.snapshot();
@@ -90,20 +105,15 @@ fn session_metrics(out: &mut Exposition, m: &Metrics) {
         "Client sessions open now (all stages).",
         m.sessions_active.get(),
     );
-    out.family(
+    out.labelled(
         "pgpivot_client_sessions_busy",
         "gauge",
         "Sessions in a transaction or awaiting answers, by class.",
-    );
-    out.sample(
-        "pgpivot_client_sessions_busy",
-        &[("class", "write")],
-        m.busy_writers.get(),
-    );
-    out.sample(
-        "pgpivot_client_sessions_busy",
-        &[("class", "read")],
-        m.busy_readers.get(),
+        "class",
+        &[
+            ("write", m.busy_writers.get()),
+            ("read", m.busy_readers.get()),
+        ],
     );
     out.single(
         "pgpivot_client_sessions_rejected_total",
@@ -135,24 +145,19 @@ fn session_metrics(out: &mut Exposition, m: &Metrics) {
         "How long released sessions were held.",
     );
     out.summary("pgpivot_session_hold_seconds", &[], &m.hold_time);
-    out.family(
+    out.labelled(
         "pgpivot_sessions_ended_total",
         "counter",
         "Sessions ended by pgpivot, by reason.",
+        "reason",
+        &[
+            ("demoted", m.ended_demoted.get()),
+            ("node_lost", m.ended_node_lost.get()),
+            ("promoted", m.ended_promoted.get()),
+            ("lagging", m.ended_lagging.get()),
+            ("shutdown", m.ended_shutdown.get()),
+        ],
     );
-    for (reason, c) in [
-        ("demoted", &m.ended_demoted),
-        ("node_lost", &m.ended_node_lost),
-        ("promoted", &m.ended_promoted),
-        ("lagging", &m.ended_lagging),
-        ("shutdown", &m.ended_shutdown),
-    ] {
-        out.sample(
-            "pgpivot_sessions_ended_total",
-            &[("reason", reason)],
-            c.get(),
-        );
-    }
     out.single(
         "pgpivot_read_fallbacks_total",
         "counter",
@@ -165,20 +170,15 @@ fn session_metrics(out: &mut Exposition, m: &Metrics) {
         "CancelRequests received.",
         m.cancel_requests.get(),
     );
-    out.family(
+    out.labelled(
         "pgpivot_relayed_bytes_total",
         "counter",
         "Bytes relayed after authentication.",
-    );
-    out.sample(
-        "pgpivot_relayed_bytes_total",
-        &[("direction", "client_to_server")],
-        m.bytes_from_clients.get(),
-    );
-    out.sample(
-        "pgpivot_relayed_bytes_total",
-        &[("direction", "server_to_client")],
-        m.bytes_to_clients.get(),
+        "direction",
+        &[
+            ("client_to_server", m.bytes_from_clients.get()),
+            ("server_to_client", m.bytes_to_clients.get()),
+        ],
     );
 }
 
