@@ -487,3 +487,39 @@ async fn cancel_keeps_working_for_sessions_from_before_a_topology_change() {
         .unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_tries_another_standby_when_its_pick_refuses() {
+    let cluster = new_cluster(2);
+    let mut config = config_for(&cluster);
+    // A slow, patient monitor: the dead standby stays "up" in the topology
+    // for the whole test (its refused connect pokes the monitor, but a poll
+    // or two is below `monitor.failures`), so only the session's own retry
+    // can avoid it. A heavy weight makes pg2 the first pick.
+    config.monitor.interval_ms = 5_000;
+    config.monitor.failures = 5;
+    config.nodes[1].weight = 10;
+    let proxy = start_proxy(config).await;
+    blocking(|| cluster.stop_node(1, StopMode::Immediate)).unwrap();
+    let standby_only = conn_str(
+        proxy.addresses[1],
+        SUPERUSER,
+        "options='-c pgpivot.target_session_attrs=standby'",
+    );
+    let client = connect_with(&standby_only).await.unwrap();
+    let row = client
+        .query_one("select inet_server_port()", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), cluster.node(2).port as i32);
+    assert_eq!(
+        proxy.shared.topology.load().nodes[1].status,
+        Status::Standby,
+        "the monitor noticed too early for this test to mean anything"
+    );
+    assert_eq!(
+        proxy.shared.metrics.sessions_held.get(),
+        0,
+        "the session waited"
+    );
+}

@@ -7,6 +7,7 @@
 //! topology generation instead of failing, up to the hold timeout. A failover
 //! then looks like a slow connect, not an error.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -20,7 +21,7 @@ use crate::protocol::messages::{self, tag};
 use crate::protocol::startup::StartupMessage;
 use crate::proxy::Shared;
 use crate::routing::{route, Choice, NoRoute};
-use crate::topology::{LoadGuard, NodeId};
+use crate::topology::{LoadGuard, NodeId, Status, Topology};
 
 /// A backend connection with the startup packet sent.
 pub struct Connected {
@@ -42,7 +43,11 @@ pub struct Connected {
 /// Why the last attempt did not produce a connection.
 enum Miss {
     NoRoute(NoRoute),
-    Unreachable { node: String, detail: String },
+    Unreachable {
+        id: NodeId,
+        node: String,
+        detail: String,
+    },
 }
 
 /// Routes the session and connects to the chosen node, holding while needed.
@@ -57,9 +62,13 @@ pub async fn connect(
     let mut changes = shared.topology.subscribe();
     let mut held = false;
     let mut _waiting = None;
+    // Nodes this session just failed to reach: another eligible node is
+    // tried at once instead of waiting for the monitor to mark them down.
+    // Forgotten after each wait, so a node back from a blip is used again.
+    let mut avoid: Vec<NodeId> = Vec::new();
     loop {
         changes.borrow_and_update();
-        let miss = match try_once(shared, request, startup).await {
+        let miss = match try_once(shared, request, startup, &avoid).await {
             Ok(mut connected) => {
                 connected.held = started.elapsed();
                 if held {
@@ -71,6 +80,12 @@ pub async fn connect(
             }
             Err(miss) => miss,
         };
+        if let Miss::Unreachable { id, .. } = &miss {
+            if !avoid.contains(id) {
+                avoid.push(*id);
+                continue;
+            }
+        }
         if Instant::now() >= deadline {
             shared.metrics.sessions_hold_timeout.inc();
             return Err(miss.into_error(started.elapsed().as_millis()));
@@ -85,6 +100,7 @@ pub async fn connect(
         // change no generation. A last attempt is made at the deadline.
         let wake = (Instant::now() + settings.monitor.interval).min(deadline);
         let _ = tokio::time::timeout_at(wake.into(), changes.changed()).await;
+        avoid.clear();
     }
 }
 
@@ -92,7 +108,7 @@ impl Miss {
     fn into_error(self, waited_ms: u128) -> SessionError {
         match self {
             Miss::NoRoute(reason) => SessionError::NoRoute { reason, waited_ms },
-            Miss::Unreachable { node, detail } => SessionError::BackendUnavailable {
+            Miss::Unreachable { node, detail, .. } => SessionError::BackendUnavailable {
                 node,
                 detail,
                 waited_ms,
@@ -105,8 +121,9 @@ async fn try_once(
     shared: &Shared,
     request: &SessionRequest,
     startup: &StartupMessage,
+    avoid: &[NodeId],
 ) -> Result<Connected, Miss> {
-    let topology = shared.topology.load();
+    let topology = without(shared.topology.load(), avoid);
     let choice = route(
         &topology,
         request.target,
@@ -120,6 +137,7 @@ async fn try_once(
         shared.monitor.poke(node.id);
         node.stats.connect_failures.inc();
         Miss::Unreachable {
+            id: node.id,
             node: node.name.clone(),
             detail,
         }
@@ -178,4 +196,22 @@ async fn try_once(
         held: Duration::ZERO,
         first,
     })
+}
+
+/// The snapshot as this session sees it: nodes it could not reach count as
+/// down (a private copy, made only on a retry).
+fn without(topology: Arc<Topology>, avoid: &[NodeId]) -> Arc<Topology> {
+    if avoid.is_empty() {
+        return topology;
+    }
+    let mut view = (*topology).clone();
+    for &id in avoid {
+        if let Some(node) = view.nodes.get_mut(id) {
+            node.status = Status::Down;
+        }
+        if view.primary == Some(id) {
+            view.primary = None;
+        }
+    }
+    Arc::new(view)
 }
