@@ -37,16 +37,7 @@ struct RawSession {
 impl RawSession {
     /// Connects to `addr` and sends a protocol 3.0 startup packet for `user`.
     async fn start(addr: SocketAddr, user: &str) -> RawSession {
-        let mut body = 196_608u32.to_be_bytes().to_vec();
-        for (k, v) in [("user", user), ("database", "postgres")] {
-            body.extend_from_slice(k.as_bytes());
-            body.push(0);
-            body.extend_from_slice(v.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-        packet.extend_from_slice(&body);
+        let packet = startup_packet(user);
         let mut tcp = TcpStream::connect(addr).await.expect("connect to pgpivot");
         tcp.write_all(&packet)
             .await

@@ -125,21 +125,6 @@ async fn proxy_with(tweak: impl FnOnce(&mut FileConfig)) -> pgpivot::proxy::Prox
     start_proxy(config).await
 }
 
-/// A startup packet (protocol 3.0) for `user` on database postgres.
-fn startup_packet(user: &str) -> Vec<u8> {
-    let mut body = 196_608u32.to_be_bytes().to_vec();
-    for (k, v) in [("user", user), ("database", "postgres")] {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&body);
-    packet
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_2_gb_startup_length_gets_08p01_and_a_close() {
     let proxy = proxy().await;

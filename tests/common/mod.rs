@@ -188,3 +188,19 @@ pub async fn wait_running(node_conn: &str, pid: i32) {
     .await;
     assert!(running, "backend {pid} never started its query");
 }
+
+/// A startup packet (protocol 3.0) for `user` on database postgres, for
+/// tests that speak the protocol by hand.
+pub fn startup_packet(user: &str) -> Vec<u8> {
+    let mut body = 196_608u32.to_be_bytes().to_vec();
+    for (k, v) in [("user", user), ("database", "postgres")] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    packet
+}
