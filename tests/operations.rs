@@ -390,16 +390,25 @@ async fn sighup_reloads_and_sigterm_lets_an_open_transaction_finish() {
         ));
     }
     text.push_str(&format!(
-        "[monitor]\nuser = \"postgres\"\npassword = \"postgres\"\n[admin]\naddress = \"127.0.0.1:{admin_port}\"\n"
+        "[monitor]\nuser = \"postgres\"\npassword = \"postgres\"\n[admin]\naddress = \"127.0.0.1:{admin_port}\"\n[log]\nformat = \"json\"\n"
     ));
     let path = dir.path().join("pgpivot.toml");
     std::fs::write(&path, text).unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgpivot"))
         .arg("--config")
         .arg(&path)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    // Drain the logs (tracing writes to stdout) while the test runs.
+    let mut stdout = child.stdout.take().unwrap();
+    let logs = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut text).await;
+        text
+    });
     let admin_address = format!("127.0.0.1:{admin_port}");
     let ready = eventually(Duration::from_secs(20), || async {
         matches!(
@@ -475,6 +484,20 @@ async fn sighup_reloads_and_sigterm_lets_an_open_transaction_finish() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
+    // `log.format = "json"`: one JSON object per line, the session's span
+    // carried along, and no query text at info level.
+    let logs = logs.await.unwrap();
+    assert!(!logs.is_empty());
+    for line in logs.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
+    assert!(
+        logs.contains("\"name\":\"session\""),
+        "no session span in the logs:\n{logs}"
+    );
+    assert!(!logs.contains("insert into t"), "query text in the logs");
 }
 
 /// Writes a self-signed certificate for `name` and its key to `cert`/`key`.
