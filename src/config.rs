@@ -8,7 +8,7 @@
 //! `Duration`, a loaded TLS config). A bad config becomes one [`ConfigError`]
 //! that names the key and the problem.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -342,7 +342,7 @@ pub struct ListenerSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeSettings {
     pub name: String,
-    /// As configured (a host name is resolved at each connect).
+    /// As configured: `host:port`, a host name is resolved at each connect.
     pub address: String,
     pub weight: u32,
 }
@@ -572,18 +572,19 @@ fn socket_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
         .map_err(|_| ConfigError::new(key, format!("{value:?} is not an ip:port address")))
 }
 
-/// A `host:port` whose host may be a name; checked to resolve now.
+/// Splits `host:port` (IPv6 hosts in brackets). Host names are not
+/// resolved here: that happens at each connect, so a name that does not
+/// resolve at start-up (or at a reload) neither blocks nor stops the proxy.
+pub fn split_host_port(value: &str) -> Option<(&str, u16)> {
+    let (host, port) = value.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then_some((host, port.parse().ok()?))
+}
+
 fn host_port(key: &str, value: &str) -> Result<(), ConfigError> {
-    let resolved = value.to_socket_addrs().map_err(|e| {
-        ConfigError::new(key, format!("{value:?} is not a reachable host:port ({e})"))
-    })?;
-    if resolved.count() == 0 {
-        return Err(ConfigError::new(
-            key,
-            format!("{value:?} resolves to no address"),
-        ));
-    }
-    Ok(())
+    split_host_port(value)
+        .map(|_| ())
+        .ok_or_else(|| ConfigError::new(key, format!("{value:?} is not a host:port address")))
 }
 
 fn millis(key: &str, ms: u64) -> Result<Duration, ConfigError> {

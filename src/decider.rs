@@ -360,7 +360,7 @@ impl Decider {
 /// Kind and sentence for one node's status change.
 fn node_change(name: &str, before: Status, after: Status) -> (&'static str, String) {
     match after {
-        Status::Down => ("node_down", format!("{name} is down (was {})", label(before))),
+        Status::Down => ("node_down", format!("{name} is down (was {})", before.name())),
         Status::StalePrimary { timeline, current } => (
             "stale_primary",
             format!(
@@ -373,19 +373,7 @@ fn node_change(name: &str, before: Status, after: Status) -> (&'static str, Stri
         ),
         Status::Fenced => ("fenced", format!("{name} is fenced: another primary on the same timeline")),
         Status::Removed => ("node_removed", format!("{name} was removed from the configuration")),
-        _ if before == Status::Down => ("node_up", format!("{name} is up as {}", label(after))),
-        _ => ("role_change", format!("{name} is now {} (was {})", label(after), label(before))),
-    }
-}
-
-fn label(s: Status) -> &'static str {
-    match s {
-        Status::Primary => "primary",
-        Status::Standby => "standby",
-        Status::Down => "down",
-        Status::StalePrimary { .. } => "stale primary",
-        Status::Fenced => "fenced",
-        Status::ForeignSystem { .. } => "foreign",
-        Status::Removed => "removed",
+        _ if before == Status::Down => ("node_up", format!("{name} is up as {}", after.name())),
+        _ => ("role_change", format!("{name} is now {} (was {})", after.name(), before.name())),
     }
 }

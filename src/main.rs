@@ -107,9 +107,7 @@ async fn serve(settings: config::Settings, path: Option<PathBuf>) -> anyhow::Res
         };
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading the configuration");
-            if let Err(e) = pgpivot::reload::reload(&shared) {
-                tracing::error!("reload rejected, old configuration stays: {e}");
-            }
+            let _ = pgpivot::reload::reload(&shared).await;
         }
     });
     pgpivot::proxy::shutdown_signal().await?;

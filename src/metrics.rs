@@ -190,7 +190,6 @@ pub struct Metrics {
     pub sessions_held: Counter,
     /// Sessions waiting for an eligible node right now.
     pub sessions_waiting: Gauge,
-    pub sessions_released: Counter,
     pub sessions_hold_timeout: Counter,
     pub fallbacks: Counter,
     pub cancel_requests: Counter,
@@ -208,7 +207,7 @@ pub struct Metrics {
     pub busy_readers: Gauge,
     /// Timing of round trips and byte counts in the relay (`[metrics]
     /// enabled`); the per-node figures live in `topology::NodeStats`.
-    pub relay_figures: bool,
+    pub relay_timing: bool,
     /// How long held sessions waited for an eligible node.
     pub hold_time: Latency,
     /// Topology changes by kind (a std Mutex: a handful of updates per
@@ -217,9 +216,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(relay_figures: bool) -> Metrics {
+    pub fn new(relay_timing: bool) -> Metrics {
         Metrics {
-            relay_figures,
+            relay_timing,
             ..Metrics::default()
         }
     }

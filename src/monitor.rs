@@ -213,10 +213,7 @@ impl Poller {
     }
 
     async fn connect(&self) -> Result<(Client, Statement), PollError> {
-        let (host, port) = self
-            .address
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+        let (host, port) = crate::config::split_host_port(&self.address)
             .ok_or_else(|| PollError::Address(self.address.clone()))?;
         let s = &self.settings;
         let mut config = tokio_postgres::Config::new();

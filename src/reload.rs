@@ -12,6 +12,8 @@
 //! never move: a removed node stays as a tombstone (`Status::Removed`) and
 //! new nodes are appended.
 
+use std::sync::Arc;
+
 use crate::config::{self, ConfigError, FileConfig, Settings};
 use crate::decider::Reconfigure;
 use crate::proxy::Shared;
@@ -27,10 +29,21 @@ pub struct ReloadReport {
     pub restart_needed: Vec<String>,
 }
 
-/// Re-reads the proxy's config file (and environment) and applies it.
-pub fn reload(shared: &Shared) -> Result<ReloadReport, ConfigError> {
-    let file = config::load(shared.config_path.as_deref())?;
-    apply(shared, &file)
+/// Re-reads the proxy's config file (and environment) and applies it. The
+/// file and certificate reads block, so they run off the async workers. A
+/// rejected config is logged here and changes nothing.
+pub async fn reload(shared: &Arc<Shared>) -> Result<ReloadReport, ConfigError> {
+    let shared = shared.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let file = config::load(shared.config_path.as_deref())?;
+        apply(&shared, &file)
+    })
+    .await
+    .unwrap_or_else(|e| Err(ConfigError::new("reload", e)));
+    if let Err(e) = &result {
+        tracing::error!("reload rejected, old configuration stays: {e}");
+    }
+    result
 }
 
 /// Validates `file` and applies it; on error nothing changes.

@@ -72,6 +72,21 @@ pub enum Status {
     Removed,
 }
 
+impl Status {
+    /// The status as one word, for logs, `/status` and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Primary => "primary",
+            Status::Standby => "standby",
+            Status::Down => "down",
+            Status::StalePrimary { .. } => "stale_primary",
+            Status::Fenced => "fenced",
+            Status::ForeignSystem { .. } => "foreign_system",
+            Status::Removed => "removed",
+        }
+    }
+}
+
 /// Live figures of one node: sessions routed to it now (shared by every
 /// snapshot, so routing sees live counts without a new snapshot per session)
 /// and its latency histograms.
@@ -327,10 +342,6 @@ impl Health {
                 }
             }
         }
-        self.up == Some(true)
-    }
-
-    pub fn is_up(&self) -> bool {
         self.up == Some(true)
     }
 }

@@ -4,7 +4,6 @@
 
 use std::fmt::Write;
 
-use crate::admin::status::status_name;
 use crate::metrics::{Latency, Metrics};
 use crate::proxy::Shared;
 use crate::topology::{NodeView, Status};
@@ -235,7 +234,7 @@ fn node_metrics(out: &mut Exposition, shared: &Shared) {
     for n in &nodes {
         out.sample(
             "pgpivot_node_status",
-            &[("node", &n.name), ("status", status_name(n.status))],
+            &[("node", &n.name), ("status", n.status.name())],
             1,
         );
     }

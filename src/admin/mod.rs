@@ -185,11 +185,8 @@ async fn resume(State(shared): State<Arc<Shared>>) -> Json<ResumeAnswer> {
 }
 
 async fn reload(State(shared): State<Arc<Shared>>) -> Response {
-    match crate::reload::reload(&shared) {
+    match crate::reload::reload(&shared).await {
         Ok(report) => Json(report).into_response(),
-        Err(e) => {
-            tracing::error!("reload rejected, old configuration stays: {e}");
-            (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
-        }
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     }
 }

@@ -77,7 +77,7 @@ pub fn report(shared: &Shared) -> StatusReport {
         .map(|n| NodeReport {
             name: n.name.clone(),
             address: n.address.clone(),
-            status: status_name(n.status).into(),
+            status: n.status.name().into(),
             role: match n.status {
                 Status::Primary | Status::StalePrimary { .. } | Status::Fenced => {
                     Some(Role::Primary)
@@ -117,18 +117,6 @@ pub fn report(shared: &Shared) -> StatusReport {
             .into_iter()
             .map(Into::into)
             .collect(),
-    }
-}
-
-pub fn status_name(s: Status) -> &'static str {
-    match s {
-        Status::Primary => "primary",
-        Status::Standby => "standby",
-        Status::Down => "down",
-        Status::StalePrimary { .. } => "stale_primary",
-        Status::Fenced => "fenced",
-        Status::ForeignSystem { .. } => "foreign_system",
-        Status::Removed => "removed",
     }
 }
 

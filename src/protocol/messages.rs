@@ -7,7 +7,7 @@
 
 use bytes::{BufMut, BytesMut};
 use pgwire::error::ErrorInfo;
-use pgwire::messages::response::{ErrorResponse, NoticeResponse};
+use pgwire::messages::response::ErrorResponse;
 use pgwire::messages::startup::{Authentication, BackendKeyData, SecretKey};
 use pgwire::messages::{DecodeContext, Message, ProtocolVersion};
 
@@ -16,16 +16,13 @@ pub mod tag {
     pub const AUTHENTICATION: u8 = b'R';
     pub const BACKEND_KEY_DATA: u8 = b'K';
     pub const ERROR_RESPONSE: u8 = b'E';
-    pub const NOTICE_RESPONSE: u8 = b'N';
     pub const PARAMETER_STATUS: u8 = b'S';
     pub const READY_FOR_QUERY: u8 = b'Z';
-    pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
     // Frontend message types the proxy reads.
     pub const QUERY: u8 = b'Q';
     pub const SYNC: u8 = b'S';
     pub const FUNCTION_CALL: u8 = b'F';
     pub const TERMINATE: u8 = b'X';
-    pub const PASSWORD: u8 = b'p';
 }
 
 /// Transaction status from ReadyForQuery.
@@ -78,14 +75,6 @@ pub fn put_error(buf: &mut BytesMut, severity: Severity, code: &str, message: &s
     ErrorResponse::from(info)
         .encode(buf)
         .expect("an error response within pgwire's size limits");
-}
-
-/// Appends a NoticeResponse (WARNING) the proxy itself sends.
-pub fn put_warning(buf: &mut BytesMut, code: &str, message: &str) {
-    let info = ErrorInfo::new("WARNING".into(), code.into(), message.into());
-    NoticeResponse::from(info)
-        .encode(buf)
-        .expect("a notice within pgwire's size limits");
 }
 
 /// An ErrorResponse as bytes, for the common "say why, then close" case.

@@ -26,5 +26,4 @@ pub mod sqlstate {
     pub const INVALID_AUTHORIZATION: &str = "28000";
     pub const INVALID_PARAMETER_VALUE: &str = "22023";
     pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
-    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
 }

@@ -72,7 +72,6 @@ pub async fn connect(
             Ok(mut connected) => {
                 connected.held = started.elapsed();
                 if held {
-                    shared.metrics.sessions_released.inc();
                     shared.metrics.hold_time.record(connected.held);
                     tracing::info!(held_ms = connected.held.as_millis() as u64, node = %connected.name, "held session released");
                 }

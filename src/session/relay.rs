@@ -250,7 +250,7 @@ where
                 match t {
                     tag::QUERY | tag::SYNC | tag::FUNCTION_CALL => {
                         let before = state.outstanding.fetch_add(1, Ordering::Relaxed);
-                        if before == 0 && ctx.metrics.relay_figures {
+                        if before == 0 && ctx.metrics.relay_timing {
                             state
                                 .round_trip_start
                                 .store(state.now_ns(), Ordering::Relaxed);
@@ -262,9 +262,6 @@ where
             }
             pos += frame.len();
         }
-        if pos > 0 {
-            state.mark_busy(ctx.busy_gauge);
-        }
         if state.stop_forwarding.load(Ordering::Relaxed) {
             // The session is being ended: the backend gets nothing more.
             return std::future::pending().await;
@@ -274,7 +271,7 @@ where
             // it said before going (a FATAL, say) and end the session.
             return std::future::pending().await;
         }
-        if ctx.metrics.relay_figures {
+        if ctx.metrics.relay_timing {
             relayed.add(pos as u64);
         }
         buf.advance(pos);
@@ -361,7 +358,7 @@ where
             if cw.write_all(&buf[..pos]).await.is_err() {
                 return Outcome::ClientGone;
             }
-            if ctx.metrics.relay_figures {
+            if ctx.metrics.relay_timing {
                 relayed.add(pos as u64);
             }
             buf.advance(pos);
@@ -419,7 +416,7 @@ fn observe(
                 state
                     .outstanding
                     .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-            if before == Ok(1) && ctx.metrics.relay_figures {
+            if before == Ok(1) && ctx.metrics.relay_timing {
                 let started = state.round_trip_start.load(Ordering::Relaxed);
                 let ns = state.now_ns().saturating_sub(started);
                 round_trips.record(Duration::from_nanos(ns));
