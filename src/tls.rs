@@ -41,11 +41,34 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
         path: key.into(),
         reason: e.to_string(),
     })?;
+    server_config_from(certs, key_der)
+}
+
+/// PostgreSQL writes TLS records of at most 8 KiB of plaintext (its send
+/// buffer is 8 KiB); rustls would otherwise write up to 16 KiB. Clients are
+/// tuned to the server's size: libpq asks OpenSSL for as little as 8 KiB at
+/// a time, and OpenSSL hands out one record per read, keeping the rest of a
+/// larger record in its own buffer, where a client that waits on the socket
+/// never sees it (the socket is empty, the bytes are already decrypted). A
+/// proxy whose records are larger than the server's can leave the end of a
+/// response stuck there. So the proxy writes the server's record size.
+pub const MAX_RECORD_PLAINTEXT: usize = 8192;
+
+/// Builds the server config from parsed certificates and key.
+pub fn server_config_from(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key_der)?;
+        .with_single_cert(certs, key)?;
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    // rustls counts the 5-byte record header in this limit.
+    config.max_fragment_size = Some(MAX_RECORD_PLAINTEXT + RECORD_HEADER_LEN);
     Ok(Arc::new(config))
 }
+
+/// The TLS record header: content type, version, length.
+const RECORD_HEADER_LEN: usize = 5;

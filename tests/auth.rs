@@ -6,16 +6,15 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use pgpivot::config::{FileConfig, TlsConfig, TlsMode};
+use pgpivot::config::TlsMode;
 use pgpivot::localcluster::{APP_USER, CLEARTEXT_USER, MD5_USER, PASSWORD, SUPERUSER};
-use pgpivot::proxy::Proxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use common::tls::tls_proxy;
 use common::*;
 
 /// How long a raw client waits for one message.
@@ -252,46 +251,6 @@ async fn backend_key_data_carries_the_real_pid() {
         .parse()
         .unwrap();
     assert_eq!(key_pid, backend_pid);
-}
-
-/// A self-signed certificate and its key, as PEM files in a temporary
-/// directory that lives as long as this value.
-struct TlsFiles {
-    _dir: tempfile::TempDir,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-impl TlsFiles {
-    fn self_signed() -> TlsFiles {
-        let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-        let certified =
-            rcgen::generate_simple_self_signed(names).expect("a self-signed certificate");
-        let dir = tempfile::tempdir().unwrap();
-        let cert = dir.path().join("server.crt");
-        let key = dir.path().join("server.key");
-        std::fs::write(&cert, certified.cert.pem()).unwrap();
-        std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
-        TlsFiles {
-            _dir: dir,
-            cert,
-            key,
-        }
-    }
-}
-
-/// A proxy in front of the shared cluster with `[tls]` in `mode`, and
-/// `tweak` applied to the rest of its config.
-async fn tls_proxy(mode: TlsMode, tweak: impl FnOnce(&mut FileConfig)) -> (Proxy, TlsFiles) {
-    let files = TlsFiles::self_signed();
-    let mut config = config_for(shared_cluster());
-    config.tls = Some(TlsConfig {
-        cert: files.cert.clone(),
-        key: files.key.clone(),
-        mode,
-    });
-    tweak(&mut config);
-    (start_proxy(config).await, files)
 }
 
 /// Runs `psql -XAt -c <command>` through `addr` as `user`, with `extra`

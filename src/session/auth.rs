@@ -12,7 +12,7 @@
 //! on a node that turned out to be a standby.
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::error::SessionError;
 use crate::cancel::{CancelRegistry, Registration};
@@ -84,8 +84,7 @@ where
                         .ok_or(SessionError::ClientClosed)?;
                     let mut answer = BytesMut::with_capacity(cbody.len() + HEADER_LEN);
                     put_message(&mut answer, ct, &cbody);
-                    backend
-                        .write_all(&answer)
+                    super::stream::send(backend, &answer)
                         .await
                         .map_err(|_| SessionError::BackendClosedDuringAuth)?;
                 }
@@ -147,7 +146,7 @@ async fn flush<C: AsyncWrite + Unpin>(
     client: &mut C,
     out: &mut BytesMut,
 ) -> Result<(), SessionError> {
-    client.write_all(out).await?;
+    super::stream::send(client, out).await?;
     out.clear();
     Ok(())
 }

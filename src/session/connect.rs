@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::error::SessionError;
@@ -155,7 +154,7 @@ async fn try_once(
         // meaning: PostgreSQL itself refuses its writes with 25006.
         startup.set_param("default_transaction_read_only", Some("on"));
     }
-    if let Err(e) = backend.write_all(&startup.encode()).await {
+    if let Err(e) = super::stream::send(&mut backend, &startup.encode()).await {
         return Err(unreachable(e.to_string()));
     }
     // The backend's first answer tells whether it will take a session at

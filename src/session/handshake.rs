@@ -9,19 +9,20 @@
 use std::future::Future;
 use std::time::Instant;
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::error::SessionError;
-use super::stream::ClientStream;
+use super::stream::{send, ClientStream};
 use crate::config::{TlsMode, TlsSettings};
 use crate::protocol::startup::{self, CancelKey, StartupMessage, StartupPacket};
 
 /// What the client asked for.
 pub enum Hello {
     Startup(ClientStream, StartupMessage),
-    Cancel(CancelKey),
+    /// A CancelRequest; the stream is kept so that it can be closed the way
+    /// the server closes it (over TLS, with a close_notify).
+    Cancel(ClientStream, CancelKey),
 }
 
 /// Runs encryption negotiation and reads the startup packet before
@@ -53,13 +54,13 @@ pub async fn negotiate(
         match packet {
             StartupPacket::SslRequest => {
                 let accept = tls.is_some() && !stream.is_tls();
-                stream.write_all(if accept { b"S" } else { b"N" }).await?;
+                send(&mut stream, if accept { b"S" } else { b"N" }).await?;
                 if let (true, Some(tls)) = (accept, tls) {
                     stream = upgrade(stream, tls, deadline).await?;
                 }
             }
-            StartupPacket::GssEncRequest => stream.write_all(b"N").await?,
-            StartupPacket::Cancel(key) => return Ok(Hello::Cancel(key)),
+            StartupPacket::GssEncRequest => send(&mut stream, b"N").await?,
+            StartupPacket::Cancel(key) => return Ok(Hello::Cancel(stream, key)),
             StartupPacket::Startup(msg) => return Ok(Hello::Startup(stream, msg)),
         }
     }
@@ -73,7 +74,7 @@ async fn before<F: Future>(deadline: Instant, f: F) -> Result<F::Output, Session
 }
 
 async fn fail(stream: &mut ClientStream, e: SessionError) -> SessionError {
-    super::reply(stream, &e).await;
+    super::refuse(stream, &e).await;
     e
 }
 

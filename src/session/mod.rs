@@ -76,9 +76,12 @@ async fn run(
     let deadline = Instant::now() + settings.startup_timeout;
     let (mut client, mut startup) =
         match handshake::negotiate(tcp, settings.tls.as_ref(), deadline).await? {
-            Hello::Cancel(key) => {
+            Hello::Cancel(mut client, key) => {
                 shared.metrics.cancel_requests.inc();
                 shared.cancels.cancel(&key, settings.connect_timeout).await;
+                // As PostgreSQL does: close once the cancel is sent (libpq
+                // 17 waits for this close to count the cancel as done).
+                close(&mut client).await;
                 return Ok(());
             }
             Hello::Startup(client, startup) => (client, startup),
@@ -227,23 +230,35 @@ async fn relay_streams(
     }
 }
 
-/// Passes a stage's result through, telling the client about an error.
+/// Passes a stage's result through; on an error, tells the client why and
+/// closes its connection.
 async fn or_reply<T>(
     client: &mut ClientStream,
     result: Result<T, SessionError>,
 ) -> Result<T, SessionError> {
     if let Err(e) = &result {
-        reply(client, e).await;
+        refuse(client, e).await;
     }
     result
 }
 
-/// Sends the client the ErrorResponse an error calls for, if any.
-pub(crate) async fn reply<W: AsyncWrite + Unpin>(client: &mut W, e: &SessionError) {
+/// Sends the client the ErrorResponse an error calls for, if any, and closes
+/// the connection.
+pub(crate) async fn refuse<W: AsyncWrite + Unpin>(client: &mut W, e: &SessionError) {
     if let Some((severity, code, message)) = e.client_error() {
-        let _ = client
-            .write_all(&messages::error_bytes(severity, code, &message))
-            .await;
-        let _ = client.flush().await;
+        let _ = stream::send(client, &messages::error_bytes(severity, code, &message)).await;
     }
+    close(client).await;
+}
+
+/// How long closing a client connection may take: a client that reads
+/// nothing must not keep the session's task alive.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Closes the client's connection the way PostgreSQL does: over TLS with a
+/// close_notify alert first (OpenSSL 3 clients report "unexpected eof while
+/// reading" without it, and libpq 17 then counts an encrypted cancel as
+/// failed), then a TCP FIN.
+pub(crate) async fn close<W: AsyncWrite + Unpin>(client: &mut W) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, client.shutdown()).await;
 }

@@ -28,10 +28,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use super::control::{Signal, Signals};
 use super::ending::EndReason;
+use super::stream::send;
 use crate::metrics::{LocalCounter, LocalLatency};
 use crate::monitor::MonitorHandle;
 use crate::protocol::frame::{Frame, FrameError, Framer};
@@ -161,7 +162,7 @@ where
             }
             if upstream.at_boundary() {
                 // Tell the backend goodbye as a client would.
-                let _ = bw.write_all(&[tag::TERMINATE, 0, 0, 0, 4]).await;
+                let _ = send(bw, &[tag::TERMINATE, 0, 0, 0, 4]).await;
             }
         }
         Outcome::BackendGone { said_why: false } => {
@@ -170,7 +171,7 @@ where
         }
         Outcome::BackendGone { said_why: true } | Outcome::Ended(_) => {}
     }
-    let _ = cw.shutdown().await;
+    super::close(cw).await;
     state.mark_idle(ctx.busy_gauge);
     Ok(match outcome {
         Outcome::ClientGone => RelayEnd::ClientGone,
@@ -190,9 +191,7 @@ enum Outcome {
 /// Writes a FATAL error to the client if the stream is at a boundary.
 async fn say<W: AsyncWrite + Unpin>(cw: &mut W, clean: bool, code: &str, message: &str) {
     if clean {
-        let _ = cw
-            .write_all(&messages::error_bytes(Severity::Fatal, code, message))
-            .await;
+        let _ = send(cw, &messages::error_bytes(Severity::Fatal, code, message)).await;
     }
 }
 
@@ -266,7 +265,7 @@ where
             // The session is being ended: the backend gets nothing more.
             return std::future::pending().await;
         }
-        if bw.write_all(&buf[..pos]).await.is_err() {
+        if send(bw, &buf[..pos]).await.is_err() {
             // The backend is gone; let the other direction deliver whatever
             // it said before going (a FATAL, say) and end the session.
             return std::future::pending().await;
@@ -312,7 +311,7 @@ where
             read = br.read_buf(&mut buf) => match read {
                 Ok(0) | Err(_) => {
                     // Deliver whatever was left before saying anything.
-                    if !buf.is_empty() && cw.write_all(&buf).await.is_err() {
+                    if !buf.is_empty() && send(cw, &buf).await.is_err() {
                         return Outcome::ClientGone;
                     }
                     if let Some((reason, _)) = ending.take() {
@@ -355,7 +354,7 @@ where
         }
         if pos > 0 {
             state.client_clean.store(false, Ordering::Relaxed);
-            if cw.write_all(&buf[..pos]).await.is_err() {
+            if send(cw, &buf[..pos]).await.is_err() {
                 return Outcome::ClientGone;
             }
             if ctx.metrics.relay_timing {
@@ -391,13 +390,8 @@ async fn finish<W: AsyncWrite + Unpin>(
 ) -> Outcome {
     state.client_clean.store(false, Ordering::Relaxed);
     if clean {
-        let _ = cw
-            .write_all(&messages::error_bytes(
-                Severity::Fatal,
-                reason.sqlstate(),
-                &reason.message(),
-            ))
-            .await;
+        let error = messages::error_bytes(Severity::Fatal, reason.sqlstate(), &reason.message());
+        let _ = send(cw, &error).await;
     }
     Outcome::Ended(reason)
 }
@@ -454,3 +448,6 @@ fn is_fatal(body: &[u8]) -> bool {
         field == b"VFATAL" || field == b"VPANIC" || field == b"SFATAL" || field == b"SPANIC"
     })
 }
+
+#[cfg(test)]
+mod tests;

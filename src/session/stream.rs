@@ -4,9 +4,21 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
+
+/// Writes all of `bytes` and flushes. Every write the proxy makes goes
+/// through here, because over TLS `write_all` alone is not enough:
+/// tokio-rustls accepts plaintext into rustls and returns `Ok` as soon as the
+/// socket would block, with the encrypted records still queued in rustls. A
+/// relay that then waits for the other peer leaves the end of a response
+/// unsent for as long as that peer is quiet (a stall a slow reader hits every
+/// time). On plain TCP the flush costs nothing.
+pub async fn send<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
 
 /// A client connection after encryption negotiation.
 pub enum ClientStream {

@@ -1,0 +1,149 @@
+//! The relay in memory: TLS to the client over a small `duplex` pipe (so
+//! writes really do block), a scripted backend on another pipe, and virtual
+//! time, so that a response that stalls shows up as a timeout at once rather
+//! than as a hung test.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use super::{relay, RelayContext, RelayEnd};
+use crate::metrics::{Gauge, Metrics};
+use crate::monitor::MonitorHandle;
+use crate::pause::Pause;
+use crate::protocol::messages::TxStatus;
+use crate::routing::Target;
+use crate::session::control::Signals;
+use crate::topology::NodeStats;
+
+/// Everything a relay borrows, owned by the test.
+#[derive(Default)]
+struct Fixture {
+    monitor: MonitorHandle,
+    metrics: Metrics,
+    signals: Signals,
+    stats: NodeStats,
+    pause: Pause,
+    busy: Gauge,
+}
+
+impl Fixture {
+    fn ctx(&self) -> RelayContext<'_> {
+        RelayContext {
+            node: 0,
+            target: Target::ReadWrite,
+            status: TxStatus::Idle,
+            monitor: &self.monitor,
+            max_message_bytes: 1 << 30,
+            metrics: &self.metrics,
+            signals: &self.signals,
+            stats: &self.stats,
+            pause: &self.pause,
+            busy_gauge: &self.busy,
+        }
+    }
+}
+
+/// A TLS client and the proxy's end of it, over a pipe of `capacity` bytes.
+async fn tls_pair(
+    capacity: usize,
+) -> (
+    tokio_rustls::client::TlsStream<DuplexStream>,
+    tokio_rustls::server::TlsStream<DuplexStream>,
+) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let der = CertificateDer::from(cert.cert.der().to_vec());
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der()));
+    let server = crate::tls::server_config_from(vec![der.clone()], key).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let (c, s) = tokio::io::duplex(capacity);
+    let name = ServerName::try_from("localhost").unwrap();
+    let connecting = TlsConnector::from(Arc::new(client)).connect(name, c);
+    let accepting = TlsAcceptor::from(server).accept(s);
+    let (c, s) = tokio::join!(connecting, accepting);
+    (c.unwrap(), s.unwrap())
+}
+
+/// `count` DataRow-shaped messages of uneven sizes, then ReadyForQuery.
+fn response(count: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in 0..count {
+        let body = 1 + (i * 7919) % 20_011;
+        out.push(b'D');
+        out.extend_from_slice(&(body as u32 + 4).to_be_bytes());
+        out.extend((0..body).map(|k| (i + k) as u8));
+    }
+    out.extend_from_slice(b"Z\0\0\0\x05I");
+    out
+}
+
+/// Reads exactly `len` bytes in small pieces, pausing between them.
+async fn read_slowly<R: AsyncRead + Unpin>(r: &mut R, len: usize, piece: usize) -> Vec<u8> {
+    let mut got = vec![0u8; len];
+    let mut at = 0;
+    while at < len {
+        let end = (at + piece).min(len);
+        let n = r.read(&mut got[at..end]).await.unwrap();
+        assert!(n > 0, "stream ended after {at} of {len} bytes");
+        at += n;
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    got
+}
+
+/// Runs the relay between a TLS client and a backend pipe while `client`
+/// drives the client side and `backend` the server side.
+async fn with_tls_relay<C, B>(capacity: usize, client: C, backend: B) -> RelayEnd
+where
+    C: AsyncFnOnce(&mut tokio_rustls::client::TlsStream<DuplexStream>),
+    B: AsyncFnOnce(&mut DuplexStream),
+{
+    let fixture = Fixture::default();
+    let (mut tls_client, tls_server) = tls_pair(capacity).await;
+    let (mut backend_end, proxy_end) = tokio::io::duplex(capacity);
+    let (mut cr, mut cw) = tokio::io::split(tls_server);
+    let (mut br, mut bw) = tokio::io::split(proxy_end);
+    let ctx = fixture.ctx();
+    let relaying = relay(&mut cr, &mut cw, &mut br, &mut bw, &ctx);
+    let peers = async {
+        tokio::join!(client(&mut tls_client), backend(&mut backend_end));
+        // Goodbye as a client says it, so the relay ends.
+        tls_client.write_all(b"X\0\0\0\x04").await.unwrap();
+        tls_client.flush().await.unwrap();
+    };
+    let (end, ()) = tokio::join!(relaying, peers);
+    end.unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_large_response_reaches_a_slow_tls_reader_whole() {
+    let expected = response(400);
+    let len = expected.len();
+    let sent = expected.clone();
+    let end = with_tls_relay(
+        4096,
+        async move |c| {
+            // Virtual time: a stalled relay makes this time out at once.
+            let got = tokio::time::timeout(Duration::from_secs(60), read_slowly(c, len, 1000))
+                .await
+                .expect("the whole response arrives (no stall)");
+            assert!(got == expected, "the client got the bytes the backend sent");
+        },
+        async move |b| {
+            // The backend stays open after its answer, as a server does.
+            b.write_all(&sent).await.unwrap();
+        },
+    )
+    .await;
+    assert!(matches!(end, RelayEnd::ClientGone), "{end:?}");
+}
