@@ -17,6 +17,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::backend_tls::{BackendTls, SslMode};
 use crate::routing::{LagBudget, Target};
 
 /// A configuration problem: the key and what is wrong with it.
@@ -49,6 +50,9 @@ pub struct FileConfig {
     pub limits: LimitsConfig,
     /// TLS for client connections; absent means plaintext only.
     pub tls: Option<TlsConfig>,
+    /// TLS to the nodes (sessions and monitor): the default for every node,
+    /// which `[[nodes]]` may override key by key.
+    pub backend_tls: BackendTlsConfig,
     /// The admin HTTP endpoint; absent means off.
     pub admin: Option<AdminConfig>,
     pub log: LogConfig,
@@ -67,6 +71,7 @@ impl Default for FileConfig {
             failover: FailoverConfig::default(),
             limits: LimitsConfig::default(),
             tls: None,
+            backend_tls: BackendTlsConfig::default(),
             admin: None,
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
@@ -145,6 +150,38 @@ pub struct NodeConfig {
     /// is the primary).
     #[serde(default = "one")]
     pub weight: u32,
+    /// This node's `sslmode`, when not `[backend_tls] sslmode`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslmode: Option<SslMode>,
+    /// This node's CA file, when not `[backend_tls] sslrootcert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslrootcert: Option<PathBuf>,
+}
+
+impl NodeConfig {
+    /// A node at `address` with the defaults for everything else.
+    pub fn new(name: &str, address: &str) -> NodeConfig {
+        NodeConfig {
+            name: name.into(),
+            address: address.into(),
+            weight: 1,
+            sslmode: None,
+            sslrootcert: None,
+        }
+    }
+}
+
+/// TLS to the nodes, with libpq's `sslmode` meanings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendTlsConfig {
+    /// disable | prefer | require | verify-ca | verify-full (default prefer).
+    pub sslmode: SslMode,
+    /// PEM file with the CA certificate(s) that sign the servers'
+    /// certificates; needed by verify-ca and verify-full, and makes
+    /// `require` check the chain, as in libpq.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslrootcert: Option<PathBuf>,
 }
 
 fn one() -> u32 {
@@ -339,12 +376,21 @@ pub struct ListenerSettings {
     pub on_lag: OnLag,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl Settings {
+    /// The configured node called `name`.
+    pub fn node(&self, name: &str) -> Option<&NodeSettings> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+}
+
+#[derive(Debug, Clone)]
 pub struct NodeSettings {
     pub name: String,
     /// As configured: `host:port`, a host name is resolved at each connect.
     pub address: String,
     pub weight: u32,
+    /// How sessions and the monitor reach this node.
+    pub tls: Arc<BackendTls>,
 }
 
 #[derive(Debug, Clone)]
@@ -506,10 +552,21 @@ impl FileConfig {
                 }
                 names.push(&n.name);
                 host_port(&format!("{key}.address"), &n.address)?;
+                let mode = n.sslmode.unwrap_or(self.backend_tls.sslmode);
+                let (root, root_key) = match &n.sslrootcert {
+                    Some(path) => (Some(path), format!("{key}.sslrootcert")),
+                    None => (
+                        self.backend_tls.sslrootcert.as_ref(),
+                        "backend_tls.sslrootcert".to_string(),
+                    ),
+                };
+                let tls = BackendTls::new(mode, root.map(PathBuf::as_path))
+                    .map_err(|e| ConfigError::new(root_key, e.to_string()))?;
                 Ok(NodeSettings {
                     name: n.name.clone(),
                     address: n.address.clone(),
                     weight: n.weight,
+                    tls: Arc::new(tls),
                 })
             })
             .collect()

@@ -228,8 +228,13 @@ impl Decider {
             Ok(obs) => {
                 self.inputs[id].last = Some(*obs);
                 self.last_ok[id] = Some(report.at);
+                self.specs[id].stats.last_error.store(None);
             }
-            Err(e) => tracing::debug!(node = %self.specs[id].name, error = %e, "poll failed"),
+            Err(e) => {
+                tracing::debug!(node = %self.specs[id].name, error = %e, "poll failed");
+                let error = Some(Arc::new(e.to_string()));
+                self.specs[id].stats.last_error.store(error);
+            }
         }
         if let Some(obs) = report
             .result

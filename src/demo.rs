@@ -27,11 +27,7 @@ pub fn file_config(cluster: &LocalCluster, listeners: Vec<ListenerConfig>) -> Fi
     file.nodes = cluster
         .nodes()
         .iter()
-        .map(|n| NodeConfig {
-            name: n.name.clone(),
-            address: n.address().to_string(),
-            weight: 1,
-        })
+        .map(|n| NodeConfig::new(&n.name, &n.address().to_string()))
         .collect();
     file.monitor.user = SUPERUSER.into();
     file.monitor.password = PASSWORD.into();

@@ -15,7 +15,8 @@
 //!   proxy reads or writes.
 //! - [`routing`]: target + lag budget + snapshot → node (pure).
 //! - [`cancel`]: proxy-issued cancel keys → real backends.
-//! - [`tls`]: rustls server config.
+//! - [`tls`]: rustls server config (client side); [`backend_tls`]: TLS to
+//!   the nodes with libpq's `sslmode` meanings (sessions and monitor).
 //!
 //! Control path, one task per node plus one decider:
 //! - [`monitor`]: tokio-postgres pollers, one per node.
@@ -34,6 +35,7 @@
 //! primary + standbys for tests, benches and the demo), [`demo`].
 
 pub mod admin;
+pub mod backend_tls;
 pub mod cancel;
 pub mod config;
 pub mod decider;

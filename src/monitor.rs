@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, Notify};
 use tokio_postgres::types::PgLsn;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::MonitorSettings;
-use crate::topology::{NodeId, Observation, Role};
+use crate::backend_tls::BackendTls;
+use crate::config::{MonitorSettings, Settings};
+use crate::topology::{NodeId, NodeSpec, Observation, Role};
 
 /// One poll's outcome, sent to the decider.
 #[derive(Debug)]
@@ -101,22 +102,23 @@ impl MonitorHandle {
         }
     }
 
-    /// Stops the running monitors and starts one per address (`None`: a
-    /// removed node, not monitored). Node ids are positions in `addresses`.
+    /// Stops the running monitors and starts one per target (`None`: a
+    /// removed node, not monitored). Node ids are positions in `targets`.
     pub fn restart(
         &self,
-        addresses: &[Option<String>],
+        targets: &[Option<MonitorTarget>],
         settings: &MonitorSettings,
         reports: &mpsc::Sender<Report>,
         shutdown: &CancellationToken,
     ) {
         let stop = shutdown.child_token();
-        let pokes: Vec<Arc<Notify>> = addresses.iter().map(|_| Arc::default()).collect();
-        for (id, address) in addresses.iter().enumerate() {
-            let Some(address) = address else { continue };
+        let pokes: Vec<Arc<Notify>> = targets.iter().map(|_| Arc::default()).collect();
+        for (id, target) in targets.iter().enumerate() {
+            let Some(target) = target else { continue };
             let poller = Poller {
                 node: id,
-                address: address.clone(),
+                address: target.address.clone(),
+                tls: target.tls.clone(),
                 settings: settings.clone(),
                 session: None,
                 urgent: self.urgent.clone(),
@@ -128,9 +130,32 @@ impl MonitorHandle {
     }
 }
 
+/// What one monitor polls: the node's address and how to reach it.
+#[derive(Debug, Clone)]
+pub struct MonitorTarget {
+    pub address: String,
+    pub tls: Arc<BackendTls>,
+}
+
+/// The monitor targets for `specs` (node ids are positions), with each
+/// node's TLS from `settings`; removed nodes get none.
+pub fn targets(specs: &[NodeSpec], settings: &Settings) -> Vec<Option<MonitorTarget>> {
+    specs
+        .iter()
+        .map(|spec| {
+            let node = settings.node(&spec.name).filter(|_| !spec.removed)?;
+            Some(MonitorTarget {
+                address: spec.address.clone(),
+                tls: node.tls.clone(),
+            })
+        })
+        .collect()
+}
+
 struct Poller {
     node: NodeId,
     address: String,
+    tls: Arc<BackendTls>,
     settings: MonitorSettings,
     /// The open connection and its prepared poll statement.
     session: Option<(Client, Statement)>,
@@ -225,10 +250,12 @@ impl Poller {
             .dbname(&s.database)
             .application_name("pgpivot-monitor")
             .connect_timeout(s.timeout);
+        let (ssl_mode, tls) = self.tls.for_monitor(host);
+        config.ssl_mode(ssl_mode);
         let (client, connection) = config
-            .connect(NoTls)
+            .connect(tls)
             .await
-            .map_err(|e| PollError::Connect(e.to_string()))?;
+            .map_err(|e| PollError::Connect(connect_error(&e)))?;
         tokio::spawn(async move {
             // Ends when the client is dropped or the server goes away; the
             // next poll notices and reconnects.
@@ -240,4 +267,20 @@ impl Poller {
             .map_err(|e| PollError::Query(e.to_string()))?;
         Ok((client, statement))
     }
+}
+
+/// A connect error with its causes: tokio-postgres says "error performing
+/// TLS handshake" and keeps the reason (a certificate for another name, say)
+/// in its source.
+fn connect_error(e: &tokio_postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
 }

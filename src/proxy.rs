@@ -206,8 +206,8 @@ fn start_control(settings: Settings, config_path: Option<PathBuf>) -> Arc<Shared
         monitor.clone(),
     );
     tokio::spawn(decider.run(reports_rx, reconfigure_rx, stop.clone()));
-    let addresses: Vec<Option<String>> = specs.iter().map(|s| Some(s.address.clone())).collect();
-    monitor.restart(&addresses, &settings.monitor, &reports, &stop);
+    let targets = crate::monitor::targets(&specs, &settings);
+    monitor.restart(&targets, &settings.monitor, &reports, &stop);
     let connection_slots = Arc::new(tokio::sync::Semaphore::new(settings.max_client_connections));
     let listener_sessions = settings
         .listeners

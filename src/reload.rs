@@ -53,10 +53,7 @@ pub fn apply(shared: &Shared, file: &FileConfig) -> Result<ReloadReport, ConfigE
     let mut report = ReloadReport::default();
     keep_listeners(&old, &mut new, &mut report);
     let specs = merge_nodes(shared, &new, &mut report);
-    let addresses: Vec<Option<String>> = specs
-        .iter()
-        .map(|s| (!s.removed).then(|| s.address.clone()))
-        .collect();
+    let targets = crate::monitor::targets(&specs, &new);
     let reconfigure = Reconfigure {
         specs,
         settings: new.monitor.clone(),
@@ -65,7 +62,7 @@ pub fn apply(shared: &Shared, file: &FileConfig) -> Result<ReloadReport, ConfigE
         return Err(ConfigError::new("reload", "the decider is busy; try again"));
     }
     shared.monitor.restart(
-        &addresses,
+        &targets,
         &new.monitor,
         &shared.control.reports,
         &shared.control.stop,

@@ -99,6 +99,10 @@ pub struct NodeStats {
     pub round_trip: Latency,
     pub connects: Counter,
     pub connect_failures: Counter,
+    /// Why the last poll failed; cleared by a successful one. Shown in
+    /// `/status` so that a node marked down says why (a TLS certificate for
+    /// another name, say).
+    pub last_error: arc_swap::ArcSwapOption<String>,
 }
 
 impl NodeStats {

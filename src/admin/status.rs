@@ -32,6 +32,12 @@ pub struct NodeReport {
     pub lag_seconds: Option<f64>,
     pub sessions: usize,
     pub weight: u32,
+    /// Why the last poll failed, while it keeps failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// The node's backend `sslmode`.
+    #[serde(default)]
+    pub sslmode: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -91,7 +97,12 @@ pub fn report(shared: &Shared) -> StatusReport {
             lag_bytes: n.lag_bytes,
             lag_seconds: n.lag.map(|d| d.as_secs_f64()),
             sessions: n.stats.sessions(),
+            last_error: n.stats.last_error.load_full().map(|e| e.to_string()),
             weight: n.weight,
+            sslmode: settings
+                .node(&n.name)
+                .map_or("", |s| s.tls.mode.as_str())
+                .into(),
         })
         .collect();
     let listeners = settings

@@ -559,6 +559,20 @@ mod tests {
         let mut cluster = LocalCluster::start(opts).unwrap();
         assert_eq!(cluster.psql_as(0, MD5_USER, "SELECT 1").unwrap(), "1");
         cluster.psql(0, "CREATE TABLE t AS SELECT 1 AS x").unwrap();
+        // Replication is asynchronous: the standby must have replayed the
+        // table before the primary dies, or the promoted node lacks it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while cluster
+            .psql(1, "SELECT to_regclass('t') IS NOT NULL")
+            .unwrap()
+            != "t"
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the standby never replayed t"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
 
         cluster.stop_node(0, StopMode::Immediate).unwrap();
         cluster.promote(1).unwrap();

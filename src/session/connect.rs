@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::net::TcpStream;
 
+use crate::backend_tls::BackendStream;
+use crate::config::Settings;
+
 use super::error::SessionError;
 use super::params::SessionRequest;
 use crate::protocol::frame::{fill_message, HEADER_LEN};
@@ -24,7 +27,7 @@ use crate::topology::{LoadGuard, NodeId, Status, Topology};
 
 /// A backend connection with the startup packet sent.
 pub struct Connected {
-    pub backend: TcpStream,
+    pub backend: BackendStream,
     pub node: NodeId,
     pub name: String,
     pub address: String,
@@ -67,7 +70,7 @@ pub async fn connect(
     let mut avoid: Vec<NodeId> = Vec::new();
     loop {
         changes.borrow_and_update();
-        let miss = match try_once(shared, request, startup, &avoid).await {
+        let miss = match try_once(shared, &settings, request, startup, &avoid).await {
             Ok(mut connected) => {
                 connected.held = started.elapsed();
                 if held {
@@ -117,6 +120,7 @@ impl Miss {
 
 async fn try_once(
     shared: &Shared,
+    settings: &Settings,
     request: &SessionRequest,
     startup: &StartupMessage,
     avoid: &[NodeId],
@@ -141,13 +145,13 @@ async fn try_once(
         }
     };
     let started = Instant::now();
-    let timeout = shared.settings().connect_timeout;
-    let mut backend = match tokio::time::timeout(timeout, TcpStream::connect(&node.address)).await {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => return Err(unreachable(e.to_string())),
+    let timeout = settings.connect_timeout;
+    let opened = tokio::time::timeout(timeout, open(settings, &node.name, &node.address)).await;
+    let mut backend = match opened {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(detail)) => return Err(unreachable(detail)),
         Err(_) => return Err(unreachable(format!("connect timed out after {timeout:?}"))),
     };
-    crate::net::tune(&backend, shared.settings().tcp_keepalive);
     let mut startup = startup.clone();
     if choice.read_only_on_primary {
         // A read-only session that fell back to the primary keeps its
@@ -194,6 +198,24 @@ async fn try_once(
         held: Duration::ZERO,
         first,
     })
+}
+
+/// Opens a connection to the node `name` at `address`: TCP, then TLS as the
+/// node's `sslmode` says. The error is the reason, for the client and logs.
+async fn open(settings: &Settings, name: &str, address: &str) -> Result<BackendStream, String> {
+    let tcp = TcpStream::connect(address)
+        .await
+        .map_err(|e| e.to_string())?;
+    crate::net::tune(&tcp, settings.tcp_keepalive);
+    let Some(node) = settings.node(name) else {
+        // Removed by a reload since this snapshot was taken.
+        return Err("no longer configured".into());
+    };
+    let host = crate::config::split_host_port(address).map_or(address, |(host, _)| host);
+    node.tls
+        .negotiate(tcp, host)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// The snapshot as this session sees it: nodes it could not reach count as

@@ -28,6 +28,8 @@ use std::time::Instant;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::backend_tls::BackendStream;
 use tracing::Instrument;
 
 use crate::config::{ListenerSettings, OnLag, Settings, TlsMode};
@@ -211,21 +213,45 @@ fn report(shared: &Shared, end: std::io::Result<RelayEnd>) {
     }
 }
 
-/// Splits both streams and relays between them.
+/// Splits both streams and relays between them. Plain TCP splits into
+/// borrowed halves for free; a TLS stream goes through `tokio::io::split`,
+/// whose halves share the one rustls state.
 async fn relay_streams(
     client: ClientStream,
-    backend: &mut TcpStream,
+    backend: &mut BackendStream,
     ctx: &RelayContext<'_>,
 ) -> std::io::Result<RelayEnd> {
-    let (mut br, mut bw) = backend.split();
     match client {
         ClientStream::Plain(mut tcp) => {
             let (mut cr, mut cw) = tcp.split();
-            relay::relay(&mut cr, &mut cw, &mut br, &mut bw, ctx).await
+            relay_to(&mut cr, &mut cw, backend, ctx).await
         }
         ClientStream::Tls(tls) => {
             let (mut cr, mut cw) = tokio::io::split(*tls);
-            relay::relay(&mut cr, &mut cw, &mut br, &mut bw, ctx).await
+            relay_to(&mut cr, &mut cw, backend, ctx).await
+        }
+    }
+}
+
+/// The backend half of [`relay_streams`].
+async fn relay_to<CR, CW>(
+    cr: &mut CR,
+    cw: &mut CW,
+    backend: &mut BackendStream,
+    ctx: &RelayContext<'_>,
+) -> std::io::Result<RelayEnd>
+where
+    CR: tokio::io::AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+{
+    match backend {
+        BackendStream::Plain(tcp) => {
+            let (mut br, mut bw) = tcp.split();
+            relay::relay(cr, cw, &mut br, &mut bw, ctx).await
+        }
+        BackendStream::Tls(tls) => {
+            let (mut br, mut bw) = tokio::io::split(&mut **tls);
+            relay::relay(cr, cw, &mut br, &mut bw, ctx).await
         }
     }
 }
