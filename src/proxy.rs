@@ -54,7 +54,9 @@ pub struct Shared {
 pub(crate) struct Control {
     pub reports: mpsc::Sender<Report>,
     pub reconfigure: mpsc::Sender<Reconfigure>,
-    /// Stops monitors and decider.
+    /// Requests to the reload task, which runs reloads one at a time.
+    pub reloads: mpsc::Sender<crate::reload::Request>,
+    /// Stops monitors, decider and the reload task.
     pub stop: CancellationToken,
 }
 
@@ -191,12 +193,14 @@ impl Drop for Proxy {
     }
 }
 
-/// Starts the decider and the monitors; returns the shared state.
+/// Starts the decider, the monitors and the reload task; returns the
+/// shared state.
 fn start_control(settings: Settings, config_path: Option<PathBuf>) -> Arc<Shared> {
     let specs = node_specs(&settings);
     let stop = CancellationToken::new();
     let (reports, reports_rx) = mpsc::channel(1024);
     let (reconfigure, reconfigure_rx) = mpsc::channel(4);
+    let (reloads, reloads_rx) = mpsc::channel(16);
     let metrics = Arc::new(Metrics::new(settings.relay_timing));
     let monitor = Arc::new(MonitorHandle::default());
     let (decider, topology) = Decider::new(
@@ -214,7 +218,7 @@ fn start_control(settings: Settings, config_path: Option<PathBuf>) -> Arc<Shared
         .iter()
         .map(|_| Default::default())
         .collect();
-    Arc::new(Shared {
+    let shared = Arc::new(Shared {
         settings: ArcSwap::from_pointee(settings),
         topology,
         monitor,
@@ -228,12 +232,15 @@ fn start_control(settings: Settings, config_path: Option<PathBuf>) -> Arc<Shared
         control: Control {
             reports,
             reconfigure,
-            stop,
+            reloads,
+            stop: stop.clone(),
         },
         config_path,
         sessions: AtomicU64::new(0),
         tiebreak: AtomicUsize::new(0),
-    })
+    });
+    tokio::spawn(crate::reload::serve(shared.clone(), reloads_rx, stop));
+    shared
 }
 
 fn node_specs(settings: &Settings) -> Vec<NodeSpec> {

@@ -276,6 +276,72 @@ async fn reload_adds_a_standby_and_an_invalid_reload_changes_nothing() {
     );
 }
 
+/// The names of the nodes the proxy routes among (removed ones left out),
+/// sorted, duplicates kept.
+fn live_nodes(proxy: &Proxy) -> Vec<String> {
+    let mut names: Vec<String> = proxy
+        .shared
+        .topology
+        .load()
+        .nodes
+        .iter()
+        .filter(|n| n.status != Status::Removed)
+        .map(|n| n.name.clone())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reloads_end_with_exactly_the_configured_nodes() {
+    let cluster = shared_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), cluster, "");
+    let proxy = start_from_file(&path).await;
+    let base: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
+    // Each round adds some unreachable nodes and removes others; every
+    // reload of a round reads the same file, half of them as SIGHUP would
+    // (the library call), half through the admin endpoint.
+    let rounds: [&[&str]; 4] = [&["x1"], &["x1", "x2"], &["x2"], &[]];
+    for extras in rounds {
+        let nodes: String = extras
+            .iter()
+            .map(|n| format!("[[nodes]]\nname = \"{n}\"\naddress = \"127.0.0.1:1\"\n"))
+            .collect();
+        write_config(dir.path(), cluster, &nodes);
+        let mut reloads = tokio::task::JoinSet::new();
+        for i in 0..16 {
+            let shared = proxy.shared.clone();
+            let admin = admin(&proxy);
+            reloads.spawn(async move {
+                if i % 2 == 0 {
+                    pgpivot::reload::reload(&shared)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                } else {
+                    match call(&admin, "POST", "/reload", None).await.unwrap() {
+                        (200, _) => Ok(()),
+                        (status, body) => Err(format!("HTTP {status}: {body}")),
+                    }
+                }
+            });
+        }
+        while let Some(result) = reloads.join_next().await {
+            result.unwrap().expect("a reload failed while others ran");
+        }
+        let mut expected: Vec<String> = base.clone();
+        expected.extend(extras.iter().map(|n| n.to_string()));
+        expected.sort();
+        // A reload answers once its node list is published.
+        assert_eq!(
+            live_nodes(&proxy),
+            expected,
+            "after reloading with {extras:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_promote_resume_gives_sessions_started_after_the_pause_no_errors() {
     let cluster = new_cluster(1);
