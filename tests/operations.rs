@@ -566,6 +566,60 @@ async fn sighup_reloads_and_sigterm_lets_an_open_transaction_finish() {
     assert!(!logs.contains("insert into t"), "query text in the logs");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_sessions_waiting_for_a_node_or_at_a_pause_at_once() {
+    let cluster = shared_cluster();
+    let mut config = config_for(cluster);
+    // Without the primary in the config, read-write sessions wait for one.
+    config.nodes.remove(0);
+    config.failover.hold_timeout_ms = 60_000;
+    let proxy = Proxy::start(config.validate().unwrap()).await.unwrap();
+    let standbys = eventually(Duration::from_secs(20), || async {
+        let t = proxy.shared.topology.load();
+        t.nodes.iter().all(|n| n.status == Status::Standby)
+    })
+    .await;
+    assert!(standbys, "the standbys were not polled");
+    let (rw, ro) = (proxy.addresses[0], proxy.addresses[1]);
+    let metrics = proxy.shared.metrics.clone();
+    let held = tokio::spawn(async move { connect_with(&conn_str(rw, SUPERUSER, "")).await });
+    let waiting = eventually(Duration::from_secs(10), || async {
+        metrics.sessions_waiting.get() == 1
+    })
+    .await;
+    assert!(
+        waiting,
+        "the read-write session is not waiting for a primary"
+    );
+    // A read session would go to a standby, but a pause holds it.
+    proxy.shared.pause.set(pgpivot::pause::PauseScope::All);
+    let paused = tokio::spawn(async move { connect_with(&conn_str(ro, SUPERUSER, "")).await });
+    let both = eventually(Duration::from_secs(10), || async {
+        metrics.sessions_active.get() == 2
+    })
+    .await;
+    assert!(both, "the read session did not arrive");
+
+    let started = Instant::now();
+    let shutdown = tokio::spawn(proxy.shutdown(Duration::from_secs(60)));
+    for (what, session) in [("waiting for a primary", held), ("paused", paused)] {
+        let outcome = tokio::time::timeout(Duration::from_secs(5), session)
+            .await
+            .unwrap_or_else(|_| panic!("the session {what} was not ended by the shutdown"))
+            .unwrap();
+        let err = outcome
+            .err()
+            .unwrap_or_else(|| panic!("the session {what} connected"));
+        assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{what}: {err:?}");
+    }
+    let left = tokio::time::timeout(Duration::from_secs(5), shutdown)
+        .await
+        .expect("shutdown waited for the held sessions")
+        .unwrap();
+    assert_eq!(left, 0);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
 /// Writes a self-signed certificate for `name` and its key to `cert`/`key`.
 fn write_certificate(name: &str, cert: &std::path::Path, key: &std::path::Path) {
     let certified = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
