@@ -36,8 +36,10 @@ pub struct Shared {
     pub pause: Pause,
     /// Sessions open now per listener (config order).
     pub listener_sessions: Vec<crate::metrics::Gauge>,
-    /// Bound listener addresses (port 0 resolved), config order.
-    pub listener_addresses: std::sync::OnceLock<Vec<SocketAddr>>,
+    /// Bound listener addresses (port 0 resolved), config order: the
+    /// configured ones may say port 0, and metrics and `/status` must tell
+    /// listeners apart.
+    pub listener_addresses: Vec<SocketAddr>,
     /// Client sessions over all listeners (`limits.max_client_connections`).
     pub connection_slots: Arc<tokio::sync::Semaphore>,
     /// Cancelled to stop accepting and end sessions at their idle points.
@@ -116,13 +118,15 @@ impl Proxy {
         config_path: Option<PathBuf>,
     ) -> Result<Proxy, StartError> {
         let mut bound = Vec::new();
+        let mut addresses = Vec::new();
         for l in &settings.listeners {
-            let tcp = TcpListener::bind(l.address)
-                .await
-                .map_err(|source| StartError::Bind {
-                    address: l.address,
-                    source,
-                })?;
+            let failed = |source| StartError::Bind {
+                address: l.address,
+                source,
+            };
+            let tcp = TcpListener::bind(l.address).await.map_err(failed)?;
+            // Port 0 resolved: what metrics, `/status` and tests name.
+            addresses.push(tcp.local_addr().map_err(failed)?);
             bound.push(tcp);
         }
         let admin = match &settings.admin {
@@ -137,16 +141,14 @@ impl Proxy {
             )),
             None => None,
         };
-        let shared = start_control(settings, config_path);
+        let shared = start_control(settings, config_path, addresses.clone());
         let admin_address = admin.as_ref().and_then(|(l, _)| l.local_addr().ok());
         if let Some((listener, token)) = admin {
             let stop = shared.control.stop.clone();
             tokio::spawn(crate::admin::serve(listener, shared.clone(), token, stop));
         }
         let sessions = TaskTracker::new();
-        let mut addresses = Vec::new();
         for (i, tcp) in bound.into_iter().enumerate() {
-            addresses.push(tcp.local_addr().expect("bound listener has an address"));
             tokio::spawn(listener::accept_loop(
                 tcp,
                 i,
@@ -195,7 +197,11 @@ impl Drop for Proxy {
 
 /// Starts the decider, the monitors and the reload task; returns the
 /// shared state.
-fn start_control(settings: Settings, config_path: Option<PathBuf>) -> Arc<Shared> {
+fn start_control(
+    settings: Settings,
+    config_path: Option<PathBuf>,
+    listener_addresses: Vec<SocketAddr>,
+) -> Arc<Shared> {
     let specs = node_specs(&settings);
     let stop = CancellationToken::new();
     let (reports, reports_rx) = mpsc::channel(1024);
@@ -227,7 +233,7 @@ fn start_control(settings: Settings, config_path: Option<PathBuf>) -> Arc<Shared
         pause: Pause::default(),
         connection_slots,
         listener_sessions,
-        listener_addresses: Default::default(),
+        listener_addresses,
         shutdown: CancellationToken::new(),
         control: Control {
             reports,

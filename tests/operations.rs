@@ -142,6 +142,24 @@ async fn metrics_parse_and_move_with_sessions() {
         .filter(|k| k.starts_with("pgpivot_listener_client_sessions{"))
         .count();
     assert_eq!(listener_series, 2, "one series per listener");
+    // Each series is labelled with its listener's bound address and counts
+    // that listener's sessions only.
+    let series = |i: usize| {
+        let target = ["read-write", "prefer-standby"][i];
+        format!(
+            "pgpivot_listener_client_sessions{{listener=\"{}\",target=\"{target}\"}}",
+            proxy.addresses[i]
+        )
+    };
+    let open = connect(proxy.addresses[1]).await;
+    open.simple_query("select 1").await.unwrap();
+    let m = parse_prometheus(&get(&proxy, "/metrics").await);
+    let listener_keys: Vec<&String> = m
+        .keys()
+        .filter(|k| k.starts_with("pgpivot_listener_"))
+        .collect();
+    assert_eq!(m.get(&series(0)), Some(&0.0), "{listener_keys:?}");
+    assert_eq!(m.get(&series(1)), Some(&1.0), "{listener_keys:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,7 +179,9 @@ async fn status_health_and_ready_match_the_cluster() {
         assert_eq!(node.status, expected, "{}", node.name);
         assert!(node.up);
     }
-    assert_eq!(report.listeners.len(), 2);
+    let listeners: Vec<String> = report.listeners.iter().map(|l| l.address.clone()).collect();
+    let bound: Vec<String> = proxy.addresses.iter().map(|a| a.to_string()).collect();
+    assert_eq!(listeners, bound, "/status shows the bound addresses");
     assert_eq!(get(&proxy, "/health").await.trim(), "ok");
     assert!(get(&proxy, "/ready").await.contains("pg1"));
     // The CLI's table shows the same.

@@ -94,11 +94,13 @@ pub fn report(shared: &Shared) -> StatusReport {
             weight: n.weight,
         })
         .collect();
+    // The bound addresses: a configured port 0 is resolved there.
     let listeners = settings
         .listeners
         .iter()
-        .map(|l| ListenerReport {
-            address: l.address.to_string(),
+        .zip(&shared.listener_addresses)
+        .map(|(l, address)| ListenerReport {
+            address: address.to_string(),
             target: l.target.to_string(),
             max_lag_bytes: l.budget.max_bytes,
             max_lag_ms: l.budget.max_lag.map(|d| d.as_millis() as u64),
