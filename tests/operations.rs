@@ -640,6 +640,66 @@ async fn shutdown_ends_sessions_waiting_for_a_node_or_at_a_pause_at_once() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+/// The message field of the first ErrorResponse in `bytes` (a stream of
+/// backend messages).
+fn first_error_message(mut bytes: &[u8]) -> Option<String> {
+    while bytes.len() >= 5 {
+        let len = u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize;
+        let (message, rest) = bytes.split_at((1 + len).min(bytes.len()));
+        if message[0] == b'E' {
+            let mut fields = &message[5..];
+            while let Some((&code, tail)) = fields.split_first() {
+                let end = tail.iter().position(|&b| b == 0)?;
+                if code == b'M' {
+                    return Some(String::from_utf8_lossy(&tail[..end]).into_owned());
+                }
+                fields = &tail[end + 1..];
+            }
+        }
+        bytes = rest;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_losing_its_primary_during_authentication_is_told_once_by_pgpivot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = shared_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), cluster, "");
+    let proxy = start_from_file(&path).await;
+    // A client that starts SCRAM and then stays silent.
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addresses[0])
+        .await
+        .unwrap();
+    tcp.write_all(&startup_packet(SUPERUSER)).await.unwrap();
+    let mut first = [0u8; 1];
+    tcp.read_exact(&mut first).await.unwrap();
+    assert_eq!(first[0], b'R', "an authentication request");
+    // Removing the primary from the config ends that session.
+    let primary = &cluster.nodes()[0];
+    let block = format!(
+        "[[nodes]]\nname = \"{}\"\naddress = \"{}\"\n",
+        primary.name,
+        primary.address()
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(&block));
+    std::fs::write(&path, text.replace(&block, "")).unwrap();
+    let (status, body) = post(&proxy, "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut rest))
+        .await
+        .expect("the session was not ended")
+        .unwrap();
+    let mut stream = first.to_vec();
+    stream.extend_from_slice(&rest);
+    let message = first_error_message(&stream).expect("an ErrorResponse");
+    assert!(message.starts_with("pgpivot: "), "{message}");
+    assert_eq!(message.matches("pgpivot").count(), 1, "{message}");
+}
+
 /// Writes a self-signed certificate for `name` and its key to `cert`/`key`.
 fn write_certificate(name: &str, cert: &std::path::Path, key: &std::path::Path) {
     let certified = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();

@@ -190,7 +190,8 @@ async fn authenticate(
             r.unwrap_or_else(|_| Err(unavailable("authentication timed out".into(), AUTH_TIMEOUT.as_millis())))
         }
         reason = ending::lost(&shared.topology, connected.node, request.target, routed_to_standby) => {
-            Err(unavailable(reason.message(), 0))
+            // `BackendUnavailable` says "pgpivot:" itself.
+            Err(unavailable(reason.detail(), 0))
         }
     };
     if let Err(SessionError::NotPrimaryAnymore { .. }) = &result {
