@@ -81,14 +81,16 @@ impl Shared {
     }
 }
 
+/// Why the proxy did not start. The OS error is the `source`, not part of
+/// the message: `pgpivot` prints the error chain, which would repeat it.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {address}: {source}")]
+    #[error("cannot listen on {address}")]
     Bind {
         address: SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot listen on admin address {address}: {source}")]
+    #[error("cannot listen on admin address {address}")]
     AdminBind {
         address: SocketAddr,
         source: std::io::Error,

@@ -700,6 +700,38 @@ async fn a_session_losing_its_primary_during_authentication_is_told_once_by_pgpi
     assert_eq!(message.matches("pgpivot").count(), 1, "{message}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_address_in_use_is_reported_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgpivot.toml");
+    let text = format!(
+        "[[listeners]]\naddress = \"{address}\"\n[[nodes]]\nname = \"pg1\"\naddress = \"127.0.0.1:1\"\n[monitor]\nuser = \"postgres\"\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgpivot"))
+        .arg("--config")
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("pgpivot did not exit")
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with(&format!("pgpivot: cannot listen on {address}: ")),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    // The OS error (EADDRINUSE), said once.
+    assert_eq!(stderr.matches("already in use").count(), 1, "{stderr}");
+    drop(taken);
+}
+
 /// Writes a self-signed certificate for `name` and its key to `cert`/`key`.
 fn write_certificate(name: &str, cert: &std::path::Path, key: &std::path::Path) {
     let certified = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
