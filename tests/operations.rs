@@ -535,6 +535,7 @@ async fn sighup_reloads_and_sigterm_lets_an_open_transaction_finish() {
         .unwrap();
     let table = String::from_utf8_lossy(&table.stdout).into_owned();
     assert!(table.contains("primary pg1"), "{table}");
+    assert!(table.contains("paused no"), "{table}");
     assert!(
         table
             .lines()
@@ -730,6 +731,34 @@ async fn a_listener_address_in_use_is_reported_once() {
     // The OS error (EADDRINUSE), said once.
     assert_eq!(stderr.matches("already in use").count(), 1, "{stderr}");
     drop(taken);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgpivot_status_says_what_is_paused() {
+    let proxy = start_proxy(with_admin(config_for(shared_cluster()), None)).await;
+    let table = || async {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgpivot"))
+            .args(["status", "--admin", &admin(&proxy)])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let shown = table().await;
+    assert!(
+        shown.lines().next().unwrap().ends_with("paused no"),
+        "{shown}"
+    );
+    let (status, body) = post(&proxy, "/pause?scope=writes&timeout_ms=0").await;
+    assert_eq!(status, 200, "{body}");
+    let shown = table().await;
+    assert!(
+        shown.lines().next().unwrap().ends_with("paused writes"),
+        "{shown}"
+    );
+    let (status, body) = post(&proxy, "/resume").await;
+    assert_eq!(status, 200, "{body}");
 }
 
 /// Writes a self-signed certificate for `name` and its key to `cert`/`key`.

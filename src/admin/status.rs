@@ -125,10 +125,10 @@ pub fn report(shared: &Shared) -> StatusReport {
 /// A `patronictl list`-like table.
 pub fn render_table(r: &StatusReport) -> String {
     let mut out = format!(
-        "generation {}  primary {}  paused {:?}{}\n",
+        "generation {}  primary {}  paused {}{}\n",
         r.generation,
         r.primary.as_deref().unwrap_or("-"),
-        r.paused,
+        r.paused.describe(),
         if r.fenced { "  FENCED" } else { "" }
     );
     out.push_str(&format!(
@@ -150,4 +150,38 @@ pub fn render_table(r: &StatusReport) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(paused: PauseScope) -> StatusReport {
+        StatusReport {
+            generation: 3,
+            primary: Some("pg1".into()),
+            fenced: false,
+            paused,
+            nodes: Vec::new(),
+            listeners: Vec::new(),
+            changes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_table_says_what_is_paused_in_words() {
+        let header = |p| render_table(&report(p)).lines().next().unwrap().to_string();
+        assert_eq!(
+            header(PauseScope::None),
+            "generation 3  primary pg1  paused no"
+        );
+        assert_eq!(
+            header(PauseScope::Writes),
+            "generation 3  primary pg1  paused writes"
+        );
+        assert_eq!(
+            header(PauseScope::All),
+            "generation 3  primary pg1  paused all"
+        );
+    }
 }
