@@ -547,6 +547,19 @@ async fn sighup_reloads_and_sigterm_lets_an_open_transaction_finish() {
         .status()
         .unwrap()
         .success());
+    // The listening socket closes at once: new clients are refused, not
+    // left waiting while the open session finishes.
+    let refused = eventually(Duration::from_secs(2), || async {
+        matches!(
+            tokio::net::TcpStream::connect(addr).await,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        )
+    })
+    .await;
+    assert!(
+        refused,
+        "the listener still accepts connections after SIGTERM"
+    );
     // The transaction is allowed to finish...
     let started = Instant::now();
     while started.elapsed() < Duration::from_millis(300) {
@@ -759,6 +772,37 @@ async fn pgpivot_status_says_what_is_paused() {
     );
     let (status, body) = post(&proxy, "/resume").await;
     assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_the_listening_socket_at_once() {
+    let proxy = proxy().await;
+    let rw = proxy.addresses[0];
+    // A session in a transaction keeps the shutdown waiting.
+    let client = connect(rw).await;
+    client.batch_execute("begin").await.unwrap();
+    let shutdown = tokio::spawn(proxy.shutdown(Duration::from_secs(30)));
+    let started = Instant::now();
+    let refused = eventually(Duration::from_secs(2), || async {
+        matches!(
+            tokio::net::TcpStream::connect(rw).await,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        )
+    })
+    .await;
+    assert!(refused, "the listener still accepts connections");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(!shutdown.is_finished(), "the session was not waited for");
+    client
+        .simple_query("select 1")
+        .await
+        .expect("the open transaction keeps working");
+    client.batch_execute("commit").await.unwrap();
+    let left = tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(left, 0);
 }
 
 /// Writes a self-signed certificate for `name` and its key to `cert`/`key`.
