@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MonitorSettings;
@@ -113,6 +113,9 @@ impl ChangeLog {
 pub struct Reconfigure {
     pub specs: Vec<NodeSpec>,
     pub settings: MonitorSettings,
+    /// Answered once the snapshot with the new node list is published, so
+    /// the next reload merges against it rather than against an older one.
+    pub applied: oneshot::Sender<()>,
 }
 
 /// The decider task's state.
@@ -214,6 +217,8 @@ impl Decider {
         self.specs = r.specs;
         self.settings = r.settings;
         self.publish();
+        // The reload may have given up waiting (shutdown): nothing to do.
+        let _ = r.applied.send(());
     }
 
     fn apply(&mut self, report: Report) {

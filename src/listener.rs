@@ -16,7 +16,9 @@ use crate::session;
 
 /// Accepts until shutdown. `index` is the listener's position in the
 /// config; its settings (target, budgets) are read afresh for every session,
-/// so a reload applies to the next one.
+/// so a reload applies to the next one. Returning at shutdown drops the
+/// `TcpListener`, closing the socket at once: during the drain new clients
+/// are refused rather than left in the backlog.
 pub async fn accept_loop(
     listener: TcpListener,
     index: usize,

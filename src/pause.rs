@@ -24,6 +24,15 @@ pub enum PauseScope {
 }
 
 impl PauseScope {
+    /// What `pgpivot status` prints: "no", "writes" or "all".
+    pub fn describe(self) -> &'static str {
+        match self {
+            PauseScope::None => "no",
+            PauseScope::Writes => "writes",
+            PauseScope::All => "all",
+        }
+    }
+
     /// Whether a session of this class must wait.
     pub fn holds(self, needs_primary: bool) -> bool {
         match self {

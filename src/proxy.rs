@@ -36,8 +36,10 @@ pub struct Shared {
     pub pause: Pause,
     /// Sessions open now per listener (config order).
     pub listener_sessions: Vec<crate::metrics::Gauge>,
-    /// Bound listener addresses (port 0 resolved), config order.
-    pub listener_addresses: std::sync::OnceLock<Vec<SocketAddr>>,
+    /// Bound listener addresses (port 0 resolved), config order: the
+    /// configured ones may say port 0, and metrics and `/status` must tell
+    /// listeners apart.
+    pub listener_addresses: Vec<SocketAddr>,
     /// Client sessions over all listeners (`limits.max_client_connections`).
     pub connection_slots: Arc<tokio::sync::Semaphore>,
     /// Cancelled to stop accepting and end sessions at their idle points.
@@ -54,7 +56,9 @@ pub struct Shared {
 pub(crate) struct Control {
     pub reports: mpsc::Sender<Report>,
     pub reconfigure: mpsc::Sender<Reconfigure>,
-    /// Stops monitors and decider.
+    /// Requests to the reload task, which runs reloads one at a time.
+    pub reloads: mpsc::Sender<crate::reload::Request>,
+    /// Stops monitors, decider and the reload task.
     pub stop: CancellationToken,
 }
 
@@ -77,14 +81,16 @@ impl Shared {
     }
 }
 
+/// Why the proxy did not start. The OS error is the `source`, not part of
+/// the message: `pgpivot` prints the error chain, which would repeat it.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {address}: {source}")]
+    #[error("cannot listen on {address}")]
     Bind {
         address: SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot listen on admin address {address}: {source}")]
+    #[error("cannot listen on admin address {address}")]
     AdminBind {
         address: SocketAddr,
         source: std::io::Error,
@@ -114,13 +120,15 @@ impl Proxy {
         config_path: Option<PathBuf>,
     ) -> Result<Proxy, StartError> {
         let mut bound = Vec::new();
+        let mut addresses = Vec::new();
         for l in &settings.listeners {
-            let tcp = TcpListener::bind(l.address)
-                .await
-                .map_err(|source| StartError::Bind {
-                    address: l.address,
-                    source,
-                })?;
+            let failed = |source| StartError::Bind {
+                address: l.address,
+                source,
+            };
+            let tcp = TcpListener::bind(l.address).await.map_err(failed)?;
+            // Port 0 resolved: what metrics, `/status` and tests name.
+            addresses.push(tcp.local_addr().map_err(failed)?);
             bound.push(tcp);
         }
         let admin = match &settings.admin {
@@ -135,16 +143,14 @@ impl Proxy {
             )),
             None => None,
         };
-        let shared = start_control(settings, config_path);
+        let shared = start_control(settings, config_path, addresses.clone());
         let admin_address = admin.as_ref().and_then(|(l, _)| l.local_addr().ok());
         if let Some((listener, token)) = admin {
             let stop = shared.control.stop.clone();
             tokio::spawn(crate::admin::serve(listener, shared.clone(), token, stop));
         }
         let sessions = TaskTracker::new();
-        let mut addresses = Vec::new();
         for (i, tcp) in bound.into_iter().enumerate() {
-            addresses.push(tcp.local_addr().expect("bound listener has an address"));
             tokio::spawn(listener::accept_loop(
                 tcp,
                 i,
@@ -191,12 +197,18 @@ impl Drop for Proxy {
     }
 }
 
-/// Starts the decider and the monitors; returns the shared state.
-fn start_control(settings: Settings, config_path: Option<PathBuf>) -> Arc<Shared> {
+/// Starts the decider, the monitors and the reload task; returns the
+/// shared state.
+fn start_control(
+    settings: Settings,
+    config_path: Option<PathBuf>,
+    listener_addresses: Vec<SocketAddr>,
+) -> Arc<Shared> {
     let specs = node_specs(&settings);
     let stop = CancellationToken::new();
     let (reports, reports_rx) = mpsc::channel(1024);
     let (reconfigure, reconfigure_rx) = mpsc::channel(4);
+    let (reloads, reloads_rx) = mpsc::channel(16);
     let metrics = Arc::new(Metrics::new(settings.relay_timing));
     let monitor = Arc::new(MonitorHandle::default());
     let (decider, topology) = Decider::new(
@@ -214,7 +226,7 @@ fn start_control(settings: Settings, config_path: Option<PathBuf>) -> Arc<Shared
         .iter()
         .map(|_| Default::default())
         .collect();
-    Arc::new(Shared {
+    let shared = Arc::new(Shared {
         settings: ArcSwap::from_pointee(settings),
         topology,
         monitor,
@@ -223,17 +235,20 @@ fn start_control(settings: Settings, config_path: Option<PathBuf>) -> Arc<Shared
         pause: Pause::default(),
         connection_slots,
         listener_sessions,
-        listener_addresses: Default::default(),
+        listener_addresses,
         shutdown: CancellationToken::new(),
         control: Control {
             reports,
             reconfigure,
-            stop,
+            reloads,
+            stop: stop.clone(),
         },
         config_path,
         sessions: AtomicU64::new(0),
         tiebreak: AtomicUsize::new(0),
-    })
+    });
+    tokio::spawn(crate::reload::serve(shared.clone(), reloads_rx, stop));
+    shared
 }
 
 fn node_specs(settings: &Settings) -> Vec<NodeSpec> {

@@ -11,10 +11,18 @@
 //! Node ids are positions in the node list and sessions hold them, so they
 //! never move: a removed node stays as a tombstone (`Status::Removed`) and
 //! new nodes are appended.
+//!
+//! Reloads run one at a time, in one task ([`serve`]): each merges its node
+//! list against the one the previous reload published. Two reloads at once
+//! (SIGHUP and `POST /reload`) would both merge against the same snapshot
+//! and could add a node twice or bring back one just removed.
 
 use std::sync::Arc;
 
-use crate::config::{self, ConfigError, FileConfig, Settings};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, ConfigError, Settings};
 use crate::decider::Reconfigure;
 use crate::proxy::Shared;
 use crate::topology::{NodeSpec, Status};
@@ -29,37 +37,74 @@ pub struct ReloadReport {
     pub restart_needed: Vec<String>,
 }
 
-/// Re-reads the proxy's config file (and environment) and applies it. The
-/// file and certificate reads block, so they run off the async workers. A
-/// rejected config is logged here and changes nothing.
-pub async fn reload(shared: &Arc<Shared>) -> Result<ReloadReport, ConfigError> {
-    let shared = shared.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let file = config::load(shared.config_path.as_deref())?;
-        apply(&shared, &file)
-    })
-    .await
-    .unwrap_or_else(|e| Err(ConfigError::new("reload", e)));
-    if let Err(e) = &result {
-        tracing::error!("reload rejected, old configuration stays: {e}");
+/// One reload asked of the reload task; the outcome goes back on it.
+pub(crate) type Request = oneshot::Sender<Result<ReloadReport, ConfigError>>;
+
+/// Re-reads the proxy's config file (and environment) and applies it, after
+/// any reload already under way. Answers once the new node list is
+/// published. A rejected config is logged and changes nothing.
+pub async fn reload(shared: &Shared) -> Result<ReloadReport, ConfigError> {
+    let stopping = || ConfigError::new("reload", "pgpivot is stopping");
+    let (reply, answer) = oneshot::channel();
+    if shared.control.reloads.send(reply).await.is_err() {
+        return Err(stopping());
     }
-    result
+    answer.await.unwrap_or_else(|_| Err(stopping()))
 }
 
-/// Validates `file` and applies it; on error nothing changes.
-pub fn apply(shared: &Shared, file: &FileConfig) -> Result<ReloadReport, ConfigError> {
-    let mut new = file.validate()?;
+/// The reload task: serves requests in arrival order until `stop`.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    mut requests: mpsc::Receiver<Request>,
+    stop: CancellationToken,
+) {
+    loop {
+        let reply = tokio::select! {
+            request = requests.recv() => match request {
+                Some(reply) => reply,
+                None => return,
+            },
+            _ = stop.cancelled() => return,
+        };
+        let result = reload_once(&shared).await;
+        if let Err(e) = &result {
+            tracing::error!("reload rejected, old configuration stays: {e}");
+        }
+        // The asker may be gone (an HTTP client that hung up): the reload
+        // stands all the same.
+        let _ = reply.send(result);
+    }
+}
+
+/// Reads and validates the file, then applies it. The file and certificate
+/// reads block, so they run off the async workers.
+async fn reload_once(shared: &Arc<Shared>) -> Result<ReloadReport, ConfigError> {
+    let path = shared.config_path.clone();
+    let settings = tokio::task::spawn_blocking(move || config::load(path.as_deref())?.validate())
+        .await
+        .unwrap_or_else(|e| Err(ConfigError::new("reload", e)))?;
+    apply(shared, settings).await
+}
+
+/// Applies validated settings: the decider takes the new node list (and
+/// publishes it before this returns), the monitors restart, the settings
+/// swap.
+async fn apply(shared: &Shared, mut new: Settings) -> Result<ReloadReport, ConfigError> {
     let old = shared.settings();
     let mut report = ReloadReport::default();
     keep_listeners(&old, &mut new, &mut report);
     let specs = merge_nodes(shared, &new, &mut report);
     let targets = crate::monitor::targets(&specs, &new);
+    let (applied, published) = oneshot::channel();
     let reconfigure = Reconfigure {
         specs,
         settings: new.monitor.clone(),
+        applied,
     };
-    if shared.control.reconfigure.try_send(reconfigure).is_err() {
-        return Err(ConfigError::new("reload", "the decider is busy; try again"));
+    // The decider only goes away when the proxy stops.
+    let stopped = || ConfigError::new("reload", "pgpivot is stopping");
+    if shared.control.reconfigure.send(reconfigure).await.is_err() || published.await.is_err() {
+        return Err(stopped());
     }
     shared.monitor.restart(
         &targets,
@@ -107,7 +152,9 @@ fn keep_listeners(old: &Settings, new: &mut Settings, report: &mut ReloadReport)
 }
 
 /// The new node list: kept nodes at their ids (with their live figures),
-/// new ones appended, missing ones marked removed.
+/// new ones appended, missing ones marked removed. Merged against the
+/// published snapshot, which holds the previous reload's list: reloads are
+/// serialized and each waits for its list to be published.
 fn merge_nodes(shared: &Shared, new: &Settings, report: &mut ReloadReport) -> Vec<NodeSpec> {
     let topology = shared.topology.load();
     let mut specs: Vec<NodeSpec> = topology

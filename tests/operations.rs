@@ -142,6 +142,24 @@ async fn metrics_parse_and_move_with_sessions() {
         .filter(|k| k.starts_with("pgpivot_listener_client_sessions{"))
         .count();
     assert_eq!(listener_series, 2, "one series per listener");
+    // Each series is labelled with its listener's bound address and counts
+    // that listener's sessions only.
+    let series = |i: usize| {
+        let target = ["read-write", "prefer-standby"][i];
+        format!(
+            "pgpivot_listener_client_sessions{{listener=\"{}\",target=\"{target}\"}}",
+            proxy.addresses[i]
+        )
+    };
+    let open = connect(proxy.addresses[1]).await;
+    open.simple_query("select 1").await.unwrap();
+    let m = parse_prometheus(&get(&proxy, "/metrics").await);
+    let listener_keys: Vec<&String> = m
+        .keys()
+        .filter(|k| k.starts_with("pgpivot_listener_"))
+        .collect();
+    assert_eq!(m.get(&series(0)), Some(&0.0), "{listener_keys:?}");
+    assert_eq!(m.get(&series(1)), Some(&1.0), "{listener_keys:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,7 +179,9 @@ async fn status_health_and_ready_match_the_cluster() {
         assert_eq!(node.status, expected, "{}", node.name);
         assert!(node.up);
     }
-    assert_eq!(report.listeners.len(), 2);
+    let listeners: Vec<String> = report.listeners.iter().map(|l| l.address.clone()).collect();
+    let bound: Vec<String> = proxy.addresses.iter().map(|a| a.to_string()).collect();
+    assert_eq!(listeners, bound, "/status shows the bound addresses");
     assert_eq!(get(&proxy, "/health").await.trim(), "ok");
     assert!(get(&proxy, "/ready").await.contains("pg1"));
     // The CLI's table shows the same.
@@ -274,6 +294,72 @@ async fn reload_adds_a_standby_and_an_invalid_reload_changes_nothing() {
         on_new >= 2,
         "only {on_new} of 9 sessions on the new standby"
     );
+}
+
+/// The names of the nodes the proxy routes among (removed ones left out),
+/// sorted, duplicates kept.
+fn live_nodes(proxy: &Proxy) -> Vec<String> {
+    let mut names: Vec<String> = proxy
+        .shared
+        .topology
+        .load()
+        .nodes
+        .iter()
+        .filter(|n| n.status != Status::Removed)
+        .map(|n| n.name.clone())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reloads_end_with_exactly_the_configured_nodes() {
+    let cluster = shared_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), cluster, "");
+    let proxy = start_from_file(&path).await;
+    let base: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
+    // Each round adds some unreachable nodes and removes others; every
+    // reload of a round reads the same file, half of them as SIGHUP would
+    // (the library call), half through the admin endpoint.
+    let rounds: [&[&str]; 4] = [&["x1"], &["x1", "x2"], &["x2"], &[]];
+    for extras in rounds {
+        let nodes: String = extras
+            .iter()
+            .map(|n| format!("[[nodes]]\nname = \"{n}\"\naddress = \"127.0.0.1:1\"\n"))
+            .collect();
+        write_config(dir.path(), cluster, &nodes);
+        let mut reloads = tokio::task::JoinSet::new();
+        for i in 0..16 {
+            let shared = proxy.shared.clone();
+            let admin = admin(&proxy);
+            reloads.spawn(async move {
+                if i % 2 == 0 {
+                    pgpivot::reload::reload(&shared)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                } else {
+                    match call(&admin, "POST", "/reload", None).await.unwrap() {
+                        (200, _) => Ok(()),
+                        (status, body) => Err(format!("HTTP {status}: {body}")),
+                    }
+                }
+            });
+        }
+        while let Some(result) = reloads.join_next().await {
+            result.unwrap().expect("a reload failed while others ran");
+        }
+        let mut expected: Vec<String> = base.clone();
+        expected.extend(extras.iter().map(|n| n.to_string()));
+        expected.sort();
+        // A reload answers once its node list is published.
+        assert_eq!(
+            live_nodes(&proxy),
+            expected,
+            "after reloading with {extras:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -449,6 +535,7 @@ async fn sighup_reloads_and_sigterm_lets_an_open_transaction_finish() {
         .unwrap();
     let table = String::from_utf8_lossy(&table.stdout).into_owned();
     assert!(table.contains("primary pg1"), "{table}");
+    assert!(table.contains("paused no"), "{table}");
     assert!(
         table
             .lines()
@@ -460,6 +547,19 @@ async fn sighup_reloads_and_sigterm_lets_an_open_transaction_finish() {
         .status()
         .unwrap()
         .success());
+    // The listening socket closes at once: new clients are refused, not
+    // left waiting while the open session finishes.
+    let refused = eventually(Duration::from_secs(2), || async {
+        matches!(
+            tokio::net::TcpStream::connect(addr).await,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        )
+    })
+    .await;
+    assert!(
+        refused,
+        "the listener still accepts connections after SIGTERM"
+    );
     // The transaction is allowed to finish...
     let started = Instant::now();
     while started.elapsed() < Duration::from_millis(300) {
@@ -498,6 +598,211 @@ async fn sighup_reloads_and_sigterm_lets_an_open_transaction_finish() {
         "no session span in the logs:\n{logs}"
     );
     assert!(!logs.contains("insert into t"), "query text in the logs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_sessions_waiting_for_a_node_or_at_a_pause_at_once() {
+    let cluster = shared_cluster();
+    let mut config = config_for(cluster);
+    // Without the primary in the config, read-write sessions wait for one.
+    config.nodes.remove(0);
+    config.failover.hold_timeout_ms = 60_000;
+    let proxy = Proxy::start(config.validate().unwrap()).await.unwrap();
+    let standbys = eventually(Duration::from_secs(20), || async {
+        let t = proxy.shared.topology.load();
+        t.nodes.iter().all(|n| n.status == Status::Standby)
+    })
+    .await;
+    assert!(standbys, "the standbys were not polled");
+    let (rw, ro) = (proxy.addresses[0], proxy.addresses[1]);
+    let metrics = proxy.shared.metrics.clone();
+    let held = tokio::spawn(async move { connect_with(&conn_str(rw, SUPERUSER, "")).await });
+    let waiting = eventually(Duration::from_secs(10), || async {
+        metrics.sessions_waiting.get() == 1
+    })
+    .await;
+    assert!(
+        waiting,
+        "the read-write session is not waiting for a primary"
+    );
+    // A read session would go to a standby, but a pause holds it.
+    proxy.shared.pause.set(pgpivot::pause::PauseScope::All);
+    let paused = tokio::spawn(async move { connect_with(&conn_str(ro, SUPERUSER, "")).await });
+    let both = eventually(Duration::from_secs(10), || async {
+        metrics.sessions_active.get() == 2
+    })
+    .await;
+    assert!(both, "the read session did not arrive");
+
+    let started = Instant::now();
+    let shutdown = tokio::spawn(proxy.shutdown(Duration::from_secs(60)));
+    for (what, session) in [("waiting for a primary", held), ("paused", paused)] {
+        let outcome = tokio::time::timeout(Duration::from_secs(5), session)
+            .await
+            .unwrap_or_else(|_| panic!("the session {what} was not ended by the shutdown"))
+            .unwrap();
+        let err = outcome
+            .err()
+            .unwrap_or_else(|| panic!("the session {what} connected"));
+        assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{what}: {err:?}");
+    }
+    let left = tokio::time::timeout(Duration::from_secs(5), shutdown)
+        .await
+        .expect("shutdown waited for the held sessions")
+        .unwrap();
+    assert_eq!(left, 0);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// The message field of the first ErrorResponse in `bytes` (a stream of
+/// backend messages).
+fn first_error_message(mut bytes: &[u8]) -> Option<String> {
+    while bytes.len() >= 5 {
+        let len = u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize;
+        let (message, rest) = bytes.split_at((1 + len).min(bytes.len()));
+        if message[0] == b'E' {
+            let mut fields = &message[5..];
+            while let Some((&code, tail)) = fields.split_first() {
+                let end = tail.iter().position(|&b| b == 0)?;
+                if code == b'M' {
+                    return Some(String::from_utf8_lossy(&tail[..end]).into_owned());
+                }
+                fields = &tail[end + 1..];
+            }
+        }
+        bytes = rest;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_losing_its_primary_during_authentication_is_told_once_by_pgpivot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = shared_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), cluster, "");
+    let proxy = start_from_file(&path).await;
+    // A client that starts SCRAM and then stays silent.
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addresses[0])
+        .await
+        .unwrap();
+    tcp.write_all(&startup_packet(SUPERUSER)).await.unwrap();
+    let mut first = [0u8; 1];
+    tcp.read_exact(&mut first).await.unwrap();
+    assert_eq!(first[0], b'R', "an authentication request");
+    // Removing the primary from the config ends that session.
+    let primary = &cluster.nodes()[0];
+    let block = format!(
+        "[[nodes]]\nname = \"{}\"\naddress = \"{}\"\n",
+        primary.name,
+        primary.address()
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(&block));
+    std::fs::write(&path, text.replace(&block, "")).unwrap();
+    let (status, body) = post(&proxy, "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut rest))
+        .await
+        .expect("the session was not ended")
+        .unwrap();
+    let mut stream = first.to_vec();
+    stream.extend_from_slice(&rest);
+    let message = first_error_message(&stream).expect("an ErrorResponse");
+    assert!(message.starts_with("pgpivot: "), "{message}");
+    assert_eq!(message.matches("pgpivot").count(), 1, "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_address_in_use_is_reported_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgpivot.toml");
+    let text = format!(
+        "[[listeners]]\naddress = \"{address}\"\n[[nodes]]\nname = \"pg1\"\naddress = \"127.0.0.1:1\"\n[monitor]\nuser = \"postgres\"\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgpivot"))
+        .arg("--config")
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("pgpivot did not exit")
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with(&format!("pgpivot: cannot listen on {address}: ")),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    // The OS error (EADDRINUSE), said once.
+    assert_eq!(stderr.matches("already in use").count(), 1, "{stderr}");
+    drop(taken);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgpivot_status_says_what_is_paused() {
+    let proxy = start_proxy(with_admin(config_for(shared_cluster()), None)).await;
+    let table = || async {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgpivot"))
+            .args(["status", "--admin", &admin(&proxy)])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let shown = table().await;
+    assert!(
+        shown.lines().next().unwrap().ends_with("paused no"),
+        "{shown}"
+    );
+    let (status, body) = post(&proxy, "/pause?scope=writes&timeout_ms=0").await;
+    assert_eq!(status, 200, "{body}");
+    let shown = table().await;
+    assert!(
+        shown.lines().next().unwrap().ends_with("paused writes"),
+        "{shown}"
+    );
+    let (status, body) = post(&proxy, "/resume").await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_the_listening_socket_at_once() {
+    let proxy = proxy().await;
+    let rw = proxy.addresses[0];
+    // A session in a transaction keeps the shutdown waiting.
+    let client = connect(rw).await;
+    client.batch_execute("begin").await.unwrap();
+    let shutdown = tokio::spawn(proxy.shutdown(Duration::from_secs(30)));
+    let started = Instant::now();
+    let refused = eventually(Duration::from_secs(2), || async {
+        matches!(
+            tokio::net::TcpStream::connect(rw).await,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        )
+    })
+    .await;
+    assert!(refused, "the listener still accepts connections");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(!shutdown.is_finished(), "the session was not waited for");
+    client
+        .simple_query("select 1")
+        .await
+        .expect("the open transaction keeps working");
+    client.batch_execute("commit").await.unwrap();
+    let left = tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(left, 0);
 }
 
 /// Writes a self-signed certificate for `name` and its key to `cert`/`key`.

@@ -183,14 +183,19 @@ fn session_metrics(out: &mut Exposition, m: &Metrics) {
 
 fn listener_metrics(out: &mut Exposition, shared: &Shared) {
     let settings = shared.settings();
-    let bound = shared.listener_addresses.get().cloned().unwrap_or_default();
     out.family(
         "pgpivot_listener_client_sessions",
         "gauge",
         "Client sessions open now, by listener.",
     );
-    for (i, gauge) in shared.listener_sessions.iter().enumerate() {
-        let address = bound.get(i).map_or_else(String::new, |a| a.to_string());
+    // Labelled by bound address: two listeners configured on port 0 would
+    // otherwise look alike.
+    let listeners = shared
+        .listener_sessions
+        .iter()
+        .zip(&shared.listener_addresses);
+    for (i, (gauge, address)) in listeners.enumerate() {
+        let address = address.to_string();
         let target = settings.listeners.get(i).map_or("", |l| l.target.as_str());
         out.sample(
             "pgpivot_listener_client_sessions",

@@ -105,11 +105,13 @@ pub fn report(shared: &Shared) -> StatusReport {
                 .into(),
         })
         .collect();
+    // The bound addresses: a configured port 0 is resolved there.
     let listeners = settings
         .listeners
         .iter()
-        .map(|l| ListenerReport {
-            address: l.address.to_string(),
+        .zip(&shared.listener_addresses)
+        .map(|(l, address)| ListenerReport {
+            address: address.to_string(),
             target: l.target.to_string(),
             max_lag_bytes: l.budget.max_bytes,
             max_lag_ms: l.budget.max_lag.map(|d| d.as_millis() as u64),
@@ -134,10 +136,10 @@ pub fn report(shared: &Shared) -> StatusReport {
 /// A `patronictl list`-like table.
 pub fn render_table(r: &StatusReport) -> String {
     let mut out = format!(
-        "generation {}  primary {}  paused {:?}{}\n",
+        "generation {}  primary {}  paused {}{}\n",
         r.generation,
         r.primary.as_deref().unwrap_or("-"),
-        r.paused,
+        r.paused.describe(),
         if r.fenced { "  FENCED" } else { "" }
     );
     out.push_str(&format!(
@@ -159,4 +161,38 @@ pub fn render_table(r: &StatusReport) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(paused: PauseScope) -> StatusReport {
+        StatusReport {
+            generation: 3,
+            primary: Some("pg1".into()),
+            fenced: false,
+            paused,
+            nodes: Vec::new(),
+            listeners: Vec::new(),
+            changes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_table_says_what_is_paused_in_words() {
+        let header = |p| render_table(&report(p)).lines().next().unwrap().to_string();
+        assert_eq!(
+            header(PauseScope::None),
+            "generation 3  primary pg1  paused no"
+        );
+        assert_eq!(
+            header(PauseScope::Writes),
+            "generation 3  primary pg1  paused writes"
+        );
+        assert_eq!(
+            header(PauseScope::All),
+            "generation 3  primary pg1  paused all"
+        );
+    }
 }

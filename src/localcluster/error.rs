@@ -14,6 +14,10 @@ use super::account::OS_USER;
 
 /// Why a cluster operation failed. Messages carry the captured stderr of the
 /// failing command (and, for servers that did not start, their log tail).
+///
+/// Each message is whole, cause included, so no variant also exposes its
+/// cause as a `source`: printed as an error chain (`{:#}`, as `pgpivot demo`
+/// does) it would appear twice.
 #[derive(Debug, Error)]
 pub enum ClusterError {
     /// [`find_bindir`](super::find_bindir) found no directory with `initdb`.
@@ -24,19 +28,11 @@ pub enum ClusterError {
     #[error("cannot run servers as the `{OS_USER}` OS user: {0}")]
     OsUser(String),
     /// A file system operation failed.
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: io::Error,
-    },
+    #[error("{context}: {error}")]
+    Io { context: String, error: io::Error },
     /// A program could not be started at all.
-    #[error("cannot run `{command}`: {source}")]
-    Spawn {
-        command: String,
-        #[source]
-        source: io::Error,
-    },
+    #[error("cannot run `{command}`: {error}")]
+    Spawn { command: String, error: io::Error },
     /// A program exited unsuccessfully; `output` is its stderr (or stdout).
     #[error("`{command}` failed ({status}): {output}")]
     CommandFailed {
@@ -50,7 +46,6 @@ pub enum ClusterError {
     Server {
         node: String,
         action: &'static str,
-        #[source]
         cause: Box<ClusterError>,
         log_tail: String,
     },
@@ -83,9 +78,9 @@ fn last_error_suffix(last_error: Option<&str>) -> String {
 
 /// Shorthand to wrap an `io::Error` with what was being done.
 pub(super) fn io_err(context: impl fmt::Display) -> impl FnOnce(io::Error) -> ClusterError {
-    move |source| ClusterError::Io {
+    move |error| ClusterError::Io {
         context: context.to_string(),
-        source,
+        error,
     }
 }
 

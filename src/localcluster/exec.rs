@@ -45,9 +45,9 @@ pub(super) fn poll_until(
 pub(super) fn run(cmd: &mut Command) -> Result<String, ClusterError> {
     let command = describe(cmd);
     debug!(%command, "running");
-    let out = cmd.output().map_err(|source| ClusterError::Spawn {
+    let out = cmd.output().map_err(|error| ClusterError::Spawn {
         command: command.clone(),
-        source,
+        error,
     })?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if out.status.success() {

@@ -273,9 +273,9 @@ impl LocalCluster {
         cmd.arg("status")
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let status = cmd.status().map_err(|source| ClusterError::Spawn {
+        let status = cmd.status().map_err(|error| ClusterError::Spawn {
             command: describe(&cmd),
-            source,
+            error,
         })?;
         // 0 = running, 3 = not running, 4 = no usable data directory.
         Ok(status.success())

@@ -50,9 +50,9 @@ impl LocalCluster {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .process_group(0);
-        let child = cmd.spawn().map_err(|source| ClusterError::Spawn {
+        let child = cmd.spawn().map_err(|error| ClusterError::Spawn {
             command: describe(&cmd),
-            source,
+            error,
         })?;
         self.reaper = Some(child);
         Ok(())

@@ -5,7 +5,8 @@
 //! budget for target `standby`), or the chosen node refuses the connection
 //! before the monitor has noticed it is gone, the session waits for the next
 //! topology generation instead of failing, up to the hold timeout. A failover
-//! then looks like a slow connect, not an error.
+//! then looks like a slow connect, not an error. A shutdown ends the wait at
+//! once (57P01).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -99,8 +100,12 @@ pub async fn connect(
         // Wake on a new generation, or after one monitor interval: lag
         // figures (a standby catching up) and an unreachable node coming back
         // change no generation. A last attempt is made at the deadline.
+        // A shutdown ends the wait at once: the hold timeout may be long.
         let wake = (Instant::now() + settings.monitor.interval).min(deadline);
-        let _ = tokio::time::timeout_at(wake.into(), changes.changed()).await;
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return Err(SessionError::ShuttingDown),
+            _ = tokio::time::timeout_at(wake.into(), changes.changed()) => {}
+        }
         avoid.clear();
     }
 }

@@ -31,24 +31,34 @@ impl EndReason {
         }
     }
 
+    /// What the client is told: the reason, said once to come from pgpivot.
     pub fn message(&self) -> String {
         match self {
+            EndReason::Shutdown => "pgpivot is shutting down".into(),
+            _ => format!("pgpivot: {}", self.detail()),
+        }
+    }
+
+    /// The reason without the "pgpivot: " prefix, for messages that carry
+    /// their own (a failed connect's, say).
+    pub fn detail(&self) -> String {
+        match self {
             EndReason::NotPrimary { node, new_primary } => match new_primary {
-                Some(p) => format!(
-                    "pgpivot: {node} is no longer the primary; the new primary is {p}: reconnect"
-                ),
+                Some(p) => {
+                    format!("{node} is no longer the primary; the new primary is {p}: reconnect")
+                }
                 None => format!(
-                    "pgpivot: {node} is no longer the primary and no primary is available yet: reconnect"
+                    "{node} is no longer the primary and no primary is available yet: reconnect"
                 ),
             },
-            EndReason::NodeLost { node } => format!("pgpivot: lost server {node}"),
+            EndReason::NodeLost { node } => format!("lost server {node}"),
             EndReason::Promoted { node } => {
-                format!("pgpivot: {node} was promoted and is no longer a standby: reconnect")
+                format!("{node} was promoted and is no longer a standby: reconnect")
             }
             EndReason::Lagging { node } => {
-                format!("pgpivot: {node} fell behind the lag budget of this session: reconnect")
+                format!("{node} fell behind the lag budget of this session: reconnect")
             }
-            EndReason::Shutdown => "pgpivot is shutting down".into(),
+            EndReason::Shutdown => "the proxy is shutting down".into(),
         }
     }
 
@@ -201,5 +211,28 @@ mod tests {
             eligibility(&promoted, 0, Target::PreferStandby, true),
             Some(EndReason::NodeLost { .. })
         ));
+    }
+
+    #[test]
+    fn messages_name_pgpivot_once_and_details_not_at_all() {
+        let node = || "pg1".to_string();
+        let reasons = [
+            EndReason::NotPrimary {
+                node: node(),
+                new_primary: Some("pg2".into()),
+            },
+            EndReason::NotPrimary {
+                node: node(),
+                new_primary: None,
+            },
+            EndReason::NodeLost { node: node() },
+            EndReason::Promoted { node: node() },
+            EndReason::Lagging { node: node() },
+            EndReason::Shutdown,
+        ];
+        for r in reasons {
+            assert_eq!(r.message().matches("pgpivot").count(), 1, "{r:?}");
+            assert!(!r.detail().contains("pgpivot"), "{r:?}");
+        }
     }
 }

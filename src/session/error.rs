@@ -33,6 +33,9 @@ pub enum SessionError {
     NotPrimaryAnymore { node: String },
     #[error("pgpivot is paused and was not resumed within the hold timeout")]
     Paused,
+    /// Shutdown began while the session waited for a node or at a pause.
+    #[error("pgpivot is shutting down")]
+    ShuttingDown,
     #[error("backend closed the connection during authentication")]
     BackendClosedDuringAuth,
     #[error("backend sent an invalid message during authentication: {0}")]
@@ -64,6 +67,7 @@ impl SessionError {
             ),
             BadParameter { .. } => fatal(sqlstate::INVALID_PARAMETER_VALUE, self.to_string()),
             Paused => fatal(sqlstate::CANNOT_CONNECT_NOW, self.to_string()),
+            ShuttingDown => fatal(sqlstate::ADMIN_SHUTDOWN, self.to_string()),
             NoRoute { .. } | BackendUnavailable { .. } | NotPrimaryAnymore { .. } => {
                 fatal(sqlstate::CANNOT_CONNECT_NOW, format!("pgpivot: {self}"))
             }
@@ -86,6 +90,7 @@ impl SessionError {
             Tls(_) | TlsRequired => "tls",
             BadParameter { .. } => "bad_parameter",
             NoRoute { .. } | Paused => "no_route",
+            ShuttingDown => "shutdown",
             BackendUnavailable { .. } | NotPrimaryAnymore { .. } => "backend_unavailable",
             BackendClosedDuringAuth | BackendProtocol(_) => "backend_lost",
             AuthRejected => "auth_failed",

@@ -101,7 +101,15 @@ async fn run(
             .pause
             .enter(request.target.needs_primary(), busy_gauge),
     );
-    let starting = or_reply(&mut client, entered.await.map_err(|_| SessionError::Paused)).await?;
+    // A shutdown reaches a session waiting here at once (and one that
+    // arrives after it began goes no further: it would be ended at its
+    // first idle point anyway).
+    let entered = tokio::select! {
+        biased;
+        _ = shared.shutdown.cancelled() => Err(SessionError::ShuttingDown),
+        entered = entered => entered.map_err(|_| SessionError::Paused),
+    };
+    let starting = or_reply(&mut client, entered).await?;
     let connected = connect::connect(shared, &request, &startup).await;
     let mut connected = or_reply(&mut client, connected).await?;
     tracing::Span::current().record("node", connected.name.as_str());
@@ -187,7 +195,8 @@ async fn authenticate(
             r.unwrap_or_else(|_| Err(unavailable("authentication timed out".into(), AUTH_TIMEOUT.as_millis())))
         }
         reason = ending::lost(&shared.topology, connected.node, request.target, routed_to_standby) => {
-            Err(unavailable(reason.message(), 0))
+            // `BackendUnavailable` says "pgpivot:" itself.
+            Err(unavailable(reason.detail(), 0))
         }
     };
     if let Err(SessionError::NotPrimaryAnymore { .. }) = &result {
