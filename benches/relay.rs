@@ -33,27 +33,62 @@
 //!   configs in temporary directories, if `pgbouncer` / `haproxy` are on the
 //!   machine (the bench tries `apt-get install` once when they are missing).
 //!
+//! * **cost** (the figures to compare proxies by): pgbench `-n -S -M
+//!   extended -c 8 -j 2 -R RATE -T SECS`, a fixed rate below every target's
+//!   maximum, in interleaved rounds; per transaction actually processed, the
+//!   proxy process's CPU (utime+stime, `/proc/PID/stat`), the machine's busy
+//!   CPU (`/proc/stat`; `hop` is that minus direct's), the proxy's context
+//!   switches (`/proc/PID/task/*/status`) and, from one more run per target
+//!   with `perf stat -e raw_syscalls:sys_enter -p PID` attached, its
+//!   syscalls; medians, with ratios to PgBouncer's. The method of
+//!   `shared/tools/cost.sh`; see `common/cost.rs`.
+//! * **callgrind**: the `pgpivot` binary under `valgrind --tool=callgrind`,
+//!   user-space instructions per transaction and per connection opened
+//!   (two pgbench `-t` windows of one process; see `common/callgrind.rs`).
+//!   Skipped with a note when valgrind is missing.
+//!
 //! How to read the tables: `tps/direct` below 1 is the throughput a hop
 //! costs; `p50/direct` and `p99/direct` above 1 are the latency it adds.
 //! Everything (servers, proxies and load generator) shares this machine's
-//! CPUs, so with few cores the ratios also measure CPU contention, not only
-//! relay overhead; compare rows of one run rather than runs on different
-//! machines.
+//! CPUs, so with few cores the saturated ratios also measure CPU contention,
+//! not only relay overhead, and move ±10 % between runs; the cost table's
+//! CPU per transaction at a fixed rate is the steadier comparison. Compare
+//! rows of one run rather than runs on different machines.
+//!
+//! Knobs (command line first, then environment, then default):
+//!
+//! | flag | env | default | what |
+//! | --- | --- | --- | --- |
+//! | `--clients` | `PGPIVOT_BENCH_CLIENTS` | 8 | select-case clients |
+//! | `--seconds` | `PGPIVOT_BENCH_SECONDS` | 10 | select-case seconds per target |
+//! | `--rate` | `RELAY_BENCH_RATE` | 4000 | cost case: pgbench `-R` (tx/s) |
+//! | `--cost-seconds` | `RELAY_BENCH_SECS` | 10 | cost case: pgbench `-T` per round |
+//! | `--rounds` | `RELAY_BENCH_ROUNDS` | 3 | cost case: interleaved rounds |
+//! | `--callgrind-tx` | `RELAY_BENCH_CALLGRIND_TX` | 2500 | callgrind: tx per client (2 clients) of the big window; 0 skips |
+//! | `--cases` | `RELAY_BENCH_CASES` | select,bulk,cost,callgrind | which cases run |
+//! | `--no-syscalls` | | | cost case without the perf pass |
+//! | `--pgpivot` | | process | process, in-process or both |
+//!
+//! The default run takes about 4½ minutes on 2 cores (cost ≈ 3 min,
+//! callgrind ≈ 20 s).
 //!
 //! ```text
 //! cargo bench --bench relay
 //! cargo bench --bench relay -- --clients 16 --seconds 5 --pgpivot process
-//! PGPIVOT_BENCH_CLIENTS=4 PGPIVOT_BENCH_SECONDS=3 cargo bench --bench relay
+//! cargo bench --bench relay -- --cases cost --rate 2000 --cost-seconds 5 --rounds 1
+//! PGPIVOT_BENCH_CLIENTS=4 PGPIVOT_BENCH_SECONDS=3 RELAY_BENCH_CASES=cost,callgrind cargo bench --bench relay
 //! ```
 
+#[path = "common/callgrind.rs"]
+mod callgrind;
 mod common;
+#[path = "common/cost.rs"]
+mod cost;
+#[path = "common/fleet.rs"]
+mod fleet;
 
-use std::fs::{self, File};
-use std::os::unix::fs::chown;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::pin;
-use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -61,12 +96,13 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Parser, ValueEnum};
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
-use tempfile::TempDir;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 
-use pgpivot::config::FileConfig;
-use pgpivot::localcluster::{free_port, ClusterOptions, LocalCluster, PASSWORD, SUPERUSER};
-use pgpivot::proxy::Proxy;
+use pgpivot::localcluster::{ClusterOptions, LocalCluster};
+
+use callgrind::{callgrind_case, print_callgrind, CallgrindParams};
+use cost::{cost_case, pgbench_init, print_cost, CostParams};
+use fleet::{Fleet, PgpivotMode, Target};
 
 /// Rows of `bench_kv`.
 const ROWS: i32 = 10_000;
@@ -79,11 +115,8 @@ const BULK_ROWS: usize = 100_000;
 const BULK_WIDTH: usize = 1_000;
 /// Runs of the bulk case per target.
 const BULK_RUNS: usize = 3;
-/// How long a started proxy gets to answer its first query.
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
-/// OS account that runs PgBouncer when the bench runs as root (PgBouncer
-/// refuses root); the one [`LocalCluster`] runs the servers as.
-const OS_USER: &str = "postgres";
+/// pgbench clients of the callgrind case.
+const CALLGRIND_CLIENTS: u32 = 2;
 
 /// Command line, after `cargo bench --bench relay --`.
 #[derive(Parser, Debug)]
@@ -96,6 +129,25 @@ struct Options {
     /// [env: PGPIVOT_BENCH_SECONDS] [default: 10].
     #[arg(long)]
     seconds: Option<u64>,
+    /// Cost case: pgbench rate, tx/s [env: RELAY_BENCH_RATE] [default: 4000].
+    #[arg(long)]
+    rate: Option<u32>,
+    /// Cost case: seconds per run [env: RELAY_BENCH_SECS] [default: 10].
+    #[arg(long)]
+    cost_seconds: Option<u64>,
+    /// Cost case: interleaved rounds [env: RELAY_BENCH_ROUNDS] [default: 3].
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Callgrind case: transactions per client of the big window, 0 skips
+    /// the case [env: RELAY_BENCH_CALLGRIND_TX] [default: 2500].
+    #[arg(long)]
+    callgrind_tx: Option<u64>,
+    /// Cases to run, comma-separated [env: RELAY_BENCH_CASES] [default: all].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    cases: Vec<Case>,
+    /// Cost case without the perf pass for syscalls per transaction.
+    #[arg(long)]
+    no_syscalls: bool,
     /// Which pgpivot deployments to measure.
     #[arg(long, value_enum, default_value_t = PgpivotMode::Process)]
     pgpivot: PgpivotMode,
@@ -104,15 +156,17 @@ struct Options {
     bench: bool,
 }
 
-/// Where pgpivot runs during the bench.
+/// A part of the bench.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum PgpivotMode {
-    /// A child process running the `pgpivot` binary.
-    Process,
-    /// Inside the bench's own tokio runtime.
-    InProcess,
-    /// Both, as two targets.
-    Both,
+enum Case {
+    /// Saturated prepared selects.
+    Select,
+    /// Bulk COPY out.
+    Bulk,
+    /// CPU per transaction at a fixed rate.
+    Cost,
+    /// pgpivot's instructions per transaction under callgrind.
+    Callgrind,
 }
 
 /// The resolved run parameters.
@@ -121,32 +175,68 @@ struct Config {
     clients: usize,
     measured: Duration,
     pgpivot: PgpivotMode,
+    cases: Vec<Case>,
+    cost: CostParams,
+    callgrind: CallgrindParams,
 }
 
 impl Config {
     /// Command line first, then the environment, then the defaults.
     fn load() -> anyhow::Result<Config> {
         let opts = Options::parse();
-        let clients = opts
-            .clients
-            .map(Ok)
-            .or_else(|| env_var("PGPIVOT_BENCH_CLIENTS"))
-            .transpose()?
-            .unwrap_or(8);
-        let seconds = opts
-            .seconds
-            .map(Ok)
-            .or_else(|| env_var("PGPIVOT_BENCH_SECONDS"))
-            .transpose()?
-            .unwrap_or(10);
-        if clients == 0 || seconds == 0 {
-            bail!("clients and seconds must be at least 1");
+        let clients = pick(opts.clients, "PGPIVOT_BENCH_CLIENTS", 8)?;
+        let seconds = pick(opts.seconds, "PGPIVOT_BENCH_SECONDS", 10)?;
+        let rate = pick(opts.rate, "RELAY_BENCH_RATE", 4000)?;
+        let cost_seconds = pick(opts.cost_seconds, "RELAY_BENCH_SECS", 10)?;
+        let rounds = pick(opts.rounds, "RELAY_BENCH_ROUNDS", 3)?;
+        let callgrind_tx = pick(opts.callgrind_tx, "RELAY_BENCH_CALLGRIND_TX", 2500)?;
+        if clients == 0 || seconds == 0 || rate == 0 || cost_seconds == 0 || rounds == 0 {
+            bail!("clients, seconds, rate, cost seconds and rounds must be at least 1");
+        }
+        let mut cases = opts.cases;
+        if cases.is_empty() {
+            cases = match std::env::var("RELAY_BENCH_CASES") {
+                Ok(list) => list
+                    .split(',')
+                    .map(|c| {
+                        <Case as ValueEnum>::from_str(c.trim(), true)
+                            .map_err(|e| anyhow!("RELAY_BENCH_CASES: {e}"))
+                    })
+                    .collect::<anyhow::Result<_>>()?,
+                Err(_) => vec![Case::Select, Case::Bulk, Case::Cost, Case::Callgrind],
+            };
+        }
+        if callgrind_tx == 0 {
+            cases.retain(|c| *c != Case::Callgrind);
         }
         Ok(Config {
             clients,
             measured: Duration::from_secs(seconds),
             pgpivot: opts.pgpivot,
+            cases,
+            cost: CostParams {
+                rate,
+                seconds: cost_seconds,
+                rounds,
+                syscalls: !opts.no_syscalls,
+            },
+            callgrind: CallgrindParams {
+                tx_per_client: callgrind_tx,
+                clients: CALLGRIND_CLIENTS,
+            },
         })
+    }
+
+    fn runs(&self, case: Case) -> bool {
+        self.cases.contains(&case)
+    }
+}
+
+/// `flag`, else environment variable `env`, else `default`.
+fn pick<T: FromStr>(flag: Option<T>, env: &str, default: T) -> anyhow::Result<T> {
+    match flag {
+        Some(v) => Ok(v),
+        None => env_var(env).transpose().map(|v| v.unwrap_or(default)),
     }
 }
 
@@ -158,410 +248,6 @@ fn env_var<T: FromStr>(name: &str) -> Option<anyhow::Result<T>> {
             .parse()
             .map_err(|_| anyhow!("{name}={value} is not a valid value")),
     )
-}
-
-/// One endpoint the cases run against.
-struct Target {
-    name: String,
-    conn_string: String,
-}
-
-impl Target {
-    /// A target on `127.0.0.1:port`, logging in as the cluster's superuser.
-    fn local(name: &str, port: u16) -> Target {
-        Target {
-            name: name.to_owned(),
-            conn_string: format!(
-                "host=127.0.0.1 port={port} user={SUPERUSER} password={PASSWORD} dbname=postgres"
-            ),
-        }
-    }
-
-    /// The primary itself.
-    fn direct(cluster: &LocalCluster) -> Target {
-        Target::local("direct", cluster.node(0).port)
-    }
-
-    /// A new connection, its driver task spawned on the runtime.
-    async fn connect(&self) -> anyhow::Result<Client> {
-        let (client, connection) = tokio_postgres::connect(&self.conn_string, NoTls)
-            .await
-            .with_context(|| format!("cannot connect to {}", self.name))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(client)
-    }
-}
-
-/// A proxy running as a child process, with the temporary directory holding
-/// its config and log. Dropping it kills the process (also when a panic
-/// unwinds) and then removes the directory.
-struct Peer {
-    child: Child,
-    log: PathBuf,
-    _dir: TempDir,
-}
-
-impl Peer {
-    /// Spawns `cmd` with stdin closed and stdout and stderr written to
-    /// `<dir>/<name>.log`.
-    fn spawn(name: &str, dir: TempDir, mut cmd: Command) -> anyhow::Result<Peer> {
-        let log = dir.path().join(format!("{name}.log"));
-        let out = File::create(&log).context("cannot create a log file")?;
-        cmd.stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot run {:?}", cmd.get_program()))?;
-        Ok(Peer {
-            child,
-            log,
-            _dir: dir,
-        })
-    }
-
-    /// Waits until `target` (served by this peer) answers a query; fails
-    /// early, quoting the log, if the process exits.
-    async fn wait_ready(&mut self, target: &Target) -> anyhow::Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let err = match answers(target).await {
-                Ok(()) => return Ok(()),
-                Err(err) => err,
-            };
-            if let Some(status) = self.child.try_wait()? {
-                bail!("{} exited ({status}):\n{}", target.name, self.log_tail());
-            }
-            if Instant::now() >= deadline {
-                bail!("{} is not ready: {err:#}\n{}", target.name, self.log_tail());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// The last lines of the peer's log.
-    fn log_tail(&self) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Whether `target` runs `select 1`.
-async fn answers(target: &Target) -> anyhow::Result<()> {
-    let client = target.connect().await?;
-    client.simple_query("select 1").await?;
-    Ok(())
-}
-
-/// Every target, and what keeps them running.
-struct Fleet {
-    targets: Vec<Target>,
-    peers: Vec<Peer>,
-    in_process: Option<Proxy>,
-}
-
-impl Fleet {
-    /// Starts every target the config and the machine allow, in table
-    /// order. Targets that cannot be had are explained in `notes`.
-    async fn start(
-        cluster: &LocalCluster,
-        cfg: &Config,
-        notes: &mut Vec<String>,
-    ) -> anyhow::Result<Fleet> {
-        let mut fleet = Fleet {
-            targets: vec![Target::direct(cluster)],
-            peers: Vec::new(),
-            in_process: None,
-        };
-        let mut in_process = cfg.pgpivot != PgpivotMode::Process;
-        if cfg.pgpivot != PgpivotMode::InProcess {
-            let binary = Path::new(env!("CARGO_BIN_EXE_pgpivot"));
-            if binary.is_file() {
-                let started = start_pgpivot_process(binary, cluster, "");
-                fleet.add_peer("pgpivot", started).await?;
-                // The cost of the relay's metrics: the same binary with
-                // round-trip timing and byte counting switched off.
-                let started = start_pgpivot_process(binary, cluster, METRICS_OFF);
-                fleet
-                    .add_peer("pgpivot (relay_timing off)", started)
-                    .await?;
-            } else {
-                notes.push(format!(
-                    "pgpivot (process): {} not found, measured in-process instead",
-                    binary.display()
-                ));
-                in_process = true;
-            }
-        }
-        if in_process {
-            let (target, proxy) = start_pgpivot_in_process(cluster).await?;
-            fleet.targets.push(target);
-            fleet.in_process = Some(proxy);
-        }
-        let tools = find_or_install(&["pgbouncer", "haproxy"], notes);
-        if let Some(bin) = &tools[0] {
-            let started = start_pgbouncer(bin, cluster, cfg.clients);
-            fleet
-                .add_optional_peer("pgbouncer (session)", started, notes)
-                .await;
-        }
-        if let Some(bin) = &tools[1] {
-            let started = start_haproxy(bin, cluster);
-            fleet
-                .add_optional_peer("haproxy (tcp)", started, notes)
-                .await;
-        }
-        Ok(fleet)
-    }
-
-    /// Adds a started child process as a target once it answers.
-    async fn add_peer(
-        &mut self,
-        name: &str,
-        started: anyhow::Result<(u16, Peer)>,
-    ) -> anyhow::Result<()> {
-        let (port, mut peer) = started?;
-        let target = Target::local(name, port);
-        peer.wait_ready(&target).await?;
-        self.targets.push(target);
-        self.peers.push(peer);
-        Ok(())
-    }
-
-    /// Like [`Fleet::add_peer`] for a peer the bench can do without: a
-    /// failure becomes a note.
-    async fn add_optional_peer(
-        &mut self,
-        name: &str,
-        started: anyhow::Result<(u16, Peer)>,
-        notes: &mut Vec<String>,
-    ) {
-        if let Err(err) = self.add_peer(name, started).await {
-            notes.push(format!("{name}: did not start, skipped: {err:#}"));
-        }
-    }
-
-    /// Stops the in-process proxy gracefully, then kills the peers.
-    async fn stop(self) {
-        if let Some(proxy) = self.in_process {
-            proxy.shutdown(Duration::from_secs(5)).await;
-        }
-        drop(self.peers);
-    }
-}
-
-/// The pgpivot config used by both deployments, as TOML: one read-write
-/// listener on `address`, every cluster node, the superuser as monitor,
-/// quiet logs. Every other key keeps its default.
-fn pgpivot_toml(cluster: &LocalCluster, address: &str) -> String {
-    let mut text = format!(
-        "[[listeners]]\naddress = \"{address}\"\ntarget = \"read-write\"\n\n\
-         [monitor]\nuser = \"{SUPERUSER}\"\npassword = \"{PASSWORD}\"\n\n\
-         [log]\nfilter = \"warn\"\n"
-    );
-    for node in cluster.nodes() {
-        text += &format!(
-            "\n[[nodes]]\nname = \"{}\"\naddress = \"{}\"\n",
-            node.name,
-            node.address()
-        );
-    }
-    text
-}
-
-/// Config lines that switch the relay's per-round-trip metrics off.
-const METRICS_OFF: &str = "\n[metrics]\nrelay_timing = false\n";
-
-/// Runs the `pgpivot` binary with a generated config (plus `extra` TOML) on
-/// a free port.
-fn start_pgpivot_process(
-    binary: &Path,
-    cluster: &LocalCluster,
-    extra: &str,
-) -> anyhow::Result<(u16, Peer)> {
-    let port = free_port();
-    let dir = TempDir::with_prefix("pgpivot-bench-")?;
-    let config = dir.path().join("pgpivot.toml");
-    let text = pgpivot_toml(cluster, &format!("127.0.0.1:{port}")) + extra;
-    fs::write(&config, text)?;
-    let mut cmd = Command::new(binary);
-    cmd.arg("--config").arg(&config);
-    // pgpivot reads every PGPIVOT_* variable as a config key, and rejects
-    // unknown ones such as this bench's own PGPIVOT_BENCH_*.
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("PGPIVOT_") {
-            cmd.env_remove(key);
-        }
-    }
-    Ok((port, Peer::spawn("pgpivot", dir, cmd)?))
-}
-
-/// Starts pgpivot inside this runtime and waits until it knows the primary.
-async fn start_pgpivot_in_process(cluster: &LocalCluster) -> anyhow::Result<(Target, Proxy)> {
-    let file: FileConfig = toml::from_str(&pgpivot_toml(cluster, "127.0.0.1:0"))?;
-    let settings = file.validate()?;
-    let proxy = Proxy::start(settings).await?;
-    if !proxy.wait_for_primary(READY_TIMEOUT).await {
-        bail!("in-process pgpivot found no primary");
-    }
-    let target = Target::local("pgpivot (in-process)", proxy.addresses[0].port());
-    Ok((target, proxy))
-}
-
-/// Runs PgBouncer in session mode in front of the primary, with SCRAM for
-/// clients (plain password in the auth file) and pools big enough for every
-/// select client.
-fn start_pgbouncer(
-    binary: &Path,
-    cluster: &LocalCluster,
-    clients: usize,
-) -> anyhow::Result<(u16, Peer)> {
-    let port = free_port();
-    let dir = TempDir::with_prefix("pgpivot-bench-pgbouncer-")?;
-    let userlist = dir.path().join("userlist.txt");
-    fs::write(&userlist, format!("\"{SUPERUSER}\" \"{PASSWORD}\"\n"))?;
-    let ini = dir.path().join("pgbouncer.ini");
-    let pool = clients + 2;
-    fs::write(
-        &ini,
-        format!(
-            "[databases]\n\
-             postgres = host=127.0.0.1 port={primary} dbname=postgres \
-             user={SUPERUSER} password={PASSWORD}\n\
-             [pgbouncer]\n\
-             listen_addr = 127.0.0.1\n\
-             listen_port = {port}\n\
-             unix_socket_dir =\n\
-             auth_type = scram-sha-256\n\
-             auth_file = {userlist}\n\
-             pool_mode = session\n\
-             max_client_conn = {max_client}\n\
-             default_pool_size = {pool}\n\
-             ignore_startup_parameters = extra_float_digits,options\n",
-            primary = cluster.node(0).port,
-            userlist = userlist.display(),
-            max_client = pool * 2,
-        ),
-    )?;
-    let mut cmd = Command::new(binary);
-    cmd.arg(&ini);
-    run_unprivileged(&mut cmd, dir.path())?;
-    Ok((port, Peer::spawn("pgbouncer", dir, cmd)?))
-}
-
-/// Runs HAProxy in TCP mode in the foreground, one backend: the primary.
-fn start_haproxy(binary: &Path, cluster: &LocalCluster) -> anyhow::Result<(u16, Peer)> {
-    let port = free_port();
-    let dir = TempDir::with_prefix("pgpivot-bench-haproxy-")?;
-    let cfg = dir.path().join("haproxy.cfg");
-    fs::write(
-        &cfg,
-        format!(
-            "global\n    maxconn 4096\n\
-             defaults\n    mode tcp\n    timeout connect 5s\n\
-             \x20   timeout client 1h\n    timeout server 1h\n\
-             frontend pg\n    bind 127.0.0.1:{port}\n    default_backend primary\n\
-             backend primary\n    server primary 127.0.0.1:{primary}\n",
-            primary = cluster.node(0).port,
-        ),
-    )?;
-    let mut cmd = Command::new(binary);
-    cmd.arg("-db").arg("-f").arg(&cfg);
-    Ok((port, Peer::spawn("haproxy", dir, cmd)?))
-}
-
-/// When this process is root, makes `cmd` run as [`OS_USER`] and hands
-/// `dir` (which holds its config) to that account.
-fn run_unprivileged(cmd: &mut Command, dir: &Path) -> anyhow::Result<()> {
-    if effective_uid()? != 0 {
-        return Ok(());
-    }
-    let (uid, gid) = account(OS_USER)?;
-    chown(dir, Some(uid), Some(gid))?;
-    cmd.uid(uid).gid(gid);
-    Ok(())
-}
-
-/// Effective uid, from `/proc/self/status`.
-fn effective_uid() -> anyhow::Result<u32> {
-    let status = fs::read_to_string("/proc/self/status")?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1)?.parse().ok())
-        .context("no effective uid in /proc/self/status")
-}
-
-/// Uid and gid of account `name`, from `/etc/passwd`.
-fn account(name: &str) -> anyhow::Result<(u32, u32)> {
-    let passwd = fs::read_to_string("/etc/passwd")?;
-    passwd
-        .lines()
-        .map(|l| l.split(':').collect::<Vec<_>>())
-        .find_map(|f| match f[..] {
-            [user, _, uid, gid, ..] if user == name => Some((uid.parse().ok()?, gid.parse().ok()?)),
-            _ => None,
-        })
-        .with_context(|| format!("no account {name} in /etc/passwd"))
-}
-
-/// Finds each of `tools`; when some are missing, tries `apt-get install`
-/// once. Each tool still missing gets a note.
-fn find_or_install(tools: &[&str], notes: &mut Vec<String>) -> Vec<Option<PathBuf>> {
-    let missing: Vec<&str> = tools
-        .iter()
-        .copied()
-        .filter(|t| which(t).is_none())
-        .collect();
-    if !missing.is_empty() && which("apt-get").is_some() {
-        eprintln!("installing {} with apt-get...", missing.join(" "));
-        let installed = Command::new("apt-get")
-            .args(["install", "-y", "-qq"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .output();
-        match installed {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => notes.push(format!(
-                "apt-get install {} failed: {}",
-                missing.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )),
-            Err(err) => notes.push(format!("cannot run apt-get: {err}")),
-        }
-    }
-    tools
-        .iter()
-        .map(|t| {
-            let found = which(t);
-            if found.is_none() {
-                notes.push(format!("{t}: not installed, skipped"));
-            }
-            found
-        })
-        .collect()
-}
-
-/// `tool`'s path on `PATH` or in an `sbin` directory (where Debian puts
-/// daemons, and which a non-root `PATH` often lacks).
-fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(tool))
-        .find(|p| p.is_file())
 }
 
 /// Creates and fills `bench_kv` on the primary.
@@ -602,15 +288,19 @@ impl SelectResult {
 
 /// Runs the select case against `target`: connects and prepares every
 /// client first, then starts them together.
-async fn run_select(target: &Target, cfg: &Config) -> anyhow::Result<SelectResult> {
-    let mut clients = Vec::with_capacity(cfg.clients);
-    for _ in 0..cfg.clients {
+async fn run_select(
+    target: &Target,
+    n_clients: usize,
+    measured: Duration,
+) -> anyhow::Result<SelectResult> {
+    let mut clients = Vec::with_capacity(n_clients);
+    for _ in 0..n_clients {
         let client = target.connect().await?;
         let statement = client.prepare(SELECT_SQL).await?;
         clients.push((client, statement));
     }
     let recording = Instant::now() + WARMUP;
-    let end = recording + cfg.measured;
+    let end = recording + measured;
     let tasks: Vec<_> = clients
         .into_iter()
         .enumerate()
@@ -624,7 +314,7 @@ async fn run_select(target: &Target, cfg: &Config) -> anyhow::Result<SelectResul
     }
     Ok(SelectResult {
         latencies,
-        measured: cfg.measured,
+        measured,
     })
 }
 
@@ -701,10 +391,7 @@ impl BulkResult {
 /// for a share of the measured time, merged per target, so slow drift of
 /// the machine (other load, CPU frequency) spreads over all targets alike.
 async fn select_case(targets: &[Target], cfg: &Config) -> Vec<anyhow::Result<SelectResult>> {
-    let share = Config {
-        measured: cfg.measured / SELECT_ROUNDS,
-        ..*cfg
-    };
+    let share = cfg.measured / SELECT_ROUNDS;
     let mut results: Vec<anyhow::Result<SelectResult>> = targets
         .iter()
         .map(|_| {
@@ -718,7 +405,7 @@ async fn select_case(targets: &[Target], cfg: &Config) -> Vec<anyhow::Result<Sel
         for (target, merged) in targets.iter().zip(results.iter_mut()) {
             let Ok(total) = merged else { continue };
             eprintln!("select: {} round {round}/{SELECT_ROUNDS} ...", target.name);
-            match run_select(target, &share).await {
+            match run_select(target, cfg.clients, share).await {
                 Ok(r) => {
                     eprintln!("select: {}: {:.1} tps", target.name, r.tps());
                     total.measured += r.measured;
@@ -818,28 +505,64 @@ fn print_bulk(targets: &[Target], results: &[anyhow::Result<BulkResult>]) {
     }
 }
 
-/// Everything inside the runtime: table, targets, both cases, tables.
-/// Progress goes to stderr, the tables to stdout.
+/// Everything inside the runtime: tables, targets, the cases, the printed
+/// tables. Progress goes to stderr, the tables to stdout.
 /// Fails at the end if any run failed.
 async fn bench(cluster: &LocalCluster, cfg: &Config) -> anyhow::Result<()> {
     create_table(cluster).await?;
+    if cfg.runs(Case::Cost) || cfg.runs(Case::Callgrind) {
+        pgbench_init(cluster).await?;
+    }
     let mut notes = Vec::new();
-    let fleet = Fleet::start(cluster, cfg, &mut notes).await?;
+    let fleet = Fleet::start(cluster, cfg.pgpivot, cfg.clients, &mut notes).await?;
     for note in &notes {
         eprintln!("note: {note}");
     }
-    let select = select_case(&fleet.targets, cfg).await;
-    let bulk = bulk_case(&fleet.targets).await;
+    let targets = &fleet.targets;
+    let select = if cfg.runs(Case::Select) {
+        select_case(targets, cfg).await
+    } else {
+        Vec::new()
+    };
+    let bulk = if cfg.runs(Case::Bulk) {
+        bulk_case(targets).await
+    } else {
+        Vec::new()
+    };
+    let cost = if cfg.runs(Case::Cost) {
+        cost_case(cluster, targets, &cfg.cost, &mut notes).await
+    } else {
+        Vec::new()
+    };
+    let binary = Path::new(env!("CARGO_BIN_EXE_pgpivot"));
+    let callgrind = if cfg.runs(Case::Callgrind) {
+        Some(callgrind_case(cluster, binary, &cfg.callgrind).await)
+    } else {
+        None
+    };
 
-    println!();
-    print_select(&fleet.targets, &select, cfg);
-    println!();
-    print_bulk(&fleet.targets, &bulk);
+    if !select.is_empty() {
+        println!();
+        print_select(targets, &select, cfg);
+    }
+    if !bulk.is_empty() {
+        println!();
+        print_bulk(targets, &bulk);
+    }
+    if !cost.is_empty() {
+        println!();
+        print_cost(targets, &cost, &cfg.cost);
+    }
+    if let Some(result) = &callgrind {
+        println!();
+        print_callgrind(result, &cfg.callgrind);
+    }
     for note in &notes {
         println!("note: {note}");
     }
-    let failed =
-        select.iter().filter(|r| r.is_err()).count() + bulk.iter().filter(|r| r.is_err()).count();
+    let failed = select.iter().filter(|r| r.is_err()).count()
+        + bulk.iter().filter(|r| r.is_err()).count()
+        + cost.iter().filter(|r| r.is_err()).count();
     fleet.stop().await;
     if failed > 0 {
         bail!("{failed} run(s) failed");

@@ -1,0 +1,465 @@
+//! The relay bench's targets: a direct connection, pgpivot (as a child
+//! process or in-process), PgBouncer and HAProxy, each reachable on
+//! `127.0.0.1` with the cluster's superuser, and, for the child processes,
+//! the PID whose `/proc` entries the cost case reads.
+
+use std::fs::{self, File};
+use std::os::unix::fs::chown;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::ValueEnum;
+use tempfile::TempDir;
+use tokio_postgres::{Client, NoTls};
+
+use pgpivot::config::FileConfig;
+use pgpivot::localcluster::{free_port, LocalCluster, PASSWORD, SUPERUSER};
+use pgpivot::proxy::Proxy;
+
+/// How long a started proxy gets to answer its first query.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// OS account that runs PgBouncer when the bench runs as root (PgBouncer
+/// refuses root); the one [`LocalCluster`] runs the servers as.
+const OS_USER: &str = "postgres";
+
+/// Where pgpivot runs during the bench.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PgpivotMode {
+    /// A child process running the `pgpivot` binary.
+    Process,
+    /// Inside the bench's own tokio runtime.
+    InProcess,
+    /// Both, as two targets.
+    Both,
+}
+
+/// One endpoint the cases run against.
+pub struct Target {
+    pub name: String,
+    pub conn_string: String,
+    /// `127.0.0.1` port it listens on.
+    pub port: u16,
+    /// The proxy's own process, when it runs as a child of the bench.
+    pub pid: Option<u32>,
+}
+
+impl Target {
+    /// A target on `127.0.0.1:port`, logging in as the cluster's superuser.
+    pub fn local(name: &str, port: u16) -> Target {
+        Target {
+            name: name.to_owned(),
+            port,
+            pid: None,
+            conn_string: format!(
+                "host=127.0.0.1 port={port} user={SUPERUSER} password={PASSWORD} dbname=postgres"
+            ),
+        }
+    }
+
+    /// The primary itself.
+    pub fn direct(cluster: &LocalCluster) -> Target {
+        Target::local("direct", cluster.node(0).port)
+    }
+
+    /// A new connection, its driver task spawned on the runtime.
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        let (client, connection) = tokio_postgres::connect(&self.conn_string, NoTls)
+            .await
+            .with_context(|| format!("cannot connect to {}", self.name))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+}
+
+/// A proxy running as a child process, with the temporary directory holding
+/// its config and log. Dropping it kills the process (also when a panic
+/// unwinds) and then removes the directory.
+pub struct Peer {
+    pub child: Child,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Peer {
+    /// Spawns `cmd` with stdin closed and stdout and stderr written to
+    /// `<dir>/<name>.log`.
+    pub fn spawn(name: &str, dir: TempDir, mut cmd: Command) -> anyhow::Result<Peer> {
+        let log = dir.path().join(format!("{name}.log"));
+        let out = File::create(&log).context("cannot create a log file")?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot run {:?}", cmd.get_program()))?;
+        Ok(Peer {
+            child,
+            log,
+            _dir: dir,
+        })
+    }
+
+    /// Waits until `target` (served by this peer) answers a query; fails
+    /// early, quoting the log, if the process exits.
+    pub async fn wait_ready(&mut self, target: &Target, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let err = match answers(target).await {
+                Ok(()) => return Ok(()),
+                Err(err) => err,
+            };
+            if let Some(status) = self.child.try_wait()? {
+                bail!("{} exited ({status}):\n{}", target.name, self.log_tail());
+            }
+            if Instant::now() >= deadline {
+                bail!("{} is not ready: {err:#}\n{}", target.name, self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The last lines of the peer's log.
+    fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether `target` runs `select 1`.
+async fn answers(target: &Target) -> anyhow::Result<()> {
+    let client = target.connect().await?;
+    client.simple_query("select 1").await?;
+    Ok(())
+}
+
+/// Every target, and what keeps them running.
+pub struct Fleet {
+    pub targets: Vec<Target>,
+    peers: Vec<Peer>,
+    in_process: Option<Proxy>,
+}
+
+impl Fleet {
+    /// Starts every target the config and the machine allow, in table
+    /// order. Targets that cannot be had are explained in `notes`.
+    pub async fn start(
+        cluster: &LocalCluster,
+        pgpivot: PgpivotMode,
+        clients: usize,
+        notes: &mut Vec<String>,
+    ) -> anyhow::Result<Fleet> {
+        let mut fleet = Fleet {
+            targets: vec![Target::direct(cluster)],
+            peers: Vec::new(),
+            in_process: None,
+        };
+        let mut in_process = pgpivot != PgpivotMode::Process;
+        if pgpivot != PgpivotMode::InProcess {
+            let binary = Path::new(env!("CARGO_BIN_EXE_pgpivot"));
+            if binary.is_file() {
+                let started = start_pgpivot_process(binary, cluster, "");
+                fleet.add_peer("pgpivot", started).await?;
+                // The cost of the relay's metrics: the same binary with
+                // round-trip timing and byte counting switched off.
+                let started = start_pgpivot_process(binary, cluster, METRICS_OFF);
+                fleet
+                    .add_peer("pgpivot (relay_timing off)", started)
+                    .await?;
+            } else {
+                notes.push(format!(
+                    "pgpivot (process): {} not found, measured in-process instead",
+                    binary.display()
+                ));
+                in_process = true;
+            }
+        }
+        if in_process {
+            let (target, proxy) = start_pgpivot_in_process(cluster).await?;
+            fleet.targets.push(target);
+            fleet.in_process = Some(proxy);
+        }
+        let tools = find_or_install(&["pgbouncer", "haproxy"], notes);
+        if let Some(bin) = &tools[0] {
+            let started = start_pgbouncer(bin, cluster, clients);
+            fleet
+                .add_optional_peer("pgbouncer (session)", started, notes)
+                .await;
+        }
+        if let Some(bin) = &tools[1] {
+            let started = start_haproxy(bin, cluster);
+            fleet
+                .add_optional_peer("haproxy (tcp)", started, notes)
+                .await;
+        }
+        Ok(fleet)
+    }
+
+    /// Adds a started child process as a target once it answers.
+    async fn add_peer(
+        &mut self,
+        name: &str,
+        started: anyhow::Result<(u16, Peer)>,
+    ) -> anyhow::Result<()> {
+        let (port, mut peer) = started?;
+        let mut target = Target::local(name, port);
+        peer.wait_ready(&target, READY_TIMEOUT).await?;
+        target.pid = Some(peer.child.id());
+        self.targets.push(target);
+        self.peers.push(peer);
+        Ok(())
+    }
+
+    /// Like [`Fleet::add_peer`] for a peer the bench can do without: a
+    /// failure becomes a note.
+    async fn add_optional_peer(
+        &mut self,
+        name: &str,
+        started: anyhow::Result<(u16, Peer)>,
+        notes: &mut Vec<String>,
+    ) {
+        if let Err(err) = self.add_peer(name, started).await {
+            notes.push(format!("{name}: did not start, skipped: {err:#}"));
+        }
+    }
+
+    /// Stops the in-process proxy gracefully, then kills the peers.
+    pub async fn stop(self) {
+        if let Some(proxy) = self.in_process {
+            proxy.shutdown(Duration::from_secs(5)).await;
+        }
+        drop(self.peers);
+    }
+}
+
+/// The pgpivot config used by both deployments, as TOML: one read-write
+/// listener on `address`, every cluster node, the superuser as monitor,
+/// quiet logs. Every other key keeps its default.
+pub fn pgpivot_toml(cluster: &LocalCluster, address: &str, monitor_extra: &str) -> String {
+    let mut text = format!(
+        "[[listeners]]\naddress = \"{address}\"\ntarget = \"read-write\"\n\n\
+         [monitor]\nuser = \"{SUPERUSER}\"\npassword = \"{PASSWORD}\"\n{monitor_extra}\n\
+         [log]\nfilter = \"warn\"\n"
+    );
+    for node in cluster.nodes() {
+        text += &format!(
+            "\n[[nodes]]\nname = \"{}\"\naddress = \"{}\"\n",
+            node.name,
+            node.address()
+        );
+    }
+    text
+}
+
+/// Config lines that switch the relay's per-round-trip metrics off.
+const METRICS_OFF: &str = "\n[metrics]\nrelay_timing = false\n";
+
+/// Runs the `pgpivot` binary with a generated config (plus `extra` TOML) on
+/// a free port.
+pub fn start_pgpivot_process(
+    binary: &Path,
+    cluster: &LocalCluster,
+    extra: &str,
+) -> anyhow::Result<(u16, Peer)> {
+    start_pgpivot_with(cluster, "", extra, |config| {
+        let mut cmd = Command::new(binary);
+        cmd.arg("--config").arg(config);
+        cmd
+    })
+}
+
+/// Like [`start_pgpivot_process`], with `monitor_extra` lines in the
+/// `[monitor]` section and the command built by `command` from the config
+/// file's path (e.g. the binary under valgrind).
+pub fn start_pgpivot_with(
+    cluster: &LocalCluster,
+    monitor_extra: &str,
+    extra: &str,
+    command: impl FnOnce(&Path) -> Command,
+) -> anyhow::Result<(u16, Peer)> {
+    let port = free_port();
+    let dir = TempDir::with_prefix("pgpivot-bench-")?;
+    let config = dir.path().join("pgpivot.toml");
+    let text = pgpivot_toml(cluster, &format!("127.0.0.1:{port}"), monitor_extra) + extra;
+    fs::write(&config, text)?;
+    let mut cmd = command(&config);
+    // pgpivot reads every PGPIVOT_* variable as a config key, and rejects
+    // unknown ones such as this bench's own PGPIVOT_BENCH_*.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("PGPIVOT_") {
+            cmd.env_remove(key);
+        }
+    }
+    Ok((port, Peer::spawn("pgpivot", dir, cmd)?))
+}
+
+/// Starts pgpivot inside this runtime and waits until it knows the primary.
+async fn start_pgpivot_in_process(cluster: &LocalCluster) -> anyhow::Result<(Target, Proxy)> {
+    let file: FileConfig = toml::from_str(&pgpivot_toml(cluster, "127.0.0.1:0", ""))?;
+    let settings = file.validate()?;
+    let proxy = Proxy::start(settings).await?;
+    if !proxy.wait_for_primary(READY_TIMEOUT).await {
+        bail!("in-process pgpivot found no primary");
+    }
+    let target = Target::local("pgpivot (in-process)", proxy.addresses[0].port());
+    Ok((target, proxy))
+}
+
+/// Runs PgBouncer in session mode in front of the primary, with SCRAM for
+/// clients (plain password in the auth file) and pools big enough for every
+/// select client.
+fn start_pgbouncer(
+    binary: &Path,
+    cluster: &LocalCluster,
+    clients: usize,
+) -> anyhow::Result<(u16, Peer)> {
+    let port = free_port();
+    let dir = TempDir::with_prefix("pgpivot-bench-pgbouncer-")?;
+    let userlist = dir.path().join("userlist.txt");
+    fs::write(&userlist, format!("\"{SUPERUSER}\" \"{PASSWORD}\"\n"))?;
+    let ini = dir.path().join("pgbouncer.ini");
+    // The cost case's pgbench runs 8 clients, whatever the select case's count.
+    let pool = clients.max(8) + 2;
+    fs::write(
+        &ini,
+        format!(
+            "[databases]\n\
+             postgres = host=127.0.0.1 port={primary} dbname=postgres \
+             user={SUPERUSER} password={PASSWORD}\n\
+             [pgbouncer]\n\
+             listen_addr = 127.0.0.1\n\
+             listen_port = {port}\n\
+             unix_socket_dir =\n\
+             auth_type = scram-sha-256\n\
+             auth_file = {userlist}\n\
+             pool_mode = session\n\
+             max_client_conn = {max_client}\n\
+             default_pool_size = {pool}\n\
+             ignore_startup_parameters = extra_float_digits,options\n",
+            primary = cluster.node(0).port,
+            userlist = userlist.display(),
+            max_client = pool * 2,
+        ),
+    )?;
+    let mut cmd = Command::new(binary);
+    cmd.arg(&ini);
+    run_unprivileged(&mut cmd, dir.path())?;
+    Ok((port, Peer::spawn("pgbouncer", dir, cmd)?))
+}
+
+/// Runs HAProxy in TCP mode in the foreground, one backend: the primary.
+fn start_haproxy(binary: &Path, cluster: &LocalCluster) -> anyhow::Result<(u16, Peer)> {
+    let port = free_port();
+    let dir = TempDir::with_prefix("pgpivot-bench-haproxy-")?;
+    let cfg = dir.path().join("haproxy.cfg");
+    fs::write(
+        &cfg,
+        format!(
+            "global\n    maxconn 4096\n\
+             defaults\n    mode tcp\n    timeout connect 5s\n\
+             \x20   timeout client 1h\n    timeout server 1h\n\
+             frontend pg\n    bind 127.0.0.1:{port}\n    default_backend primary\n\
+             backend primary\n    server primary 127.0.0.1:{primary}\n",
+            primary = cluster.node(0).port,
+        ),
+    )?;
+    let mut cmd = Command::new(binary);
+    cmd.arg("-db").arg("-f").arg(&cfg);
+    Ok((port, Peer::spawn("haproxy", dir, cmd)?))
+}
+
+/// When this process is root, makes `cmd` run as [`OS_USER`] and hands
+/// `dir` (which holds its config) to that account.
+fn run_unprivileged(cmd: &mut Command, dir: &Path) -> anyhow::Result<()> {
+    if effective_uid()? != 0 {
+        return Ok(());
+    }
+    let (uid, gid) = account(OS_USER)?;
+    chown(dir, Some(uid), Some(gid))?;
+    cmd.uid(uid).gid(gid);
+    Ok(())
+}
+
+/// Effective uid, from `/proc/self/status`.
+fn effective_uid() -> anyhow::Result<u32> {
+    let status = fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1)?.parse().ok())
+        .context("no effective uid in /proc/self/status")
+}
+
+/// Uid and gid of account `name`, from `/etc/passwd`.
+fn account(name: &str) -> anyhow::Result<(u32, u32)> {
+    let passwd = fs::read_to_string("/etc/passwd")?;
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find_map(|f| match f[..] {
+            [user, _, uid, gid, ..] if user == name => Some((uid.parse().ok()?, gid.parse().ok()?)),
+            _ => None,
+        })
+        .with_context(|| format!("no account {name} in /etc/passwd"))
+}
+
+/// Finds each of `tools`; when some are missing, tries `apt-get install`
+/// once. Each tool still missing gets a note.
+pub fn find_or_install(tools: &[&str], notes: &mut Vec<String>) -> Vec<Option<PathBuf>> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| which(t).is_none())
+        .collect();
+    if !missing.is_empty() && which("apt-get").is_some() {
+        eprintln!("installing {} with apt-get...", missing.join(" "));
+        let installed = Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .output();
+        match installed {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => notes.push(format!(
+                "apt-get install {} failed: {}",
+                missing.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+            Err(err) => notes.push(format!("cannot run apt-get: {err}")),
+        }
+    }
+    tools
+        .iter()
+        .map(|t| {
+            let found = which(t);
+            if found.is_none() {
+                notes.push(format!("{t}: not installed, skipped"));
+            }
+            found
+        })
+        .collect()
+}
+
+/// `tool`'s path on `PATH` or in an `sbin` directory (where Debian puts
+/// daemons, and which a non-root `PATH` often lacks).
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+}
