@@ -9,7 +9,8 @@ use std::fs;
 use super::error::{io_err, read_file};
 use super::exec::run;
 use super::{
-    ClusterError, LocalCluster, LocalNode, APP_USER, CLEARTEXT_USER, MD5_USER, PASSWORD, SUPERUSER,
+    ClusterError, LocalCluster, LocalNode, ServerCert, APP_USER, CLEARTEXT_USER, MD5_USER,
+    PASSWORD, SUPERUSER,
 };
 
 /// Everything above this line of `postgresql.conf` is shared by all nodes;
@@ -49,7 +50,11 @@ host replication all 127.0.0.1/32 scram-sha-256
 
 impl LocalCluster {
     /// initdb + configuration + start + roles for node 0.
-    pub(super) fn init_primary(&mut self, extra_conf: &[String]) -> Result<(), ClusterError> {
+    pub(super) fn init_primary(
+        &mut self,
+        extra_conf: &[String],
+        tls: Option<&ServerCert>,
+    ) -> Result<(), ClusterError> {
         let i = self.push_node();
         let data_dir = self.nodes[i].data_dir.clone();
         let pwfile = self.root.join("pwfile");
@@ -79,6 +84,17 @@ impl LocalCluster {
         for line in extra_conf {
             conf.push_str(line);
             conf.push('\n');
+        }
+        if let Some(tls) = tls {
+            // In the data directory, so the standbys' base backups copy it.
+            self.write_owned(&data_dir.join("server.crt"), &tls.cert_pem)?;
+            let key = data_dir.join("server.key");
+            self.write_owned(&key, &tls.key_pem)?;
+            // PostgreSQL refuses a key that others may read.
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&key, fs::Permissions::from_mode(0o600))
+                .map_err(io_err("cannot restrict server.key"))?;
+            conf.push_str("ssl = on\n");
         }
         self.write_owned(&data_dir.join("postgresql.conf"), &conf)?;
         self.write_owned(&data_dir.join("pg_hba.conf"), PG_HBA_CONF)?;

@@ -97,6 +97,15 @@ pub struct ClusterOptions {
     /// Lines appended to the primary's `postgresql.conf` before the standbys
     /// are cloned, so they apply to every node.
     pub extra_conf: Vec<String>,
+    /// Serve TLS (`ssl = on`) with this certificate and key, PEM encoded.
+    pub tls: Option<ServerCert>,
+}
+
+/// A server certificate and its private key, PEM encoded, for `ssl = on`.
+#[derive(Debug, Clone)]
+pub struct ServerCert {
+    pub cert_pem: String,
+    pub key_pem: String,
 }
 
 impl Default for ClusterOptions {
@@ -104,6 +113,7 @@ impl Default for ClusterOptions {
         ClusterOptions {
             standbys: 2,
             extra_conf: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -205,7 +215,7 @@ impl LocalCluster {
         };
         cluster.give_to_owner(&cluster.root)?;
         cluster.arm_reaper()?;
-        cluster.init_primary(&opts.extra_conf)?;
+        cluster.init_primary(&opts.extra_conf, opts.tls.as_ref())?;
         cluster.add_standbys(opts.standbys, 0)?;
         info!(
             dir = %cluster.root.display(),

@@ -32,6 +32,7 @@ pub fn new_cluster_with(standbys: usize, extra_conf: Vec<String>) -> LocalCluste
     LocalCluster::start(ClusterOptions {
         standbys,
         extra_conf,
+        tls: None,
     })
     .expect("a local PostgreSQL cluster (are the server binaries installed?)")
 }
