@@ -139,9 +139,13 @@ async fn a_100_mb_copy_in_over_tls_arrives_whole() {
 
 /// Runs a psycopg scenario through a TLS proxy; `None` without psycopg.
 async fn psycopg(mode: &str, n: &str) -> Option<String> {
+    psycopg_with(mode, n, "sslmode=require").await
+}
+
+async fn psycopg_with(mode: &str, n: &str, extra: &str) -> Option<String> {
     psycopg_python()?;
     let (proxy, _files) = tls_proxy(TlsMode::Prefer, |_| {}).await;
-    let conn = conn_str(proxy.addresses[0], SUPERUSER, "sslmode=require");
+    let conn = conn_str(proxy.addresses[0], SUPERUSER, extra);
     let out = run_python("psycopg_tls.py", &[mode, &conn, n]).await;
     assert!(out.status.success(), "{}", text(&out));
     Some(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -174,6 +178,15 @@ async fn libpq_17_encrypted_cancels_succeed() {
     // as failed unless the connection ends with a close_notify.
     if let Some(out) = psycopg("cancel", "3").await {
         assert!(out.contains("3 passed, 0 failed"), "{out}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libpq_17_direct_tls_is_accepted() {
+    // sslnegotiation=direct: TLS from the first byte, ALPN "postgresql".
+    let extra = "sslmode=require sslnegotiation=direct";
+    if let Some(out) = psycopg_with("wide", "2", extra).await {
+        assert!(out.contains("2 passed, 0 failed"), "{out}");
     }
 }
 
