@@ -376,6 +376,26 @@ pub struct ListenerSettings {
     pub on_lag: OnLag,
 }
 
+/// The settings in force, swapped whole by a reload. A session loads one
+/// snapshot and uses it throughout, so it never mixes two configs.
+#[derive(Clone)]
+pub struct SettingsHandle(Arc<arc_swap::ArcSwap<Settings>>);
+
+impl SettingsHandle {
+    pub fn new(settings: Settings) -> SettingsHandle {
+        SettingsHandle(Arc::new(arc_swap::ArcSwap::from_pointee(settings)))
+    }
+
+    /// The current snapshot.
+    pub fn load(&self) -> Arc<Settings> {
+        self.0.load_full()
+    }
+
+    pub fn store(&self, settings: Settings) {
+        self.0.store(Arc::new(settings));
+    }
+}
+
 impl Settings {
     /// The configured node called `name`.
     pub fn node(&self, name: &str) -> Option<&NodeSettings> {

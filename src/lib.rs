@@ -30,8 +30,9 @@
 //! - [`pause`]: the pause switch sessions check at idle points.
 //! - [`reload`]: applying a re-read config (SIGHUP, /reload).
 //!
-//! Around them: [`config`] (figment, validation), [`proxy`] (shared state,
-//! start and graceful shutdown), [`metrics`], [`localcluster`] (a real
+//! Around them: [`config`] (figment, validation), [`shared`] (the state
+//! every task shares: a leaf, so no stage imports another through it),
+//! [`proxy`] (start and graceful shutdown), [`metrics`], [`localcluster`] (a real
 //! primary + standbys for tests, benches and the demo), [`demo`].
 
 pub mod admin;
@@ -51,5 +52,6 @@ pub mod proxy;
 pub mod reload;
 pub mod routing;
 pub mod session;
+pub mod shared;
 pub mod tls;
 pub mod topology;

@@ -11,8 +11,8 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ListenerSettings;
-use crate::proxy::Shared;
 use crate::session;
+use crate::shared::Shared;
 
 /// Accepts until shutdown. `index` is the listener's position in the
 /// config; its settings (target, budgets) are read afresh for every session,

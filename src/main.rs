@@ -107,7 +107,7 @@ async fn serve(settings: config::Settings, path: Option<PathBuf>) -> anyhow::Res
         };
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading the configuration");
-            let _ = pgpivot::reload::reload(&shared).await;
+            let _ = shared.reloads.reload().await;
         }
     });
     pgpivot::proxy::shutdown_signal().await?;

@@ -1,85 +1,28 @@
-//! The running proxy: shared state, startup, reload and shutdown.
+//! The running proxy: binds the listeners, starts the control path (decider,
+//! monitors, reload task) and the accept loops, and shuts them down.
 //!
-//! [`Shared`] is the one context every task gets (an `Arc`): settings, the
-//! topology handle, the monitors' poke handle, the cancel registry, the pause
-//! switch and the metrics. Nothing in it is locked across an await: the
-//! topology and the settings are `ArcSwap` snapshots.
+//! The state the tasks share is [`Shared`], in its own leaf module; this
+//! module is the only one that sees every part.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cancel::CancelRegistry;
-use crate::config::Settings;
-use crate::decider::{Decider, Reconfigure, TopologyHandle};
+use crate::config::{Settings, SettingsHandle};
+use crate::decider::Decider;
 use crate::listener;
 use crate::metrics::Metrics;
-use crate::monitor::{MonitorHandle, Report};
+use crate::monitor::MonitorHandle;
 use crate::pause::Pause;
+use crate::reload::{self, ReloadHandle, Reloader};
+pub use crate::shared::Shared;
 use crate::topology::NodeSpec;
-
-/// State shared by every task of one proxy.
-pub struct Shared {
-    settings: ArcSwap<Settings>,
-    pub topology: TopologyHandle,
-    pub monitor: Arc<MonitorHandle>,
-    pub cancels: Arc<CancelRegistry>,
-    pub metrics: Arc<Metrics>,
-    pub pause: Pause,
-    /// Sessions open now per listener (config order).
-    pub listener_sessions: Vec<crate::metrics::Gauge>,
-    /// Bound listener addresses (port 0 resolved), config order: the
-    /// configured ones may say port 0, and metrics and `/status` must tell
-    /// listeners apart.
-    pub listener_addresses: Vec<SocketAddr>,
-    /// Client sessions over all listeners (`limits.max_client_connections`).
-    pub connection_slots: Arc<tokio::sync::Semaphore>,
-    /// Cancelled to stop accepting and end sessions at their idle points.
-    pub shutdown: CancellationToken,
-    /// The control path's channels, for reloads.
-    pub(crate) control: Control,
-    /// The file `reload` re-reads (`None`: built in code, e.g. the demo).
-    pub config_path: Option<PathBuf>,
-    sessions: AtomicU64,
-    tiebreak: AtomicUsize,
-}
-
-/// Handles on the control path (monitors and decider).
-pub(crate) struct Control {
-    pub reports: mpsc::Sender<Report>,
-    pub reconfigure: mpsc::Sender<Reconfigure>,
-    /// Requests to the reload task, which runs reloads one at a time.
-    pub reloads: mpsc::Sender<crate::reload::Request>,
-    /// Stops monitors, decider and the reload task.
-    pub stop: CancellationToken,
-}
-
-impl Shared {
-    pub fn settings(&self) -> Arc<Settings> {
-        self.settings.load_full()
-    }
-
-    pub(crate) fn store_settings(&self, settings: Settings) {
-        self.settings.store(Arc::new(settings));
-    }
-
-    pub fn next_session_id(&self) -> u64 {
-        self.sessions.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    /// Advances the round-robin tie-break among equally loaded standbys.
-    pub fn next_tiebreak(&self) -> usize {
-        self.tiebreak.fetch_add(1, Ordering::Relaxed)
-    }
-}
 
 /// Why the proxy did not start. The OS error is the `source`, not part of
 /// the message: `pgpivot` prints the error chain, which would repeat it.
@@ -146,7 +89,7 @@ impl Proxy {
         let shared = start_control(settings, config_path, addresses.clone());
         let admin_address = admin.as_ref().and_then(|(l, _)| l.local_addr().ok());
         if let Some((listener, token)) = admin {
-            let stop = shared.control.stop.clone();
+            let stop = shared.stop.clone();
             tokio::spawn(crate::admin::serve(listener, shared.clone(), token, stop));
         }
         let sessions = TaskTracker::new();
@@ -185,7 +128,7 @@ impl Proxy {
         self.sessions.close();
         let _ = tokio::time::timeout(timeout, self.sessions.wait()).await;
         let left = self.sessions.len();
-        self.shared.control.stop.cancel();
+        self.shared.stop.cancel();
         left
     }
 }
@@ -193,7 +136,7 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.shared.shutdown.cancel();
-        self.shared.control.stop.cancel();
+        self.shared.stop.cancel();
     }
 }
 
@@ -226,8 +169,19 @@ fn start_control(
         .iter()
         .map(|_| Default::default())
         .collect();
-    let shared = Arc::new(Shared {
-        settings: ArcSwap::from_pointee(settings),
+    let settings = SettingsHandle::new(settings);
+    let reloader = Reloader {
+        settings: settings.clone(),
+        topology: topology.clone(),
+        monitor: monitor.clone(),
+        reports,
+        reconfigure,
+        stop: stop.clone(),
+        config_path,
+    };
+    tokio::spawn(reload::serve(reloader, reloads_rx));
+    Arc::new(Shared {
+        settings,
         topology,
         monitor,
         cancels: Arc::default(),
@@ -237,18 +191,11 @@ fn start_control(
         listener_sessions,
         listener_addresses,
         shutdown: CancellationToken::new(),
-        control: Control {
-            reports,
-            reconfigure,
-            reloads,
-            stop: stop.clone(),
-        },
-        config_path,
-        sessions: AtomicU64::new(0),
-        tiebreak: AtomicUsize::new(0),
-    });
-    tokio::spawn(crate::reload::serve(shared.clone(), reloads_rx, stop));
-    shared
+        stop,
+        reloads: ReloadHandle::new(reloads),
+        session_ids: Default::default(),
+        tiebreak: Default::default(),
+    })
 }
 
 fn node_specs(settings: &Settings) -> Vec<NodeSpec> {

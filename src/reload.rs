@@ -17,14 +17,15 @@
 //! (SIGHUP and `POST /reload`) would both merge against the same snapshot
 //! and could add a node twice or bring back one just removed.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, ConfigError, Settings};
-use crate::decider::Reconfigure;
-use crate::proxy::Shared;
+use crate::config::{self, ConfigError, Settings, SettingsHandle};
+use crate::decider::{Reconfigure, TopologyHandle};
+use crate::monitor::{MonitorHandle, Report};
 use crate::topology::{NodeSpec, Status};
 
 /// What a reload changed.
@@ -40,33 +41,53 @@ pub struct ReloadReport {
 /// One reload asked of the reload task; the outcome goes back on it.
 pub(crate) type Request = oneshot::Sender<Result<ReloadReport, ConfigError>>;
 
-/// Re-reads the proxy's config file (and environment) and applies it, after
-/// any reload already under way. Answers once the new node list is
-/// published. A rejected config is logged and changes nothing.
-pub async fn reload(shared: &Shared) -> Result<ReloadReport, ConfigError> {
-    let stopping = || ConfigError::new("reload", "pgpivot is stopping");
-    let (reply, answer) = oneshot::channel();
-    if shared.control.reloads.send(reply).await.is_err() {
-        return Err(stopping());
+/// Where reloads are asked for (SIGHUP, `POST /reload`).
+#[derive(Clone)]
+pub struct ReloadHandle(mpsc::Sender<Request>);
+
+impl ReloadHandle {
+    pub(crate) fn new(requests: mpsc::Sender<Request>) -> ReloadHandle {
+        ReloadHandle(requests)
     }
-    answer.await.unwrap_or_else(|_| Err(stopping()))
+
+    /// Re-reads the proxy's config file (and environment) and applies it,
+    /// after any reload already under way. Answers once the new node list is
+    /// published. A rejected config is logged and changes nothing.
+    pub async fn reload(&self) -> Result<ReloadReport, ConfigError> {
+        let stopping = || ConfigError::new("reload", "pgpivot is stopping");
+        let (reply, answer) = oneshot::channel();
+        if self.0.send(reply).await.is_err() {
+            return Err(stopping());
+        }
+        answer.await.unwrap_or_else(|_| Err(stopping()))
+    }
 }
 
-/// The reload task: serves requests in arrival order until `stop`.
-pub(crate) async fn serve(
-    shared: Arc<Shared>,
-    mut requests: mpsc::Receiver<Request>,
-    stop: CancellationToken,
-) {
+/// What the reload task changes: the settings, the decider's node list and
+/// the monitors. Only this task writes them after start.
+pub(crate) struct Reloader {
+    pub settings: SettingsHandle,
+    pub topology: TopologyHandle,
+    pub monitor: Arc<MonitorHandle>,
+    pub reports: mpsc::Sender<Report>,
+    pub reconfigure: mpsc::Sender<Reconfigure>,
+    /// Stops the task (and the monitors it starts).
+    pub stop: CancellationToken,
+    /// The file a reload re-reads (`None`: built in code, e.g. the demo).
+    pub config_path: Option<PathBuf>,
+}
+
+/// The reload task: serves requests in arrival order until stopped.
+pub(crate) async fn serve(reloader: Reloader, mut requests: mpsc::Receiver<Request>) {
     loop {
         let reply = tokio::select! {
             request = requests.recv() => match request {
                 Some(reply) => reply,
                 None => return,
             },
-            _ = stop.cancelled() => return,
+            _ = reloader.stop.cancelled() => return,
         };
-        let result = reload_once(&shared).await;
+        let result = reload_once(&reloader).await;
         if let Err(e) = &result {
             tracing::error!("reload rejected, old configuration stays: {e}");
         }
@@ -78,22 +99,22 @@ pub(crate) async fn serve(
 
 /// Reads and validates the file, then applies it. The file and certificate
 /// reads block, so they run off the async workers.
-async fn reload_once(shared: &Arc<Shared>) -> Result<ReloadReport, ConfigError> {
-    let path = shared.config_path.clone();
+async fn reload_once(reloader: &Reloader) -> Result<ReloadReport, ConfigError> {
+    let path = reloader.config_path.clone();
     let settings = tokio::task::spawn_blocking(move || config::load(path.as_deref())?.validate())
         .await
         .unwrap_or_else(|e| Err(ConfigError::new("reload", e)))?;
-    apply(shared, settings).await
+    apply(reloader, settings).await
 }
 
 /// Applies validated settings: the decider takes the new node list (and
 /// publishes it before this returns), the monitors restart, the settings
 /// swap.
-async fn apply(shared: &Shared, mut new: Settings) -> Result<ReloadReport, ConfigError> {
-    let old = shared.settings();
+async fn apply(reloader: &Reloader, mut new: Settings) -> Result<ReloadReport, ConfigError> {
+    let old = reloader.settings.load();
     let mut report = ReloadReport::default();
     keep_listeners(&old, &mut new, &mut report);
-    let specs = merge_nodes(shared, &new, &mut report);
+    let specs = merge_nodes(&reloader.topology, &new, &mut report);
     let targets = crate::monitor::targets(&specs, &new);
     let (applied, published) = oneshot::channel();
     let reconfigure = Reconfigure {
@@ -103,16 +124,13 @@ async fn apply(shared: &Shared, mut new: Settings) -> Result<ReloadReport, Confi
     };
     // The decider only goes away when the proxy stops.
     let stopped = || ConfigError::new("reload", "pgpivot is stopping");
-    if shared.control.reconfigure.send(reconfigure).await.is_err() || published.await.is_err() {
+    if reloader.reconfigure.send(reconfigure).await.is_err() || published.await.is_err() {
         return Err(stopped());
     }
-    shared.monitor.restart(
-        &targets,
-        &new.monitor,
-        &shared.control.reports,
-        &shared.control.stop,
-    );
-    shared.store_settings(new);
+    reloader
+        .monitor
+        .restart(&targets, &new.monitor, &reloader.reports, &reloader.stop);
+    reloader.settings.store(new);
     tracing::info!(
         added = ?report.added,
         removed = ?report.removed,
@@ -155,8 +173,12 @@ fn keep_listeners(old: &Settings, new: &mut Settings, report: &mut ReloadReport)
 /// new ones appended, missing ones marked removed. Merged against the
 /// published snapshot, which holds the previous reload's list: reloads are
 /// serialized and each waits for its list to be published.
-fn merge_nodes(shared: &Shared, new: &Settings, report: &mut ReloadReport) -> Vec<NodeSpec> {
-    let topology = shared.topology.load();
+fn merge_nodes(
+    topology: &TopologyHandle,
+    new: &Settings,
+    report: &mut ReloadReport,
+) -> Vec<NodeSpec> {
+    let topology = topology.load();
     let mut specs: Vec<NodeSpec> = topology
         .nodes
         .iter()

@@ -335,7 +335,9 @@ async fn concurrent_reloads_end_with_exactly_the_configured_nodes() {
             let admin = admin(&proxy);
             reloads.spawn(async move {
                 if i % 2 == 0 {
-                    pgpivot::reload::reload(&shared)
+                    shared
+                        .reloads
+                        .reload()
                         .await
                         .map(|_| ())
                         .map_err(|e| e.to_string())

@@ -5,7 +5,7 @@
 use std::fmt::Write;
 
 use crate::metrics::{Latency, Metrics};
-use crate::proxy::Shared;
+use crate::shared::Shared;
 use crate::topology::{NodeView, Status};
 
 /// Renders the exposition text.

@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::pause::PauseScope;
-use crate::proxy::Shared;
+use crate::shared::Shared;
 
 /// Serves the admin API on `listener` until `stop`.
 pub async fn serve(
@@ -185,7 +185,7 @@ async fn resume(State(shared): State<Arc<Shared>>) -> Json<ResumeAnswer> {
 }
 
 async fn reload(State(shared): State<Arc<Shared>>) -> Response {
-    match crate::reload::reload(&shared).await {
+    match shared.reloads.reload().await {
         Ok(report) => Json(report).into_response(),
         Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     }

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::decider::ChangeRecord;
 use crate::pause::PauseScope;
-use crate::proxy::Shared;
+use crate::shared::Shared;
 use crate::topology::{Role, Status};
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -22,8 +22,8 @@ use super::params::SessionRequest;
 use crate::protocol::frame::{fill_message, HEADER_LEN};
 use crate::protocol::messages::{self, tag};
 use crate::protocol::startup::StartupMessage;
-use crate::proxy::Shared;
 use crate::routing::{route, Choice, NoRoute};
+use crate::shared::Shared;
 use crate::topology::{LoadGuard, NodeId, Status, Topology};
 
 /// A backend connection with the startup packet sent.
@@ -54,12 +54,14 @@ enum Miss {
 }
 
 /// Routes the session and connects to the chosen node, holding while needed.
+/// `settings` is the session's one snapshot (a reload meanwhile does not
+/// change this session's timeouts or a node's TLS halfway).
 pub async fn connect(
     shared: &Shared,
+    settings: &Settings,
     request: &SessionRequest,
     startup: &StartupMessage,
 ) -> Result<Connected, SessionError> {
-    let settings = shared.settings();
     let started = Instant::now();
     let deadline = started + settings.hold_timeout;
     let mut changes = shared.topology.subscribe();
@@ -71,7 +73,7 @@ pub async fn connect(
     let mut avoid: Vec<NodeId> = Vec::new();
     loop {
         changes.borrow_and_update();
-        let miss = match try_once(shared, &settings, request, startup, &avoid).await {
+        let miss = match try_once(shared, settings, request, startup, &avoid).await {
             Ok(mut connected) => {
                 connected.held = started.elapsed();
                 if held {

@@ -35,7 +35,7 @@ use tracing::Instrument;
 use crate::config::{ListenerSettings, OnLag, Settings, TlsMode};
 use crate::protocol::messages;
 use crate::protocol::startup::StartupMessage;
-use crate::proxy::Shared;
+use crate::shared::Shared;
 use error::SessionError;
 use handshake::Hello;
 use relay::{RelayContext, RelayEnd};
@@ -110,7 +110,7 @@ async fn run(
         entered = entered => entered.map_err(|_| SessionError::Paused),
     };
     let starting = or_reply(&mut client, entered).await?;
-    let connected = connect::connect(shared, &request, &startup).await;
+    let connected = connect::connect(shared, &settings, &request, &startup).await;
     let mut connected = or_reply(&mut client, connected).await?;
     tracing::Span::current().record("node", connected.name.as_str());
     let authenticated = authenticate(shared, &request, &mut connected, &mut client).await;
