@@ -253,13 +253,37 @@ impl Metrics {
         self.ended_demoted.get() + self.ended_node_lost.get() + self.ended_promoted.get()
     }
 
-    pub fn ended(&self, kind: &str) {
+    /// Counts a session the proxy ended itself.
+    pub fn ended(&self, kind: EndKind) {
         match kind {
-            "demoted" => self.ended_demoted.inc(),
-            "node_lost" => self.ended_node_lost.inc(),
-            "promoted" => self.ended_promoted.inc(),
-            "lagging" => self.ended_lagging.inc(),
-            _ => self.ended_shutdown.inc(),
+            EndKind::Demoted => self.ended_demoted.inc(),
+            EndKind::NodeLost => self.ended_node_lost.inc(),
+            EndKind::Promoted => self.ended_promoted.inc(),
+            EndKind::Lagging => self.ended_lagging.inc(),
+            EndKind::Shutdown => self.ended_shutdown.inc(),
+        }
+    }
+}
+
+/// Why the proxy ended a session, as counted (one counter each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndKind {
+    Demoted,
+    NodeLost,
+    Promoted,
+    Lagging,
+    Shutdown,
+}
+
+impl EndKind {
+    /// The metric label and log field.
+    pub fn as_label(self) -> &'static str {
+        match self {
+            EndKind::Demoted => "demoted",
+            EndKind::NodeLost => "node_lost",
+            EndKind::Promoted => "promoted",
+            EndKind::Lagging => "lagging",
+            EndKind::Shutdown => "shutdown",
         }
     }
 }

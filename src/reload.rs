@@ -114,6 +114,7 @@ async fn apply(reloader: &Reloader, mut new: Settings) -> Result<ReloadReport, C
     let old = reloader.settings.load();
     let mut report = ReloadReport::default();
     keep_listeners(&old, &mut new, &mut report);
+    note_restart_only(&old, &new, &mut report);
     let specs = merge_nodes(&reloader.topology, &new, &mut report);
     let targets = crate::monitor::targets(&specs, &new);
     let (applied, published) = oneshot::channel();
@@ -156,6 +157,11 @@ fn keep_listeners(old: &Settings, new: &mut Settings, report: &mut ReloadReport)
         report.restart_needed.push("listeners (addresses)".into());
         new.listeners = old.listeners.clone();
     }
+}
+
+/// The admin endpoint and the connection caps are fixed at start: a change
+/// is reported as needing a restart (and does not apply).
+fn note_restart_only(old: &Settings, new: &Settings, report: &mut ReloadReport) {
     if old.admin != new.admin {
         report.restart_needed.push("admin".into());
     }

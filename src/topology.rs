@@ -93,7 +93,8 @@ impl Status {
 #[derive(Debug, Default)]
 pub struct NodeStats {
     sessions: AtomicUsize,
-    /// TCP connect + startup write to the backend.
+    /// Opening a session's backend connection: TCP, TLS, the startup packet
+    /// and the server's first answer.
     pub connect_latency: Latency,
     /// A client message that expects an answer → the ReadyForQuery closing it.
     pub round_trip: Latency,

@@ -404,11 +404,14 @@ async fn pause_promote_resume_gives_sessions_started_after_the_pause_no_errors()
             }
         }
     });
+    // Generous: each insert is a new SCRAM login, slow on a loaded machine.
     assert!(
-        eventually(Duration::from_secs(10), || async {
+        eventually(Duration::from_secs(30), || async {
             acked.lock().unwrap().len() >= 20
         })
-        .await
+        .await,
+        "the writer never got going: {:?}",
+        errors.lock().unwrap()
     );
 
     let (status, body) = post(&proxy, "/pause?scope=writes&timeout_ms=10000").await;

@@ -48,7 +48,7 @@ impl TxStatus {
 }
 
 /// Severity of a message the proxy writes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Severity {
     Error,
     Fatal,

@@ -14,9 +14,9 @@
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::error::SessionError;
+use super::error::AuthError;
 use crate::cancel::{CancelRegistry, Registration};
-use crate::protocol::frame::{read_message, ReadError, HEADER_LEN};
+use crate::protocol::frame::{read_message, HEADER_LEN};
 use crate::protocol::messages::{self, tag, TxStatus};
 use crate::protocol::startup::CancelKey;
 
@@ -34,6 +34,8 @@ pub struct Authenticated {
 
 /// Context for [`authenticate`].
 pub struct AuthContext<'a> {
+    /// The node's name, for errors.
+    pub node: &'a str,
     pub backend_address: &'a str,
     pub cancels: &'a std::sync::Arc<CancelRegistry>,
     /// The session must be on a primary: abort if the backend is a standby.
@@ -48,7 +50,7 @@ pub async fn authenticate<C, B>(
     client: &mut C,
     backend: &mut B,
     ctx: AuthContext<'_>,
-) -> Result<Authenticated, SessionError>
+) -> Result<Authenticated, AuthError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -61,18 +63,16 @@ where
     loop {
         let (t, body) = read_message(backend, &mut from_backend, AUTH_MESSAGE_LIMIT)
             .await
-            .map_err(backend_error)?
-            .ok_or(SessionError::BackendClosedDuringAuth)?;
+            .map_err(AuthError::from_backend)?
+            .ok_or(AuthError::BackendClosed)?;
         match t {
             tag::AUTHENTICATION => {
                 let code = messages::auth_code(&body).ok_or_else(|| {
-                    SessionError::BackendProtocol("short authentication message".into())
+                    AuthError::BackendProtocol("short authentication message".into())
                 })?;
                 if code == 10 {
                     if !messages::sasl_without_channel_binding(&body, &mut out) {
-                        return Err(SessionError::BackendProtocol(
-                            "bad SASL mechanism list".into(),
-                        ));
+                        return Err(AuthError::BackendProtocol("bad SASL mechanism list".into()));
                     }
                 } else {
                     put_message(&mut out, t, &body);
@@ -80,18 +80,19 @@ where
                 if messages::auth_expects_reply(code) {
                     flush(client, &mut out).await?;
                     let (ct, cbody) = read_message(client, &mut from_client, AUTH_MESSAGE_LIMIT)
-                        .await?
-                        .ok_or(SessionError::ClientClosed)?;
+                        .await
+                        .map_err(AuthError::from_client)?
+                        .ok_or(AuthError::ClientClosed)?;
                     let mut answer = BytesMut::with_capacity(cbody.len() + HEADER_LEN);
                     put_message(&mut answer, ct, &cbody);
                     super::stream::send(backend, &answer)
                         .await
-                        .map_err(|_| SessionError::BackendClosedDuringAuth)?;
+                        .map_err(|_| AuthError::BackendClosed)?;
                 }
             }
             tag::BACKEND_KEY_DATA => {
                 let (pid, secret) = messages::backend_key(&body)
-                    .ok_or_else(|| SessionError::BackendProtocol("bad BackendKeyData".into()))?;
+                    .ok_or_else(|| AuthError::BackendProtocol("bad BackendKeyData".into()))?;
                 let real = CancelKey {
                     pid,
                     secret: bytes::Bytes::copy_from_slice(secret),
@@ -111,17 +112,17 @@ where
                 // refused the session: the client sees exactly its error.
                 put_message(&mut out, t, &body);
                 flush(client, &mut out).await?;
-                return Err(SessionError::AuthRejected);
+                return Err(AuthError::Rejected);
             }
             tag::READY_FOR_QUERY => {
                 if ctx.needs_primary && in_hot_standby {
                     // Do not forward: the session must not start here.
-                    return Err(SessionError::NotPrimaryAnymore {
-                        node: ctx.backend_address.to_string(),
+                    return Err(AuthError::NotPrimary {
+                        node: ctx.node.to_string(),
                     });
                 }
                 let status = TxStatus::from_ready_for_query(&body)
-                    .ok_or_else(|| SessionError::BackendProtocol("bad ReadyForQuery".into()))?;
+                    .ok_or_else(|| AuthError::BackendProtocol("bad ReadyForQuery".into()))?;
                 put_message(&mut out, t, &body);
                 flush(client, &mut out).await?;
                 return Ok(Authenticated {
@@ -142,18 +143,8 @@ fn put_message(out: &mut BytesMut, t: u8, body: &[u8]) {
     out.extend_from_slice(body);
 }
 
-async fn flush<C: AsyncWrite + Unpin>(
-    client: &mut C,
-    out: &mut BytesMut,
-) -> Result<(), SessionError> {
+async fn flush<C: AsyncWrite + Unpin>(client: &mut C, out: &mut BytesMut) -> Result<(), AuthError> {
     super::stream::send(client, out).await?;
     out.clear();
     Ok(())
-}
-
-fn backend_error(e: ReadError) -> SessionError {
-    match e {
-        ReadError::Frame(f) => SessionError::BackendProtocol(f.to_string()),
-        ReadError::Truncated | ReadError::Io(_) => SessionError::BackendClosedDuringAuth,
-    }
 }

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use crate::backend_tls::BackendStream;
 use crate::config::Settings;
 
-use super::error::SessionError;
+use super::error::ConnectError;
 use super::params::SessionRequest;
 use crate::protocol::frame::{fill_message, HEADER_LEN};
 use crate::protocol::messages::{self, tag};
@@ -61,7 +61,7 @@ pub async fn connect(
     settings: &Settings,
     request: &SessionRequest,
     startup: &StartupMessage,
-) -> Result<Connected, SessionError> {
+) -> Result<Connected, ConnectError> {
     let started = Instant::now();
     let deadline = started + settings.hold_timeout;
     let mut changes = shared.topology.subscribe();
@@ -105,7 +105,7 @@ pub async fn connect(
         // A shutdown ends the wait at once: the hold timeout may be long.
         let wake = (Instant::now() + settings.monitor.interval).min(deadline);
         tokio::select! {
-            _ = shared.shutdown.cancelled() => return Err(SessionError::ShuttingDown),
+            _ = shared.shutdown.cancelled() => return Err(ConnectError::ShuttingDown),
             _ = tokio::time::timeout_at(wake.into(), changes.changed()) => {}
         }
         avoid.clear();
@@ -113,10 +113,10 @@ pub async fn connect(
 }
 
 impl Miss {
-    fn into_error(self, waited_ms: u128) -> SessionError {
+    fn into_error(self, waited_ms: u128) -> ConnectError {
         match self {
-            Miss::NoRoute(reason) => SessionError::NoRoute { reason, waited_ms },
-            Miss::Unreachable { node, detail, .. } => SessionError::BackendUnavailable {
+            Miss::NoRoute(reason) => ConnectError::NoRoute { reason, waited_ms },
+            Miss::Unreachable { node, detail, .. } => ConnectError::Unavailable {
                 node,
                 detail,
                 waited_ms,

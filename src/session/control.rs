@@ -66,7 +66,7 @@ pub struct Watch {
     pub node: NodeId,
     pub target: Target,
     /// The session was placed on a standby (not a fallback to the primary).
-    pub on_standby: bool,
+    pub placed_on_standby: bool,
     /// With `on_lag = "disconnect"` on a standby: the budget the node must
     /// stay within, checked every `lag_check`.
     pub lag_budget: Option<LagBudget>,
@@ -100,7 +100,7 @@ async fn run(w: Watch, signals: Arc<Signals>) {
                 if changed.is_err() {
                     return;
                 }
-                if let Some(r) = eligibility(&w.topology.load(), w.node, w.target, w.on_standby) {
+                if let Some(r) = eligibility(&w.topology.load(), w.node, w.target, w.placed_on_standby) {
                     signals.raise(Signal::EndNow(r));
                 }
             }

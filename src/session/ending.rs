@@ -1,6 +1,7 @@
 //! Why the proxy ends a session itself, and when a session's node stops
 //! being eligible for it.
 
+use crate::metrics::EndKind;
 use crate::protocol::sqlstate;
 use crate::routing::Target;
 use crate::topology::{NodeId, Status, Topology};
@@ -62,13 +63,14 @@ impl EndReason {
         }
     }
 
-    pub fn kind(&self) -> &'static str {
+    /// How this ending is counted and labelled.
+    pub fn kind(&self) -> EndKind {
         match self {
-            EndReason::NotPrimary { .. } => "demoted",
-            EndReason::NodeLost { .. } => "node_lost",
-            EndReason::Promoted { .. } => "promoted",
-            EndReason::Lagging { .. } => "lagging",
-            EndReason::Shutdown => "shutdown",
+            EndReason::NotPrimary { .. } => EndKind::Demoted,
+            EndReason::NodeLost { .. } => EndKind::NodeLost,
+            EndReason::Promoted { .. } => EndKind::Promoted,
+            EndReason::Lagging { .. } => EndKind::Lagging,
+            EndReason::Shutdown => EndKind::Shutdown,
         }
     }
 }
@@ -83,7 +85,7 @@ pub fn eligibility(
     topology: &Topology,
     node: NodeId,
     target: Target,
-    started_on_standby: bool,
+    placed_on_standby: bool,
 ) -> Option<EndReason> {
     let view = topology.node(node)?;
     let name = view.name.clone();
@@ -100,7 +102,7 @@ pub fn eligibility(
     match view.status {
         Status::Standby => None,
         Status::Primary => match target {
-            Target::Standby | Target::ReadOnly if started_on_standby => {
+            Target::Standby | Target::ReadOnly if placed_on_standby => {
                 Some(EndReason::Promoted { node: name })
             }
             _ => None,
@@ -115,11 +117,11 @@ pub async fn lost(
     topology: &crate::decider::TopologyHandle,
     node: NodeId,
     target: Target,
-    started_on_standby: bool,
+    placed_on_standby: bool,
 ) -> EndReason {
     let mut changes = topology.subscribe();
     loop {
-        if let Some(reason) = eligibility(&topology.load(), node, target, started_on_standby) {
+        if let Some(reason) = eligibility(&topology.load(), node, target, placed_on_standby) {
             return reason;
         }
         if changes.changed().await.is_err() {

@@ -12,36 +12,35 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::error::SessionError;
-use super::stream::{send, ClientStream};
+use super::error::HandshakeError;
+use super::stream::{send, ClientStream, Transport};
 use crate::config::{TlsMode, TlsSettings};
 use crate::protocol::startup::{self, CancelKey, StartupMessage, StartupPacket};
 
 /// What the client asked for.
-pub enum Hello {
-    Startup(ClientStream, StartupMessage),
+pub enum Hello<S = TcpStream> {
+    Startup(ClientStream<S>, StartupMessage),
     /// A CancelRequest; the stream is kept so that it can be closed the way
     /// the server closes it (over TLS, with a close_notify).
-    Cancel(ClientStream, CancelKey),
+    Cancel(ClientStream<S>, CancelKey),
 }
 
 /// Runs encryption negotiation and reads the startup packet before
 /// `deadline`. On failure the client has been told why (08P01) where the
 /// protocol allows a reply.
-pub async fn negotiate(
-    tcp: TcpStream,
+pub async fn negotiate<S: Transport>(
+    io: S,
     tls: Option<&TlsSettings>,
     deadline: Instant,
-) -> Result<Hello, SessionError> {
+) -> Result<Hello<S>, HandshakeError> {
     let tls = tls.filter(|t| t.mode != TlsMode::Disable);
-    let mut stream = ClientStream::Plain(tcp);
-    if let (ClientStream::Plain(tcp), Some(tls)) = (&stream, tls) {
-        let mut first = [0u8; 1];
-        let peeked = match before(deadline, tcp.peek(&mut first)).await {
-            Ok(peeked) => peeked?,
+    let mut stream = ClientStream::Plain(io);
+    if let (ClientStream::Plain(io), Some(tls)) = (&mut stream, tls) {
+        let first = match before(deadline, io.peek_first()).await {
+            Ok(first) => first?,
             Err(e) => return Err(fail(&mut stream, e).await),
         };
-        if peeked == 1 && first[0] == startup::TLS_HANDSHAKE_BYTE {
+        if first == Some(startup::TLS_HANDSHAKE_BYTE) {
             stream = upgrade(stream, tls, deadline).await?;
         }
     }
@@ -67,29 +66,34 @@ pub async fn negotiate(
 }
 
 /// Runs `f` unless the startup deadline passes first.
-async fn before<F: Future>(deadline: Instant, f: F) -> Result<F::Output, SessionError> {
+async fn before<F: Future>(deadline: Instant, f: F) -> Result<F::Output, HandshakeError> {
     tokio::time::timeout_at(deadline.into(), f)
         .await
-        .map_err(|_| SessionError::StartupTimeout)
+        .map_err(|_| HandshakeError::Timeout)
 }
 
-async fn fail(stream: &mut ClientStream, e: SessionError) -> SessionError {
-    super::refuse(stream, &e).await;
+async fn fail<S: Transport>(stream: &mut ClientStream<S>, e: HandshakeError) -> HandshakeError {
+    super::refuse(stream, e.client_error()).await;
     e
 }
 
 /// Runs the TLS handshake on a plain stream. Bytes the client sent ahead of
 /// the handshake are still in the socket (startup packets are read exactly),
 /// so the TLS layer sees and rejects them.
-async fn upgrade(
-    stream: ClientStream,
+async fn upgrade<S: Transport>(
+    stream: ClientStream<S>,
     tls: &TlsSettings,
     deadline: Instant,
-) -> Result<ClientStream, SessionError> {
-    let ClientStream::Plain(tcp) = stream else {
+) -> Result<ClientStream<S>, HandshakeError> {
+    let ClientStream::Plain(io) = stream else {
         return Ok(stream);
     };
-    let accept = TlsAcceptor::from(tls.server.clone()).accept(tcp);
-    let tls_stream = before(deadline, accept).await?.map_err(SessionError::Tls)?;
+    let accept = TlsAcceptor::from(tls.server.clone()).accept(io);
+    let tls_stream = before(deadline, accept)
+        .await?
+        .map_err(HandshakeError::Tls)?;
     Ok(ClientStream::Tls(Box::new(tls_stream)))
 }
+
+#[cfg(test)]
+mod tests;

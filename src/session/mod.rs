@@ -21,6 +21,8 @@ pub mod handshake;
 pub mod params;
 pub mod relay;
 pub mod stream;
+#[cfg(test)]
+mod test_support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,7 +38,7 @@ use crate::config::{ListenerSettings, OnLag, Settings, TlsMode};
 use crate::protocol::messages;
 use crate::protocol::startup::StartupMessage;
 use crate::shared::Shared;
-use error::SessionError;
+use error::{AdmitError, AuthError, ClientError, ConnectError, SessionError};
 use handshake::Hello;
 use relay::{RelayContext, RelayEnd};
 use stream::ClientStream;
@@ -59,8 +61,8 @@ pub async fn serve(
         let _active = shared.metrics.sessions_active.track();
         match run(&shared, &listener, tcp, admitted).await {
             Ok(()) => {}
-            Err(e) if e.kind() == "client_closed" => tracing::debug!("{e}"),
-            Err(e) => tracing::info!(kind = e.kind(), "session failed: {e}"),
+            Err(e) if e.is_client_gone() => tracing::debug!("{e}"),
+            Err(e) => tracing::info!(kind = e.as_label(), "session failed: {e}"),
         }
     }
     .instrument(span)
@@ -106,8 +108,8 @@ async fn run(
     // first idle point anyway).
     let entered = tokio::select! {
         biased;
-        _ = shared.shutdown.cancelled() => Err(SessionError::ShuttingDown),
-        entered = entered => entered.map_err(|_| SessionError::Paused),
+        _ = shared.shutdown.cancelled() => Err(ConnectError::ShuttingDown),
+        entered = entered => entered.map_err(|_| ConnectError::Paused),
     };
     let starting = or_reply(&mut client, entered).await?;
     let connected = connect::connect(shared, &settings, &request, &startup).await;
@@ -120,7 +122,8 @@ async fn run(
         shutdown: shared.shutdown.clone(),
         node: connected.node,
         target: request.target,
-        on_standby: authenticated.in_hot_standby,
+        // The server's own word, now that it has spoken.
+        placed_on_standby: authenticated.in_hot_standby,
         lag_budget: (listener.on_lag == OnLag::Disconnect && authenticated.in_hot_standby)
             .then_some(request.budget),
         lag_check: settings.monitor.interval,
@@ -152,16 +155,16 @@ fn admit(
     client: &ClientStream,
     startup: &mut StartupMessage,
     admitted: bool,
-) -> Result<params::SessionRequest, SessionError> {
+) -> Result<params::SessionRequest, AdmitError> {
     let tls_required = settings
         .tls
         .as_ref()
         .is_some_and(|t| t.mode == TlsMode::Require);
     if !admitted {
         shared.metrics.sessions_rejected_limit.inc();
-        Err(SessionError::TooManyConnections)
+        Err(AdmitError::TooManyConnections)
     } else if tls_required && !client.is_tls() {
-        Err(SessionError::TlsRequired)
+        Err(AdmitError::TlsRequired)
     } else {
         params::extract(startup, listener)
     }
@@ -176,49 +179,50 @@ async fn authenticate(
     request: &params::SessionRequest,
     connected: &mut connect::Connected,
     client: &mut ClientStream,
-) -> Result<auth::Authenticated, SessionError> {
+) -> Result<auth::Authenticated, AuthError> {
     let auth_ctx = auth::AuthContext {
+        node: &connected.name,
         backend_address: &connected.address,
         cancels: &shared.cancels,
         needs_primary: request.target.needs_primary(),
         received: std::mem::take(&mut connected.first),
     };
-    let routed_to_standby = !request.target.needs_primary() && !connected.choice.fell_back;
-    let unavailable = |detail: String, waited_ms| SessionError::BackendUnavailable {
+    // Before the server reports in_hot_standby, routing's word for it.
+    let placed_on_standby = !request.target.needs_primary() && !connected.choice.fell_back;
+    let abandoned = |detail: String| AuthError::Abandoned {
         node: connected.name.clone(),
         detail,
-        waited_ms,
     };
     let authenticating = auth::authenticate(client, &mut connected.backend, auth_ctx);
     let result = tokio::select! {
         r = tokio::time::timeout(AUTH_TIMEOUT, authenticating) => {
-            r.unwrap_or_else(|_| Err(unavailable("authentication timed out".into(), AUTH_TIMEOUT.as_millis())))
+            let timed_out = format!("authentication timed out after {AUTH_TIMEOUT:?}");
+            r.unwrap_or_else(|_| Err(abandoned(timed_out)))
         }
-        reason = ending::lost(&shared.topology, connected.node, request.target, routed_to_standby) => {
-            // `BackendUnavailable` says "pgpivot:" itself.
-            Err(unavailable(reason.detail(), 0))
+        reason = ending::lost(&shared.topology, connected.node, request.target, placed_on_standby) => {
+            // The client message adds "pgpivot:" itself.
+            Err(abandoned(reason.detail()))
         }
     };
-    if let Err(SessionError::NotPrimaryAnymore { .. }) = &result {
+    if let Err(AuthError::NotPrimary { .. }) = &result {
         shared.monitor.poke(connected.node);
     }
     result
 }
 
 /// Logs (and counts) how a relay ended.
-fn report(shared: &Shared, end: std::io::Result<RelayEnd>) {
+fn report(shared: &Shared, end: RelayEnd) {
     match end {
-        Ok(RelayEnd::Ended(reason)) => {
+        RelayEnd::Ended(reason) => {
             shared.metrics.ended(reason.kind());
             tracing::info!(
-                reason = reason.kind(),
+                reason = reason.kind().as_label(),
                 "session ended by pgpivot: {}",
                 reason.message()
             );
         }
-        Ok(RelayEnd::ClientProtocol(e)) => tracing::info!("client protocol violation: {e}"),
-        Ok(other) => tracing::debug!(end = ?other, "session ended"),
-        Err(e) => tracing::debug!("session i/o error: {e}"),
+        RelayEnd::ClientProtocol(e) => tracing::info!("client protocol violation: {e}"),
+        other => tracing::debug!(end = ?other, "session ended"),
     }
 }
 
@@ -229,7 +233,7 @@ async fn relay_streams(
     client: ClientStream,
     backend: &mut BackendStream,
     ctx: &RelayContext<'_>,
-) -> std::io::Result<RelayEnd> {
+) -> RelayEnd {
     match client {
         ClientStream::Plain(mut tcp) => {
             let (mut cr, mut cw) = tcp.split();
@@ -248,7 +252,7 @@ async fn relay_to<CR, CW>(
     cw: &mut CW,
     backend: &mut BackendStream,
     ctx: &RelayContext<'_>,
-) -> std::io::Result<RelayEnd>
+) -> RelayEnd
 where
     CR: tokio::io::AsyncRead + Unpin,
     CW: AsyncWrite + Unpin,
@@ -267,21 +271,23 @@ where
 
 /// Passes a stage's result through; on an error, tells the client why and
 /// closes its connection.
-async fn or_reply<T>(
+async fn or_reply<T, E: Into<SessionError>>(
     client: &mut ClientStream,
-    result: Result<T, SessionError>,
+    result: Result<T, E>,
 ) -> Result<T, SessionError> {
+    let result = result.map_err(Into::into);
     if let Err(e) = &result {
-        refuse(client, e).await;
+        refuse(client, e.client_error()).await;
     }
     result
 }
 
 /// Sends the client the ErrorResponse an error calls for, if any, and closes
 /// the connection.
-pub(crate) async fn refuse<W: AsyncWrite + Unpin>(client: &mut W, e: &SessionError) {
-    if let Some((severity, code, message)) = e.client_error() {
-        let _ = stream::send(client, &messages::error_bytes(severity, code, &message)).await;
+pub(crate) async fn refuse<W: AsyncWrite + Unpin>(client: &mut W, shown: Option<ClientError>) {
+    if let Some(shown) = shown {
+        let error = messages::error_bytes(shown.severity, shown.code, &shown.message);
+        let _ = stream::send(client, &error).await;
     }
     close(client).await;
 }

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use super::error::SessionError;
+use super::error::AdmitError;
 use crate::config::ListenerSettings;
 use crate::protocol::startup::StartupMessage;
 use crate::routing::{LagBudget, Target};
@@ -25,7 +25,7 @@ pub struct SessionRequest {
 pub fn extract(
     startup: &mut StartupMessage,
     listener: &ListenerSettings,
-) -> Result<SessionRequest, SessionError> {
+) -> Result<SessionRequest, AdmitError> {
     let mut request = SessionRequest {
         target: listener.target,
         budget: listener.budget,
@@ -61,8 +61,8 @@ fn apply(
     name: &str,
     value: &str,
     ceiling: &LagBudget,
-) -> Result<(), SessionError> {
-    let bad = || SessionError::BadParameter {
+) -> Result<(), AdmitError> {
+    let bad = || AdmitError::BadParameter {
         name: name.to_string(),
         value: value.to_string(),
     };
@@ -233,7 +233,7 @@ mod tests {
         ] {
             let mut s = startup(&[("options", opt)]);
             let e = extract(&mut s, &listener()).unwrap_err();
-            assert!(matches!(e, SessionError::BadParameter { .. }), "{opt}");
+            assert!(matches!(e, AdmitError::BadParameter { .. }), "{opt}");
         }
     }
 }

@@ -130,7 +130,7 @@ pub async fn relay<CR, CW, BR, BW>(
     br: &mut BR,
     bw: &mut BW,
     ctx: &RelayContext<'_>,
-) -> std::io::Result<RelayEnd>
+) -> RelayEnd
 where
     CR: AsyncRead + Unpin,
     CW: AsyncWrite + Unpin,
@@ -173,12 +173,12 @@ where
     }
     super::close(cw).await;
     state.mark_idle(ctx.busy_gauge);
-    Ok(match outcome {
+    match outcome {
         Outcome::ClientGone => RelayEnd::ClientGone,
         Outcome::ClientProtocol(e) => RelayEnd::ClientProtocol(e),
         Outcome::BackendGone { .. } => RelayEnd::BackendGone,
         Outcome::Ended(r) => RelayEnd::Ended(r),
-    })
+    }
 }
 
 enum Outcome {

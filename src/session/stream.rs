@@ -1,4 +1,5 @@
-//! The client's connection: plain TCP, or TLS terminated at the proxy.
+//! The client's connection: plain, or TLS terminated at the proxy, over a
+//! [`Transport`] (TCP in production, an in-memory pipe in tests).
 
 use std::io;
 use std::pin::Pin;
@@ -20,19 +21,35 @@ pub async fn send<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, bytes: &[u8]) -> io
     w.flush().await
 }
 
-/// A client connection after encryption negotiation.
-pub enum ClientStream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+/// What a client connection runs over.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The first byte the client sent, left unread (`None` at EOF): it tells
+    /// direct TLS (`0x16`) from a startup packet. Peeking rather than
+    /// reading keeps every byte in the socket for whoever reads next.
+    fn peek_first(&mut self) -> impl std::future::Future<Output = io::Result<Option<u8>>> + Send;
 }
 
-impl ClientStream {
+impl Transport for TcpStream {
+    async fn peek_first(&mut self) -> io::Result<Option<u8>> {
+        let mut first = [0u8; 1];
+        let n = self.peek(&mut first).await?;
+        Ok((n == 1).then_some(first[0]))
+    }
+}
+
+/// A client connection after encryption negotiation.
+pub enum ClientStream<S = TcpStream> {
+    Plain(S),
+    Tls(Box<TlsStream<S>>),
+}
+
+impl<S> ClientStream<S> {
     pub fn is_tls(&self) -> bool {
         matches!(self, ClientStream::Tls(_))
     }
 }
 
-impl AsyncRead for ClientStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -45,7 +62,7 @@ impl AsyncRead for ClientStream {
     }
 }
 
-impl AsyncWrite for ClientStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientStream<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

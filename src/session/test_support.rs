@@ -1,0 +1,94 @@
+//! Helpers for the in-memory stage tests: TLS configs that trust each other
+//! and a pipe that can stand in for a client's TCP socket.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, DuplexStream, ReadBuf};
+
+use super::stream::Transport;
+
+/// A server config (with pgpivot's own settings) for a fresh self-signed
+/// `localhost` certificate, and a client config that trusts it.
+pub fn tls_configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let der = CertificateDer::from(cert.cert.der().to_vec());
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der()));
+    let server = crate::tls::server_config_from(vec![der.clone()], key).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    (server, Arc::new(client))
+}
+
+/// The proxy's end of an in-memory client connection: a duplex pipe that
+/// can peek, as a TCP socket can.
+pub struct Pipe {
+    inner: DuplexStream,
+    peeked: Option<u8>,
+}
+
+/// A connected client end and proxy end, with `capacity` bytes of buffer.
+pub fn pipe(capacity: usize) -> (DuplexStream, Pipe) {
+    let (client, proxy) = tokio::io::duplex(capacity);
+    (
+        client,
+        Pipe {
+            inner: proxy,
+            peeked: None,
+        },
+    )
+}
+
+impl Transport for Pipe {
+    async fn peek_first(&mut self) -> io::Result<Option<u8>> {
+        if self.peeked.is_none() {
+            let mut first = [0u8; 1];
+            if self.inner.read(&mut first).await? == 1 {
+                self.peeked = Some(first[0]);
+            }
+        }
+        Ok(self.peeked)
+    }
+}
+
+impl AsyncRead for Pipe {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(first) = this.peeked.take() {
+            buf.put_slice(&[first]);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Pipe {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
