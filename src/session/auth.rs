@@ -148,3 +148,6 @@ async fn flush<C: AsyncWrite + Unpin>(client: &mut C, out: &mut BytesMut) -> Res
     out.clear();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -39,7 +39,7 @@ pub struct Signals {
 
 impl Signals {
     /// Records a signal; an `EndNow` is never replaced by an `EndAtIdle`.
-    fn raise(&self, signal: Signal) {
+    pub(crate) fn raise(&self, signal: Signal) {
         let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
         if !matches!(*slot, Some(Signal::EndNow(_))) {
             *slot = Some(signal);

@@ -13,9 +13,11 @@ use super::{relay, RelayContext, RelayEnd};
 use crate::metrics::{Gauge, Metrics};
 use crate::monitor::MonitorHandle;
 use crate::pause::Pause;
+use crate::pause::PauseScope;
 use crate::protocol::messages::TxStatus;
 use crate::routing::Target;
-use crate::session::control::Signals;
+use crate::session::control::{Signal, Signals};
+use crate::session::ending::EndReason;
 use crate::session::test_support::tls_configs;
 use crate::topology::NodeStats;
 
@@ -135,4 +137,108 @@ async fn a_large_response_reaches_a_slow_tls_reader_whole() {
     )
     .await;
     assert!(matches!(end, RelayEnd::ClientGone), "{end:?}");
+}
+
+/// Runs the relay over plain pipes while `script` plays both peers; the
+/// fixture is the caller's, so the script can raise signals or pause.
+async fn with_plain_relay<S>(fixture: &Fixture, script: S) -> RelayEnd
+where
+    S: AsyncFnOnce(DuplexStream, DuplexStream),
+{
+    let (client, proxy_client) = tokio::io::duplex(64 * 1024);
+    let (backend, proxy_backend) = tokio::io::duplex(64 * 1024);
+    let (mut cr, mut cw) = tokio::io::split(proxy_client);
+    let (mut br, mut bw) = tokio::io::split(proxy_backend);
+    let ctx = fixture.ctx();
+    let (end, ()) = tokio::join!(
+        relay(&mut cr, &mut cw, &mut br, &mut bw, &ctx),
+        script(client, backend)
+    );
+    end
+}
+
+fn lost() -> Signal {
+    Signal::EndNow(EndReason::NodeLost { node: "pg1".into() })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_ended_mid_message_is_ended_after_that_message() {
+    let fixture = Fixture::default();
+    let row = message(b'D', &[7u8; 10_000]);
+    let (head, tail) = row.split_at(row.len() / 2);
+    let end = with_plain_relay(&fixture, async |mut c, mut b| {
+        b.write_all(head).await.unwrap();
+        let mut got = vec![0u8; head.len()];
+        c.read_exact(&mut got).await.unwrap();
+        fixture.signals.raise(lost());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        b.write_all(tail).await.unwrap();
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.starts_with(tail), "the message was finished first");
+        let error = &rest[tail.len()..];
+        assert_eq!(error.first(), Some(&b'E'), "then pgpivot's error");
+        assert!(String::from_utf8_lossy(error).contains("08006"));
+    })
+    .await;
+    assert!(
+        matches!(end, RelayEnd::Ended(EndReason::NodeLost { .. })),
+        "{end:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_hung_mid_message_is_given_up_after_the_grace() {
+    let fixture = Fixture::default();
+    let row = message(b'D', &[7u8; 10_000]);
+    let head = &row[..row.len() / 2];
+    let started = tokio::time::Instant::now();
+    let end = with_plain_relay(&fixture, async |mut c, mut b| {
+        b.write_all(head).await.unwrap();
+        fixture.signals.raise(lost());
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.unwrap();
+        // Half a message cannot be followed by an error: the client only
+        // sees the connection close.
+        assert_eq!(got, head);
+        drop(b);
+    })
+    .await;
+    assert!(matches!(end, RelayEnd::Ended(_)), "{end:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= super::END_GRACE && waited < super::END_GRACE * 2,
+        "{waited:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pause_holds_the_next_unit_of_work_until_resume() {
+    let fixture = Fixture::default();
+    fixture.pause.set(PauseScope::Writes);
+    let query = message(b'Q', b"select 1\0");
+    let end = with_plain_relay(&fixture, async |mut c, mut b| {
+        c.write_all(&query).await.unwrap();
+        let mut got = [0u8; 1];
+        let held = tokio::time::timeout(Duration::from_secs(30), b.read(&mut got)).await;
+        assert!(held.is_err(), "nothing reaches the backend while paused");
+        fixture.pause.set(PauseScope::None);
+        let mut got = vec![0u8; query.len()];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, query, "the held query goes through on resume");
+        c.write_all(b"X\0\0\0\x04").await.unwrap();
+        // The goodbye reaches the backend before the script lets go of it.
+        let mut goodbye = [0u8; 5];
+        b.read_exact(&mut goodbye).await.unwrap();
+        assert_eq!(goodbye[0], b'X');
+    })
+    .await;
+    assert!(matches!(end, RelayEnd::ClientGone), "{end:?}");
+}
+
+fn message(t: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![t];
+    m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    m.extend_from_slice(body);
+    m
 }
