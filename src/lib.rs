@@ -10,7 +10,10 @@
 //! Data path, one task per client session (see [`session`]):
 //! - [`listener`]: accept loops and connection limits.
 //! - [`session`]: handshake → params → connect (route + hold) → auth
-//!   (pass-through) → relay → end, one module per stage.
+//!   (pass-through) → relay → end, one module per stage, each with its own
+//!   error type (joined in [`session::error::SessionError`]) and in-memory
+//!   tests beside it (`handshake/tests.rs`, `auth/tests.rs`,
+//!   `relay/tests.rs`).
 //! - [`protocol`]: startup packets, the header framer, the few messages the
 //!   proxy reads or writes.
 //! - [`routing`]: target + lag budget + snapshot → node (pure).
@@ -28,12 +31,14 @@
 //! - [`admin`]: the HTTP endpoint (/metrics, /status, /health, /ready,
 //!   /pause, /resume, /reload) and the `pgpivot status` client.
 //! - [`pause`]: the pause switch sessions check at idle points.
-//! - [`reload`]: applying a re-read config (SIGHUP, /reload).
+//! - [`reload`]: applying a re-read config (SIGHUP, /reload), one at a time
+//!   in its own task.
 //!
 //! Around them: [`config`] (figment, validation), [`shared`] (the state
 //! every task shares: a leaf, so no stage imports another through it),
-//! [`proxy`] (start and graceful shutdown), [`metrics`], [`localcluster`] (a real
-//! primary + standbys for tests, benches and the demo), [`demo`].
+//! [`proxy`] (start and graceful shutdown), [`metrics`], [`net`] (socket
+//! options), [`localcluster`] (a real primary + standbys for tests, benches
+//! and the demo), [`demo`].
 
 pub mod admin;
 pub mod backend_tls;

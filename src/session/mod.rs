@@ -3,14 +3,16 @@
 //! ```text
 //! handshake ──► params ──► connect ──────────► auth ──────────► relay ──► end
 //! SSLRequest    pgpivot.*  route + hold,       pass-through,    framed     Terminate, backend
-//! (rustls),     settings   backend TCP,        proxy cancel     bulk       gone, node no longer
+//! (rustls),     settings   backend TCP(+TLS),  proxy cancel     bulk       gone, node no longer
 //! startup/cancel           startup packet      key, in_hot_     copy       eligible, shutdown
 //!                                              standby check
+//! HandshakeError AdmitError ConnectError       AuthError        RelayEnd
 //! ```
 //!
-//! Each stage is a module with its own function; this one runs them in
-//! order inside the session's tracing span and turns a stage's error into
-//! the client's ErrorResponse.
+//! Each stage is a module with its own function and error type; this one
+//! runs them in order inside the session's tracing span, with one settings
+//! snapshot, turns a stage's error into the client's ErrorResponse, and
+//! closes the client's connection the way PostgreSQL does ([`close`]).
 
 pub mod auth;
 pub mod connect;
@@ -30,10 +32,9 @@ use std::time::Instant;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-use crate::backend_tls::BackendStream;
 use tracing::Instrument;
 
+use crate::backend_tls::BackendStream;
 use crate::config::{ListenerSettings, OnLag, Settings, TlsMode};
 use crate::protocol::messages;
 use crate::protocol::startup::StartupMessage;
