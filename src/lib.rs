@@ -48,6 +48,7 @@ pub mod decider;
 pub mod demo;
 pub mod listener;
 pub mod localcluster;
+pub mod maybe_tls;
 pub mod metrics;
 pub mod monitor;
 pub mod net;
