@@ -326,6 +326,14 @@ impl BackendStream {
     pub fn is_tls(&self) -> bool {
         matches!(self, BackendStream::Tls(_))
     }
+
+    /// The TCP socket under any TLS.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            BackendStream::Plain(s) => s,
+            BackendStream::Tls(s) => s.get_ref().0,
+        }
+    }
 }
 
 impl AsyncRead for BackendStream {

@@ -35,6 +35,19 @@ pub fn tune(stream: &TcpStream, keepalive: Option<Duration>) {
     }
 }
 
+/// Makes the close of `stream` discard whatever is still queued for the
+/// peer (SO_LINGER 0: the close sends an RST). For a backend whose session
+/// pgpivot ended because the node was lost or demoted: a statement the
+/// client sent before that, stuck behind a partition, must not reach the
+/// node when the link heals, after the client was told to reconnect (its
+/// retry would run it twice). A plain close would leave the kernel
+/// retransmitting it, and the server would run it.
+pub fn discard_on_close(stream: &TcpStream) {
+    if let Err(e) = SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(error = %e, "cannot set SO_LINGER");
+    }
+}
+
 /// Unanswered keepalive probes before the connection counts as dead.
 const PROBES: u32 = 4;
 

@@ -62,6 +62,16 @@ impl EndReason {
         }
     }
 
+    /// Whether the session was cut because its node may no longer receive
+    /// its traffic (ended at once, not at an idle point): what is still
+    /// queued for the node is then discarded, not delivered.
+    pub fn abandons_node(&self) -> bool {
+        matches!(
+            self,
+            EndReason::NotPrimary { .. } | EndReason::NodeLost { .. } | EndReason::Promoted { .. }
+        )
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             EndReason::NotPrimary { .. } => "demoted",
