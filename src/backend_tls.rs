@@ -321,6 +321,16 @@ impl ServerCertVerifier for NoVerification {
 /// A backend connection after encryption negotiation.
 pub type BackendStream = MaybeTls<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
 
+impl BackendStream {
+    /// The TCP socket under any TLS.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            MaybeTls::Plain(s) => s,
+            MaybeTls::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
 /// The monitor's TLS connector for tokio-postgres: the node's rules, with
 /// tokio-postgres doing the SSLRequest negotiation itself.
 #[derive(Clone)]

@@ -250,7 +250,8 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     /// TCP keepalive on client and backend sockets: seconds of silence
     /// before the first probe (0 = off). Frees sessions whose peer vanished
-    /// behind a network partition.
+    /// behind a network partition; TCP_USER_TIMEOUT is set to the same
+    /// total (idle + 4 probes), for a peer that vanished with data in flight.
     pub tcp_keepalive_s: u64,
 }
 

@@ -63,6 +63,16 @@ impl EndReason {
         }
     }
 
+    /// Whether the session was cut because its node may no longer receive
+    /// its traffic (ended at once, not at an idle point): what is still
+    /// queued for the node is then discarded, not delivered.
+    pub fn abandons_node(&self) -> bool {
+        matches!(
+            self,
+            EndReason::NotPrimary { .. } | EndReason::NodeLost { .. } | EndReason::Promoted { .. }
+        )
+    }
+
     /// How this ending is counted and labelled.
     pub fn kind(&self) -> EndKind {
         match self {

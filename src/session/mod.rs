@@ -143,6 +143,11 @@ async fn run(
     };
     drop(starting);
     let end = relay_streams(client, &mut connected.backend, &ctx).await;
+    if let RelayEnd::Ended(reason) = &end {
+        if reason.abandons_node() {
+            crate::net::discard_on_close(connected.backend.tcp());
+        }
+    }
     report(shared, end);
     Ok(())
 }
