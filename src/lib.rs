@@ -34,7 +34,8 @@
 //! - [`reload`]: applying a re-read config (SIGHUP, /reload), one at a time
 //!   in its own task.
 //!
-//! Around them: [`config`] (figment, validation), [`shared`] (the state
+//! Around them: [`config`] (figment, validation), [`credentials`] (role
+//! secrets, ClientKeys and re-login, for moving sessions), [`shared`] (the state
 //! every task shares: a leaf, so no stage imports another through it),
 //! [`proxy`] (start and graceful shutdown), [`metrics`], [`net`] (socket
 //! options), [`localcluster`] (a real primary + standbys for tests, benches
@@ -44,6 +45,7 @@ pub mod admin;
 pub mod backend_tls;
 pub mod cancel;
 pub mod config;
+pub mod credentials;
 pub mod decider;
 pub mod demo;
 pub mod listener;

@@ -1,13 +1,13 @@
 //! A connection that is either plain or TLS, read and written the same way:
 //! the client side ([`ClientStream`](crate::session::stream::ClientStream))
 //! and the backend side ([`BackendStream`](crate::backend_tls::BackendStream))
-//! are both this type.
+//! are both this type. Also the one way the proxy writes to either ([`send`]).
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// `P` is the plain transport, `T` the TLS stream over it.
 pub enum MaybeTls<P, T> {
@@ -67,4 +67,16 @@ where
             MaybeTls::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
+}
+
+/// Writes all of `bytes` and flushes. Every write the proxy makes goes
+/// through here, because over TLS `write_all` alone is not enough:
+/// tokio-rustls accepts plaintext into rustls and returns `Ok` as soon as the
+/// socket would block, with the encrypted records still queued in rustls. A
+/// relay that then waits for the other peer leaves the end of a response
+/// unsent for as long as that peer is quiet (a stall a slow reader hits every
+/// time). On plain TCP the flush costs nothing.
+pub async fn send<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
 }

@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::error::AuthError;
 use crate::cancel::{CancelRegistry, Registration};
+use crate::credentials::Login;
 use crate::protocol::frame::{read_message, HEADER_LEN};
 use crate::protocol::messages::{self, tag, TxStatus};
 use crate::protocol::startup::CancelKey;
@@ -26,6 +27,8 @@ const AUTH_MESSAGE_LIMIT: usize = 64 * 1024;
 /// What the session knows once the backend is ready for queries.
 pub struct Authenticated {
     pub status: TxStatus,
+    /// How the client logged in, as far as logging in again needs it.
+    pub login: Login,
     /// Kept alive for the session: dropping it forgets the cancel key.
     pub cancel: Option<Registration>,
     /// The backend reported `in_hot_standby = on`.
@@ -60,6 +63,7 @@ where
     let mut out = BytesMut::with_capacity(8 * 1024);
     let mut cancel = None;
     let mut in_hot_standby = false;
+    let mut login = Login::default();
     loop {
         let (t, body) = read_message(backend, &mut from_backend, AUTH_MESSAGE_LIMIT)
             .await
@@ -70,6 +74,7 @@ where
                 let code = messages::auth_code(&body).ok_or_else(|| {
                     AuthError::BackendProtocol("short authentication message".into())
                 })?;
+                login.saw_request(code, &body[4..]);
                 if code == 10 {
                     if !messages::sasl_without_channel_binding(&body, &mut out) {
                         return Err(AuthError::BackendProtocol("bad SASL mechanism list".into()));
@@ -83,6 +88,7 @@ where
                         .await
                         .map_err(AuthError::from_client)?
                         .ok_or(AuthError::ClientClosed)?;
+                    login.saw_answer(&cbody);
                     let mut answer = BytesMut::with_capacity(cbody.len() + HEADER_LEN);
                     put_message(&mut answer, ct, &cbody);
                     super::stream::send(backend, &answer)
@@ -127,6 +133,7 @@ where
                 flush(client, &mut out).await?;
                 return Ok(Authenticated {
                     status,
+                    login,
                     cancel,
                     in_hot_standby,
                 });

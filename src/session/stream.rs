@@ -3,23 +3,13 @@
 
 use std::io;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 use crate::maybe_tls::MaybeTls;
 
-/// Writes all of `bytes` and flushes. Every write the proxy makes goes
-/// through here, because over TLS `write_all` alone is not enough:
-/// tokio-rustls accepts plaintext into rustls and returns `Ok` as soon as the
-/// socket would block, with the encrypted records still queued in rustls. A
-/// relay that then waits for the other peer leaves the end of a response
-/// unsent for as long as that peer is quiet (a stall a slow reader hits every
-/// time). On plain TCP the flush costs nothing.
-pub async fn send<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
-    w.write_all(bytes).await?;
-    w.flush().await
-}
+pub use crate::maybe_tls::send;
 
 /// What a client connection runs over.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
