@@ -22,6 +22,7 @@ pub mod error;
 pub mod handshake;
 pub mod params;
 pub mod relay;
+pub mod state;
 pub mod stream;
 #[cfg(test)]
 mod test_support;

@@ -1,0 +1,382 @@
+//! The session state a move to another backend must carry, and what pins a
+//! session to its backend (issue 11, step 2: the tracker, pure and tested;
+//! the relay does not feed it yet).
+//!
+//! Fed the few messages that define state (client Query, Parse, Close; server
+//! CommandComplete, ErrorResponse, ReadyForQuery), it keeps:
+//! - session-level `SET` / `RESET` / `RESET ALL` and `SET SESSION
+//!   CHARACTERISTICS`, replayed in order (`SET LOCAL` never outlives its
+//!   transaction, so it is not kept);
+//! - prepared statements: SQL `PREPARE` and named protocol-level Parse, with
+//!   `DEALLOCATE [ALL]`, Close and `DISCARD ALL`;
+//! - `LISTEN` / `UNLISTEN` channels.
+//!
+//! Changes made inside a transaction block count only once it commits
+//! (the server's CommandComplete says `COMMIT`, not `ROLLBACK`); a failed
+//! statement changes nothing. State that cannot move pins the session:
+//! temporary objects, `WITH HOLD` cursors, session advisory locks,
+//! `set_config(…)`, `LOAD`, and anything the lexer cannot read with
+//! certainty. The amount kept is bounded: past [`MAX_STATE_BYTES`] the
+//! session is pinned too.
+
+pub mod sql;
+
+use std::collections::{BTreeSet, VecDeque};
+
+use crate::protocol::messages::TxStatus;
+use sql::Token;
+
+/// Most bytes of SQL text and names one session may have tracked.
+pub const MAX_STATE_BYTES: usize = 256 * 1024;
+
+/// Why a session cannot move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Pin {
+    TempObject,
+    HoldCursor,
+    AdvisoryLock,
+    SetConfig,
+    Load,
+    /// Text the tracker could not read with certainty.
+    Unparsed,
+    /// More state than [`MAX_STATE_BYTES`].
+    TooMuchState,
+}
+
+impl Pin {
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Pin::TempObject => "temp_object",
+            Pin::HoldCursor => "hold_cursor",
+            Pin::AdvisoryLock => "advisory_lock",
+            Pin::SetConfig => "set_config",
+            Pin::Load => "load",
+            Pin::Unparsed => "unparsed",
+            Pin::TooMuchState => "too_much_state",
+        }
+    }
+}
+
+/// One thing to redo on a new backend, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replay {
+    /// A statement to run as is (`SET …`, `RESET …`, `PREPARE …`, `LISTEN …`).
+    Sql(String),
+    /// A protocol-level Parse to send again: name, query, parameter type OIDs.
+    Parse {
+        name: String,
+        query: String,
+        types: Vec<u32>,
+    },
+}
+
+/// A change one statement would make, applied when it is known to stick.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Change {
+    Guc(String),
+    ResetAll,
+    Prepare {
+        name: String,
+        sql: String,
+    },
+    Deallocate(Option<String>),
+    Listen(String),
+    Unlisten(Option<String>),
+    DiscardAll,
+    DiscardTemp,
+    /// `ROLLBACK TO SAVEPOINT`: undoes part of a block, which the tracker
+    /// does not follow.
+    RollbackTo,
+    Pin(Pin),
+    /// Statements that change nothing tracked still take a CommandComplete.
+    Nothing,
+}
+
+/// The tracked state of one session.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    /// Session SET/RESET statements in order (a RESET ALL clears them).
+    gucs: Vec<String>,
+    /// Prepared statements by name, in creation order.
+    prepared: Vec<(String, Replay)>,
+    listens: BTreeSet<String>,
+    pins: BTreeSet<Pin>,
+    /// Per message that a ReadyForQuery will close (Query, Sync,
+    /// FunctionCall), in the order sent: the changes its statements would
+    /// make, one per statement. Clients pipeline, so several may wait.
+    awaiting: VecDeque<VecDeque<Change>>,
+    /// Changes of the open transaction block, applied at its COMMIT.
+    in_block: Vec<Change>,
+    /// A transaction block is open (BEGIN seen, or the server said so).
+    block_open: bool,
+}
+
+impl Tracker {
+    /// A client simple Query.
+    pub fn client_query(&mut self, sql: &str) {
+        let Some(statements) = sql::statements(sql) else {
+            self.pins.insert(Pin::Unparsed);
+            self.awaiting.push_back(VecDeque::new());
+            return;
+        };
+        let changes = statements
+            .iter()
+            .map(|(text, tokens)| classify(text, tokens))
+            .collect();
+        self.awaiting.push_back(changes);
+    }
+
+    /// A client Sync or FunctionCall: answered by a ReadyForQuery, and
+    /// changing nothing the tracker follows.
+    pub fn client_sync(&mut self) {
+        self.awaiting.push_back(VecDeque::new());
+    }
+
+    /// A client Parse. Named statements are kept for replay; a statement
+    /// that itself changes session state pins (the extended protocol is not
+    /// followed statement by statement).
+    pub fn client_parse(&mut self, name: &str, query: &str, types: &[u32]) {
+        match sql::statements(query) {
+            Some(statements) => {
+                for (text, tokens) in &statements {
+                    if classify(text, tokens) != Change::Nothing {
+                        self.pins.insert(Pin::Unparsed);
+                    }
+                }
+            }
+            None => {
+                self.pins.insert(Pin::Unparsed);
+            }
+        }
+        if !name.is_empty() {
+            let replay = Replay::Parse {
+                name: name.to_string(),
+                query: query.to_string(),
+                types: types.to_vec(),
+            };
+            self.remember_prepared(name.to_string(), replay);
+        }
+    }
+
+    /// A client Close of a prepared statement (`'S'`) named `name`.
+    pub fn client_close_statement(&mut self, name: &str) {
+        self.prepared.retain(|(n, _)| n != name);
+    }
+
+    /// A CommandComplete: the oldest awaited statement succeeded.
+    pub fn server_command_complete(&mut self, tag: &str) {
+        let change = self
+            .awaiting
+            .front_mut()
+            .and_then(VecDeque::pop_front)
+            .unwrap_or(Change::Nothing);
+        match (tag, change) {
+            // Uncertainty pins at once, block or not.
+            (_, Change::Pin(Pin::Unparsed)) => self.apply(Change::Pin(Pin::Unparsed)),
+            // The tag of ROLLBACK TO SAVEPOINT is ROLLBACK too; the block
+            // stays open, and any change tracked in it is now uncertain.
+            (_, Change::RollbackTo) => {
+                if self.in_block.iter().any(|c| *c != Change::Nothing) {
+                    self.apply(Change::Pin(Pin::Unparsed));
+                }
+            }
+            ("BEGIN" | "START TRANSACTION", _) => self.block_open = true,
+            ("COMMIT", _) => {
+                self.block_open = false;
+                for c in std::mem::take(&mut self.in_block) {
+                    self.apply(c);
+                }
+            }
+            // Also what a COMMIT of a failed block answers.
+            ("ROLLBACK", _) => {
+                self.block_open = false;
+                self.in_block.clear();
+            }
+            (_, change) if self.block_open => self.in_block.push(change),
+            (_, change) => self.apply(change),
+        }
+    }
+
+    /// An ErrorResponse: the statement that failed changes nothing, and the
+    /// rest of its simple Query is not run.
+    pub fn server_error(&mut self) {
+        if let Some(current) = self.awaiting.front_mut() {
+            current.clear();
+        }
+    }
+
+    /// A ReadyForQuery with `status`: the oldest Query (or Sync) is answered.
+    pub fn server_ready(&mut self, status: TxStatus) {
+        self.awaiting.pop_front();
+        if status == TxStatus::Idle {
+            // A block that ended without COMMIT (ROLLBACK, or a failed one)
+            // left nothing behind.
+            self.in_block.clear();
+        }
+        self.block_open = status != TxStatus::Idle;
+    }
+
+    /// Why the session cannot move, if it cannot (the first reason).
+    pub fn pinned(&self) -> Option<Pin> {
+        self.pins.iter().next().copied()
+    }
+
+    /// What to redo on a new backend, in order.
+    pub fn replay(&self) -> Vec<Replay> {
+        let mut out: Vec<Replay> = self.gucs.iter().cloned().map(Replay::Sql).collect();
+        out.extend(self.prepared.iter().map(|(_, r)| r.clone()));
+        out.extend(
+            self.listens
+                .iter()
+                .map(|ch| Replay::Sql(format!("LISTEN {ch}"))),
+        );
+        out
+    }
+
+    /// Bytes of text kept (names and SQL), for the bound and the metrics.
+    pub fn state_bytes(&self) -> usize {
+        let gucs: usize = self.gucs.iter().map(String::len).sum();
+        let prepared: usize = self
+            .prepared
+            .iter()
+            .map(|(n, r)| {
+                n.len()
+                    + match r {
+                        Replay::Sql(s) => s.len(),
+                        Replay::Parse { query, types, .. } => query.len() + 4 * types.len(),
+                    }
+            })
+            .sum();
+        gucs + prepared + self.listens.iter().map(String::len).sum::<usize>()
+    }
+
+    fn apply(&mut self, change: Change) {
+        match change {
+            Change::Guc(statement) => self.gucs.push(statement),
+            Change::ResetAll => self.gucs.clear(),
+            Change::Prepare { name, sql } => self.remember_prepared(name, Replay::Sql(sql)),
+            Change::Deallocate(None) => self.prepared.clear(),
+            Change::Deallocate(Some(name)) => self.client_close_statement(&name),
+            Change::Listen(channel) => {
+                self.listens.insert(channel);
+            }
+            Change::Unlisten(None) => self.listens.clear(),
+            Change::Unlisten(Some(channel)) => {
+                self.listens.remove(&channel);
+            }
+            Change::DiscardAll => {
+                self.gucs.clear();
+                self.prepared.clear();
+                self.listens.clear();
+                self.pins.remove(&Pin::TempObject);
+            }
+            Change::DiscardTemp => {
+                self.pins.remove(&Pin::TempObject);
+            }
+            Change::Pin(pin) => {
+                self.pins.insert(pin);
+            }
+            Change::RollbackTo | Change::Nothing => {}
+        }
+        if self.state_bytes() > MAX_STATE_BYTES {
+            self.pins.insert(Pin::TooMuchState);
+        }
+    }
+
+    fn remember_prepared(&mut self, name: String, replay: Replay) {
+        self.prepared.retain(|(n, _)| *n != name);
+        self.prepared.push((name, replay));
+        if self.state_bytes() > MAX_STATE_BYTES {
+            self.pins.insert(Pin::TooMuchState);
+        }
+    }
+}
+
+/// What one statement does to session state.
+fn classify(text: &str, tokens: &[Token<'_>]) -> Change {
+    if let Some(pin) = pinning_call(tokens) {
+        return Change::Pin(pin);
+    }
+    let word = |i: usize| tokens.get(i).map(|t| t.text().to_ascii_lowercase());
+    let is = |i: usize, kw: &str| tokens.get(i).is_some_and(|t| t.is(kw));
+    match word(0).as_deref() {
+        Some("set") if is(1, "local") || is(1, "transaction") => Change::Nothing,
+        Some("set") => Change::Guc(text.to_string()),
+        Some("reset") if is(1, "all") => Change::ResetAll,
+        Some("reset") => Change::Guc(text.to_string()),
+        // Two-phase commit: what happens to the block's settings is not
+        // followed.
+        Some("prepare") if is(1, "transaction") => Change::Pin(Pin::Unparsed),
+        Some("rollback") if tokens.iter().skip(1).take(2).any(|t| t.is("to")) => Change::RollbackTo,
+        Some("prepare") => match tokens.get(1) {
+            Some(Token::Word(name)) => Change::Prepare {
+                name: name.to_ascii_lowercase(),
+                sql: text.to_string(),
+            },
+            _ => Change::Pin(Pin::Unparsed),
+        },
+        Some("deallocate") => {
+            let at = if is(1, "prepare") { 2 } else { 1 };
+            match tokens.get(at) {
+                Some(t) if t.is("all") => Change::Deallocate(None),
+                Some(Token::Word(name)) => Change::Deallocate(Some(name.to_ascii_lowercase())),
+                _ => Change::Pin(Pin::Unparsed),
+            }
+        }
+        Some("listen") => match tokens.get(1) {
+            Some(t @ (Token::Word(_) | Token::Quoted(_))) => Change::Listen(t.text().to_string()),
+            _ => Change::Pin(Pin::Unparsed),
+        },
+        Some("unlisten") => match tokens.get(1) {
+            Some(Token::Other("*")) => Change::Unlisten(None),
+            Some(t @ (Token::Word(_) | Token::Quoted(_))) => {
+                Change::Unlisten(Some(t.text().to_string()))
+            }
+            _ => Change::Pin(Pin::Unparsed),
+        },
+        Some("discard") if is(1, "all") => Change::DiscardAll,
+        Some("discard") if is(1, "temp") || is(1, "temporary") => Change::DiscardTemp,
+        Some("load") => Change::Pin(Pin::Load),
+        Some("declare")
+            if tokens
+                .windows(2)
+                .any(|w| w[0].is("with") && w[1].is("hold")) =>
+        {
+            Change::Pin(Pin::HoldCursor)
+        }
+        _ if creates_temp(tokens) => Change::Pin(Pin::TempObject),
+        _ => Change::Nothing,
+    }
+}
+
+/// `CREATE [GLOBAL|LOCAL] TEMP|TEMPORARY …` and `… INTO TEMP …`.
+fn creates_temp(tokens: &[Token<'_>]) -> bool {
+    let temp = |t: &Token<'_>| t.is("temp") || t.is("temporary");
+    let create = tokens.first().is_some_and(|t| t.is("create"));
+    let early = tokens.iter().skip(1).take(3).any(temp);
+    let into = tokens.windows(2).any(|w| w[0].is("into") && temp(&w[1]));
+    (create && early) || into
+}
+
+/// A call of a function that changes session state in a way no replay
+/// reproduces: session advisory locks and `set_config` (whose third
+/// argument is rarely a literal the tracker could trust).
+fn pinning_call(tokens: &[Token<'_>]) -> Option<Pin> {
+    tokens.windows(2).find_map(|w| {
+        if w[1] != Token::Other("(") {
+            return None;
+        }
+        let name = w[0].text().to_ascii_lowercase();
+        match name.as_str() {
+            "pg_advisory_lock"
+            | "pg_advisory_lock_shared"
+            | "pg_try_advisory_lock"
+            | "pg_try_advisory_lock_shared" => Some(Pin::AdvisoryLock),
+            "set_config" => Some(Pin::SetConfig),
+            _ => None,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,217 @@
+//! The tracker fed message by message as a server would answer.
+
+use super::*;
+
+/// Runs `sql` as one simple Query that succeeds, statement tags `tags`, and
+/// ends with ReadyForQuery `status`.
+fn ok(t: &mut Tracker, sql: &str, tags: &[&str], status: TxStatus) {
+    t.client_query(sql);
+    for tag in tags {
+        t.server_command_complete(tag);
+    }
+    t.server_ready(status);
+}
+
+fn sql_replay(t: &Tracker) -> Vec<String> {
+    t.replay()
+        .into_iter()
+        .map(|r| match r {
+            Replay::Sql(s) => s,
+            Replay::Parse { name, .. } => format!("<parse {name}>"),
+        })
+        .collect()
+}
+
+use TxStatus::{Idle, InTransaction};
+
+#[test]
+fn session_settings_are_replayed_in_order_and_reset_all_clears_them() {
+    let mut t = Tracker::default();
+    ok(&mut t, "SET search_path TO app, public", &["SET"], Idle);
+    ok(
+        &mut t,
+        "set application_name = 'x;y'; SET LOCAL work_mem = '1MB'",
+        &["SET", "SET"],
+        Idle,
+    );
+    ok(&mut t, "RESET search_path", &["RESET"], Idle);
+    assert_eq!(
+        sql_replay(&t),
+        [
+            "SET search_path TO app, public",
+            "set application_name = 'x;y'",
+            "RESET search_path"
+        ]
+    );
+    ok(&mut t, "RESET ALL", &["RESET"], Idle);
+    assert!(sql_replay(&t).is_empty());
+    assert_eq!(t.pinned(), None);
+}
+
+#[test]
+fn changes_in_a_block_count_only_once_it_commits() {
+    let mut t = Tracker::default();
+    ok(&mut t, "BEGIN", &["BEGIN"], InTransaction);
+    ok(&mut t, "SET timezone = 'UTC'", &["SET"], InTransaction);
+    ok(&mut t, "ROLLBACK", &["ROLLBACK"], Idle);
+    assert!(sql_replay(&t).is_empty(), "rolled back");
+    ok(
+        &mut t,
+        "BEGIN; SET timezone = 'UTC'; COMMIT",
+        &["BEGIN", "SET", "COMMIT"],
+        Idle,
+    );
+    assert_eq!(sql_replay(&t), ["SET timezone = 'UTC'"]);
+    // A failed block: its COMMIT answers ROLLBACK.
+    ok(&mut t, "BEGIN", &["BEGIN"], InTransaction);
+    ok(&mut t, "SET datestyle = 'ISO'", &["SET"], InTransaction);
+    t.client_query("select 1/0");
+    t.server_error();
+    t.server_ready(TxStatus::Failed);
+    ok(&mut t, "COMMIT", &["ROLLBACK"], Idle);
+    assert_eq!(sql_replay(&t), ["SET timezone = 'UTC'"]);
+}
+
+#[test]
+fn a_failed_statement_and_the_rest_of_its_query_change_nothing() {
+    let mut t = Tracker::default();
+    t.client_query("SET search_path = a; SET nonsense.x = 1 2; LISTEN ch");
+    t.server_command_complete("SET");
+    t.server_error();
+    t.server_ready(Idle);
+    assert_eq!(sql_replay(&t), ["SET search_path = a"]);
+}
+
+#[test]
+fn prepared_statements_and_listens_follow_their_commands() {
+    let mut t = Tracker::default();
+    ok(&mut t, "PREPARE q1 AS select $1::int", &["PREPARE"], Idle);
+    t.client_parse("s1", "select 1", &[23]);
+    t.client_parse("", "select 2", &[]);
+    ok(
+        &mut t,
+        "LISTEN jobs; LISTEN \"Other\"",
+        &["LISTEN", "LISTEN"],
+        Idle,
+    );
+    assert_eq!(
+        sql_replay(&t),
+        [
+            "PREPARE q1 AS select $1::int",
+            "<parse s1>",
+            "LISTEN \"Other\"",
+            "LISTEN jobs"
+        ]
+    );
+    ok(
+        &mut t,
+        "DEALLOCATE q1; UNLISTEN jobs",
+        &["DEALLOCATE", "UNLISTEN"],
+        Idle,
+    );
+    t.client_close_statement("s1");
+    assert_eq!(sql_replay(&t), ["LISTEN \"Other\""]);
+    ok(&mut t, "DISCARD ALL", &["DISCARD ALL"], Idle);
+    assert!(sql_replay(&t).is_empty());
+}
+
+#[test]
+fn state_that_cannot_move_pins_the_session() {
+    let cases = [
+        ("create temp table t (x int)", Pin::TempObject),
+        (
+            "CREATE GLOBAL TEMPORARY VIEW v AS select 1",
+            Pin::TempObject,
+        ),
+        ("select * into temp t from x", Pin::TempObject),
+        ("declare c cursor with hold for select 1", Pin::HoldCursor),
+        ("select pg_advisory_lock(1)", Pin::AdvisoryLock),
+        (
+            "select set_config('search_path', 'x', false)",
+            Pin::SetConfig,
+        ),
+        ("LOAD 'auto_explain'", Pin::Load),
+        ("select 'unterminated", Pin::Unparsed),
+    ];
+    for (sql, pin) in cases {
+        let mut t = Tracker::default();
+        ok(&mut t, sql, &["SELECT 1"], Idle);
+        assert_eq!(t.pinned(), Some(pin), "{sql}");
+    }
+    // A temp table that DISCARD TEMP dropped no longer pins.
+    let mut t = Tracker::default();
+    ok(
+        &mut t,
+        "create temp table t (x int)",
+        &["CREATE TABLE"],
+        Idle,
+    );
+    ok(&mut t, "discard temp", &["DISCARD TEMP"], Idle);
+    assert_eq!(t.pinned(), None);
+    // A pinning statement that was rolled back leaves no pin.
+    let mut t = Tracker::default();
+    ok(
+        &mut t,
+        "BEGIN; create temp table t (x int); ROLLBACK",
+        &["BEGIN", "CREATE TABLE", "ROLLBACK"],
+        Idle,
+    );
+    assert_eq!(t.pinned(), None);
+}
+
+#[test]
+fn a_rollback_to_savepoint_over_tracked_changes_pins() {
+    let mut t = Tracker::default();
+    ok(
+        &mut t,
+        "BEGIN; SAVEPOINT a",
+        &["BEGIN", "SAVEPOINT"],
+        InTransaction,
+    );
+    ok(
+        &mut t,
+        "ROLLBACK TO SAVEPOINT a",
+        &["ROLLBACK"],
+        InTransaction,
+    );
+    ok(&mut t, "COMMIT", &["COMMIT"], Idle);
+    assert_eq!(t.pinned(), None, "nothing tracked was undone");
+    ok(
+        &mut t,
+        "BEGIN; SET x.y = 1; SAVEPOINT a",
+        &["BEGIN", "SET", "SAVEPOINT"],
+        InTransaction,
+    );
+    ok(&mut t, "ROLLBACK TO a", &["ROLLBACK"], InTransaction);
+    assert_eq!(t.pinned(), Some(Pin::Unparsed));
+}
+
+#[test]
+fn a_parse_that_changes_state_pins_and_state_is_bounded() {
+    let mut t = Tracker::default();
+    t.client_parse("", "SET search_path = x", &[]);
+    assert_eq!(t.pinned(), Some(Pin::Unparsed));
+    let mut t = Tracker::default();
+    let big = format!("select '{}'", "x".repeat(MAX_STATE_BYTES / 4));
+    for i in 0..5 {
+        t.client_parse(&format!("s{i}"), &big, &[]);
+    }
+    assert_eq!(t.pinned(), Some(Pin::TooMuchState));
+    assert!(t.state_bytes() > MAX_STATE_BYTES);
+}
+
+#[test]
+fn pipelined_queries_are_matched_to_their_own_answers() {
+    let mut t = Tracker::default();
+    t.client_query("SET a.x = 1");
+    t.client_sync(); // an extended-protocol batch between them
+    t.client_query("SET b.x = 2; SET c.x = 3");
+    t.server_command_complete("SET");
+    t.server_ready(Idle);
+    t.server_command_complete("SELECT 1"); // the batch's Execute
+    t.server_ready(Idle);
+    t.server_command_complete("SET");
+    t.server_error(); // SET c.x failed
+    t.server_ready(Idle);
+    assert_eq!(sql_replay(&t), ["SET a.x = 1", "SET b.x = 2"]);
+}
