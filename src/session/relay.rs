@@ -304,6 +304,9 @@ where
     let mut last_fatal = false;
     let mut relayed = LocalCounter::new(&ctx.metrics.bytes_to_clients);
     let mut round_trips = LocalLatency::new(&ctx.stats.round_trip);
+    // Made once and renewed only after it fires: a fresh one per loop turn
+    // would register (and then drop) a waiter on every read.
+    let mut raised = std::pin::pin!(signals.raised());
     loop {
         reserve(&mut buf);
         let grace = ending.as_ref().map(|(_, at)| *at);
@@ -321,13 +324,16 @@ where
                 }
                 Ok(_) => {}
             },
-            _ = signals.raised() => match signals.take() {
-                Some(Signal::EndNow(reason)) if ending.is_none() => {
-                    state.stop_forwarding.store(true, Ordering::Relaxed);
-                    ending = Some((reason, tokio::time::Instant::now() + END_GRACE));
+            _ = &mut raised => {
+                raised.set(signals.raised());
+                match signals.take() {
+                    Some(Signal::EndNow(reason)) if ending.is_none() => {
+                        state.stop_forwarding.store(true, Ordering::Relaxed);
+                        ending = Some((reason, tokio::time::Instant::now() + END_GRACE));
+                    }
+                    Some(Signal::EndAtIdle(reason)) => at_idle = Some(reason),
+                    _ => {}
                 }
-                Some(Signal::EndAtIdle(reason)) => at_idle = Some(reason),
-                _ => {}
             },
             _ = sleep_until(grace) => {
                 let (reason, _) = ending.take().expect("grace only while ending");
