@@ -57,42 +57,27 @@ where
     let mut from_client = BytesMut::with_capacity(1024);
     let mut out = BytesMut::with_capacity(8 * 1024);
     let mut cancel = None;
-    let mut in_hot_standby = false;
+    let mut state = AuthState::new(ctx.needs_primary);
     loop {
         let (t, body) = read_message(backend, &mut from_backend, AUTH_MESSAGE_LIMIT)
             .await
             .map_err(backend_error)?
             .ok_or(SessionError::BackendClosedDuringAuth)?;
-        match t {
-            tag::AUTHENTICATION => {
-                let code = messages::auth_code(&body).ok_or_else(|| {
-                    SessionError::BackendProtocol("short authentication message".into())
-                })?;
-                if code == 10 {
-                    if !messages::sasl_without_channel_binding(&body, &mut out) {
-                        return Err(SessionError::BackendProtocol(
-                            "bad SASL mechanism list".into(),
-                        ));
-                    }
-                } else {
-                    put_message(&mut out, t, &body);
-                }
-                if messages::auth_expects_reply(code) {
-                    flush(client, &mut out).await?;
-                    let (ct, cbody) = read_message(client, &mut from_client, AUTH_MESSAGE_LIMIT)
-                        .await?
-                        .ok_or(SessionError::ClientClosed)?;
-                    let mut answer = BytesMut::with_capacity(cbody.len() + HEADER_LEN);
-                    put_message(&mut answer, ct, &cbody);
-                    backend
-                        .write_all(&answer)
-                        .await
-                        .map_err(|_| SessionError::BackendClosedDuringAuth)?;
-                }
+        match state.on_backend_message(t, &body, &mut out)? {
+            AuthStep::Forwarded => {}
+            AuthStep::AwaitClient => {
+                flush(client, &mut out).await?;
+                let (ct, cbody) = read_message(client, &mut from_client, AUTH_MESSAGE_LIMIT)
+                    .await?
+                    .ok_or(SessionError::ClientClosed)?;
+                let mut answer = BytesMut::with_capacity(cbody.len() + HEADER_LEN);
+                put_message(&mut answer, ct, &cbody);
+                backend
+                    .write_all(&answer)
+                    .await
+                    .map_err(|_| SessionError::BackendClosedDuringAuth)?;
             }
-            tag::BACKEND_KEY_DATA => {
-                let (pid, secret) = messages::backend_key(&body)
-                    .ok_or_else(|| SessionError::BackendProtocol("bad BackendKeyData".into()))?;
+            AuthStep::BackendKey { pid, secret } => {
                 let real = CancelKey {
                     pid,
                     secret: bytes::Bytes::copy_from_slice(secret),
@@ -101,37 +86,125 @@ where
                 messages::put_backend_key(&mut out, pid, &reg.issued.secret);
                 cancel = Some(reg);
             }
-            tag::PARAMETER_STATUS => {
-                if let Some((b"in_hot_standby", value)) = messages::parameter_status(&body) {
-                    in_hot_standby = value == b"on";
-                }
-                put_message(&mut out, t, &body);
-            }
-            tag::ERROR_RESPONSE => {
-                // Authentication failed (28P01 and friends) or the server
-                // refused the session: the client sees exactly its error.
-                put_message(&mut out, t, &body);
+            AuthStep::Rejected => {
                 flush(client, &mut out).await?;
                 return Err(SessionError::AuthRejected);
             }
-            tag::READY_FOR_QUERY => {
-                if ctx.needs_primary && in_hot_standby {
-                    // Do not forward: the session must not start here.
-                    return Err(SessionError::NotPrimaryAnymore {
-                        node: ctx.backend_address.to_string(),
-                    });
-                }
-                let status = TxStatus::from_ready_for_query(&body)
-                    .ok_or_else(|| SessionError::BackendProtocol("bad ReadyForQuery".into()))?;
-                put_message(&mut out, t, &body);
+            AuthStep::NotPrimary => {
+                return Err(SessionError::NotPrimaryAnymore {
+                    node: ctx.backend_address.to_string(),
+                });
+            }
+            AuthStep::Ready(status) => {
                 flush(client, &mut out).await?;
                 return Ok(Authenticated {
                     status,
                     cancel,
-                    in_hot_standby,
+                    in_hot_standby: state.in_hot_standby,
                 });
             }
-            _ => put_message(&mut out, t, &body),
+        }
+    }
+}
+
+/// What [`authenticate`] does after one backend message, as decided by
+/// [`AuthState::on_backend_message`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum AuthStep<'a> {
+    /// The message was appended to the client's output; read the next one.
+    Forwarded,
+    /// The message was appended; flush it and relay the client's answer.
+    AwaitClient,
+    /// BackendKeyData: nothing was appended; register the real key and
+    /// forward the proxy-issued one.
+    BackendKey { pid: i32, secret: &'a [u8] },
+    /// An ErrorResponse was appended: flush it, the session fails.
+    Rejected,
+    /// ReadyForQuery from a standby on a session that needs a primary:
+    /// nothing was appended, the session must not start here.
+    NotPrimary,
+    /// ReadyForQuery was appended: flush it, the session is authenticated.
+    Ready(TxStatus),
+}
+
+/// The part of the authentication stage that reads backend messages: pure,
+/// so it can be tested and fuzzed without sockets.
+#[derive(Debug, Clone)]
+pub struct AuthState {
+    /// The session must be on a primary.
+    pub needs_primary: bool,
+    /// The backend reported `in_hot_standby = on` (last report wins).
+    pub in_hot_standby: bool,
+}
+
+impl AuthState {
+    pub fn new(needs_primary: bool) -> Self {
+        AuthState {
+            needs_primary,
+            in_hot_standby: false,
+        }
+    }
+
+    /// Handles one whole backend message (`t`, `body` without the header),
+    /// appending what the client must see to `out`.
+    pub fn on_backend_message<'a>(
+        &mut self,
+        t: u8,
+        body: &'a [u8],
+        out: &mut BytesMut,
+    ) -> Result<AuthStep<'a>, SessionError> {
+        match t {
+            tag::AUTHENTICATION => {
+                let code = messages::auth_code(body).ok_or_else(|| {
+                    SessionError::BackendProtocol("short authentication message".into())
+                })?;
+                if code == 10 {
+                    if !messages::sasl_without_channel_binding(body, out) {
+                        return Err(SessionError::BackendProtocol(
+                            "bad SASL mechanism list".into(),
+                        ));
+                    }
+                } else {
+                    put_message(out, t, body);
+                }
+                Ok(if messages::auth_expects_reply(code) {
+                    AuthStep::AwaitClient
+                } else {
+                    AuthStep::Forwarded
+                })
+            }
+            tag::BACKEND_KEY_DATA => {
+                let (pid, secret) = messages::backend_key(body)
+                    .ok_or_else(|| SessionError::BackendProtocol("bad BackendKeyData".into()))?;
+                Ok(AuthStep::BackendKey { pid, secret })
+            }
+            tag::PARAMETER_STATUS => {
+                if let Some((b"in_hot_standby", value)) = messages::parameter_status(body) {
+                    self.in_hot_standby = value == b"on";
+                }
+                put_message(out, t, body);
+                Ok(AuthStep::Forwarded)
+            }
+            tag::ERROR_RESPONSE => {
+                // Authentication failed (28P01 and friends) or the server
+                // refused the session: the client sees exactly its error.
+                put_message(out, t, body);
+                Ok(AuthStep::Rejected)
+            }
+            tag::READY_FOR_QUERY => {
+                if self.needs_primary && self.in_hot_standby {
+                    // Do not forward: the session must not start here.
+                    return Ok(AuthStep::NotPrimary);
+                }
+                let status = TxStatus::from_ready_for_query(body)
+                    .ok_or_else(|| SessionError::BackendProtocol("bad ReadyForQuery".into()))?;
+                put_message(out, t, body);
+                Ok(AuthStep::Ready(status))
+            }
+            _ => {
+                put_message(out, t, body);
+                Ok(AuthStep::Forwarded)
+            }
         }
     }
 }
@@ -156,5 +229,53 @@ fn backend_error(e: ReadError) -> SessionError {
     match e {
         ReadError::Frame(f) => SessionError::BackendProtocol(f.to_string()),
         ReadError::Truncated | ReadError::Io(_) => SessionError::BackendClosedDuringAuth,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step<'a>(state: &mut AuthState, t: u8, body: &'a [u8], out: &mut BytesMut) -> AuthStep<'a> {
+        state.on_backend_message(t, body, out).unwrap()
+    }
+
+    #[test]
+    fn backend_messages_decide_the_next_step() {
+        let mut state = AuthState::new(true);
+        let mut out = BytesMut::new();
+        let mut sasl = 10u32.to_be_bytes().to_vec();
+        sasl.extend_from_slice(b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0");
+        assert_eq!(
+            step(&mut state, b'R', &sasl, &mut out),
+            AuthStep::AwaitClient
+        );
+        assert_eq!(&out[9..], b"SCRAM-SHA-256\0\0");
+        out.clear();
+        assert_eq!(
+            step(&mut state, b'R', &[0; 4], &mut out),
+            AuthStep::Forwarded
+        );
+        assert_eq!(
+            step(&mut state, b'K', &[0, 0, 0, 9, 1, 2, 3, 4], &mut out),
+            AuthStep::BackendKey {
+                pid: 9,
+                secret: &[1, 2, 3, 4]
+            }
+        );
+        step(&mut state, b'S', b"in_hot_standby\0on\0", &mut out);
+        assert!(state.in_hot_standby);
+        out.clear();
+        assert_eq!(step(&mut state, b'Z', b"I", &mut out), AuthStep::NotPrimary);
+        assert!(out.is_empty(), "a standby's ReadyForQuery is not forwarded");
+        state.needs_primary = false;
+        assert_eq!(
+            step(&mut state, b'Z', b"I", &mut out),
+            AuthStep::Ready(TxStatus::Idle)
+        );
+        assert!(matches!(
+            state.on_backend_message(b'R', &[0, 0], &mut out),
+            Err(SessionError::BackendProtocol(_))
+        ));
     }
 }
