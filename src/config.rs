@@ -461,9 +461,24 @@ fn figment_error(e: figment::Error) -> ConfigError {
     let key = if e.path.is_empty() {
         "config".to_string()
     } else {
-        e.path.join(".")
+        e.path
+            .iter()
+            .map(|p| key_part(p))
+            .collect::<Vec<_>>()
+            .join(".")
     };
     ConfigError::new(key, e.kind)
+}
+
+/// A key as TOML would write it: bare when it can be, quoted otherwise (an
+/// empty key, or one with dots or spaces, would make the name unreadable).
+fn key_part(part: &str) -> std::borrow::Cow<'_, str> {
+    let bare = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    if !part.is_empty() && part.chars().all(bare) {
+        part.into()
+    } else {
+        format!("{part:?}").into()
+    }
 }
 
 impl FileConfig {
@@ -732,5 +747,14 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.key, "tls.cert", "{e}");
         assert!(!e.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn odd_unknown_keys_are_quoted() {
+        // Found by fuzzing: `''=''` gave an error naming the key "".
+        let e = check("''=''").unwrap_err();
+        assert_eq!(e.key, r#""""#, "{e}");
+        let e = check(&format!("{MINIMAL}\n[monitor]\n'a.b c' = 1")).unwrap_err();
+        assert_eq!(e.key, r#"monitor."a.b c""#, "{e}");
     }
 }

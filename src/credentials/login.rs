@@ -8,7 +8,7 @@ use super::scram::Transcript;
 
 /// How the relayed login went, kept to log in again elsewhere (see
 /// [`credential_for`](super::credential_for)).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub enum Login {
     /// The server asked for nothing.
     #[default]

@@ -121,8 +121,14 @@ pub fn auth_expects_reply(code: u32) -> bool {
 
 /// Re-encodes an AuthenticationSASL message without the `-PLUS`
 /// (channel-binding) mechanisms: a client's TLS session ends at the proxy, so
-/// it cannot bind to the backend's.
+/// it cannot bind to the backend's. False (nothing written) for a body that
+/// is not a well-formed AuthenticationSASL.
 pub fn sasl_without_channel_binding(body: &[u8], out: &mut BytesMut) -> bool {
+    // pgwire decodes other codes too, and panics on a body too short for
+    // them (the code word, an MD5 salt): only hand it SASL.
+    if auth_code(body) != Some(10) {
+        return false;
+    }
     let mut message = BytesMut::with_capacity(body.len() + 5);
     message.put_u8(tag::AUTHENTICATION);
     message.put_u32(body.len() as u32 + 4);
@@ -176,6 +182,16 @@ mod tests {
         let mut out = BytesMut::new();
         assert!(sasl_without_channel_binding(&body, &mut out));
         assert_eq!(&out[9..], b"SCRAM-SHA-256\0\0");
+    }
+
+    #[test]
+    fn sasl_rewrite_refuses_other_and_short_bodies() {
+        // Found by fuzzing: these reached a panic inside pgwire's decoder.
+        let mut out = BytesMut::new();
+        for body in [&b""[..], &[0, 0], &[0, 0, 0, 5, 1], &[0, 0, 0, 12]] {
+            assert!(!sasl_without_channel_binding(body, &mut out), "{body:?}");
+        }
+        assert!(out.is_empty());
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! on a node that turned out to be a standby.
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::error::AuthError;
 use crate::cancel::{CancelRegistry, Registration};
@@ -62,43 +62,28 @@ where
     let mut from_client = BytesMut::with_capacity(1024);
     let mut out = BytesMut::with_capacity(8 * 1024);
     let mut cancel = None;
-    let mut in_hot_standby = false;
-    let mut login = Login::default();
+    let mut state = AuthState::new(ctx.needs_primary);
     loop {
         let (t, body) = read_message(backend, &mut from_backend, AUTH_MESSAGE_LIMIT)
             .await
             .map_err(AuthError::from_backend)?
             .ok_or(AuthError::BackendClosed)?;
-        match t {
-            tag::AUTHENTICATION => {
-                let code = messages::auth_code(&body).ok_or_else(|| {
-                    AuthError::BackendProtocol("short authentication message".into())
-                })?;
-                login.saw_request(code, &body[4..]);
-                if code == 10 {
-                    if !messages::sasl_without_channel_binding(&body, &mut out) {
-                        return Err(AuthError::BackendProtocol("bad SASL mechanism list".into()));
-                    }
-                } else {
-                    put_message(&mut out, t, &body);
-                }
-                if messages::auth_expects_reply(code) {
-                    flush(client, &mut out).await?;
-                    let (ct, cbody) = read_message(client, &mut from_client, AUTH_MESSAGE_LIMIT)
-                        .await
-                        .map_err(AuthError::from_client)?
-                        .ok_or(AuthError::ClientClosed)?;
-                    login.saw_answer(&cbody);
-                    let mut answer = BytesMut::with_capacity(cbody.len() + HEADER_LEN);
-                    put_message(&mut answer, ct, &cbody);
-                    super::stream::send(backend, &answer)
-                        .await
-                        .map_err(|_| AuthError::BackendClosed)?;
-                }
+        match state.on_backend_message(t, &body, &mut out)? {
+            AuthStep::Forwarded => {}
+            AuthStep::AwaitClient => {
+                flush(client, &mut out).await?;
+                let (ct, cbody) = read_message(client, &mut from_client, AUTH_MESSAGE_LIMIT)
+                    .await
+                    .map_err(AuthError::from_client)?
+                    .ok_or(AuthError::ClientClosed)?;
+                state.login.saw_answer(&cbody);
+                let mut answer = BytesMut::with_capacity(cbody.len() + HEADER_LEN);
+                put_message(&mut answer, ct, &cbody);
+                super::stream::send(backend, &answer)
+                    .await
+                    .map_err(|_| AuthError::BackendClosed)?;
             }
-            tag::BACKEND_KEY_DATA => {
-                let (pid, secret) = messages::backend_key(&body)
-                    .ok_or_else(|| AuthError::BackendProtocol("bad BackendKeyData".into()))?;
+            AuthStep::BackendKey { pid, secret } => {
                 let real = CancelKey {
                     pid,
                     secret: bytes::Bytes::copy_from_slice(secret),
@@ -107,38 +92,128 @@ where
                 messages::put_backend_key(&mut out, pid, &reg.issued.secret);
                 cancel = Some(reg);
             }
-            tag::PARAMETER_STATUS => {
-                if let Some((b"in_hot_standby", value)) = messages::parameter_status(&body) {
-                    in_hot_standby = value == b"on";
+            AuthStep::Rejected => {
+                flush(client, &mut out).await?;
+                return Err(AuthError::Rejected);
+            }
+            AuthStep::NotPrimary => {
+                return Err(AuthError::NotPrimary {
+                    node: ctx.node.to_string(),
+                });
+            }
+            AuthStep::Ready(status) => {
+                flush(client, &mut out).await?;
+                return Ok(Authenticated {
+                    status,
+                    login: state.login,
+                    cancel,
+                    in_hot_standby: state.in_hot_standby,
+                });
+            }
+        }
+    }
+}
+
+/// What [`authenticate`] does after one backend message, as decided by
+/// [`AuthState::on_backend_message`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum AuthStep<'a> {
+    /// The message was appended to the client's output; read the next one.
+    Forwarded,
+    /// The message was appended; flush it and relay the client's answer.
+    AwaitClient,
+    /// BackendKeyData: nothing was appended; register the real key and
+    /// forward the proxy-issued one.
+    BackendKey { pid: i32, secret: &'a [u8] },
+    /// An ErrorResponse was appended: flush it, the session fails.
+    Rejected,
+    /// ReadyForQuery from a standby on a session that needs a primary:
+    /// nothing was appended, the session must not start here.
+    NotPrimary,
+    /// ReadyForQuery was appended: flush it, the session is authenticated.
+    Ready(TxStatus),
+}
+
+/// The part of the authentication stage that reads backend messages: pure,
+/// so it can be tested and fuzzed without sockets.
+#[derive(Debug, Clone)]
+pub struct AuthState {
+    /// The session must be on a primary.
+    pub needs_primary: bool,
+    /// The backend reported `in_hot_standby = on` (last report wins).
+    pub in_hot_standby: bool,
+    /// How the client is logging in, for logging in again elsewhere.
+    pub login: Login,
+}
+
+impl AuthState {
+    pub fn new(needs_primary: bool) -> Self {
+        AuthState {
+            needs_primary,
+            in_hot_standby: false,
+            login: Login::default(),
+        }
+    }
+
+    /// Handles one whole backend message (`t`, `body` without the header),
+    /// appending what the client must see to `out`.
+    pub fn on_backend_message<'a>(
+        &mut self,
+        t: u8,
+        body: &'a [u8],
+        out: &mut BytesMut,
+    ) -> Result<AuthStep<'a>, AuthError> {
+        match t {
+            tag::AUTHENTICATION => {
+                let code = messages::auth_code(body).ok_or_else(|| {
+                    AuthError::BackendProtocol("short authentication message".into())
+                })?;
+                self.login.saw_request(code, &body[4..]);
+                if code == 10 {
+                    if !messages::sasl_without_channel_binding(body, out) {
+                        return Err(AuthError::BackendProtocol("bad SASL mechanism list".into()));
+                    }
+                } else {
+                    put_message(out, t, body);
                 }
-                put_message(&mut out, t, &body);
+                Ok(if messages::auth_expects_reply(code) {
+                    AuthStep::AwaitClient
+                } else {
+                    AuthStep::Forwarded
+                })
+            }
+            tag::BACKEND_KEY_DATA => {
+                let (pid, secret) = messages::backend_key(body)
+                    .ok_or_else(|| AuthError::BackendProtocol("bad BackendKeyData".into()))?;
+                Ok(AuthStep::BackendKey { pid, secret })
+            }
+            tag::PARAMETER_STATUS => {
+                if let Some((b"in_hot_standby", value)) = messages::parameter_status(body) {
+                    self.in_hot_standby = value == b"on";
+                }
+                put_message(out, t, body);
+                Ok(AuthStep::Forwarded)
             }
             tag::ERROR_RESPONSE => {
                 // Authentication failed (28P01 and friends) or the server
                 // refused the session: the client sees exactly its error.
-                put_message(&mut out, t, &body);
-                flush(client, &mut out).await?;
-                return Err(AuthError::Rejected);
+                put_message(out, t, body);
+                Ok(AuthStep::Rejected)
             }
             tag::READY_FOR_QUERY => {
-                if ctx.needs_primary && in_hot_standby {
+                if self.needs_primary && self.in_hot_standby {
                     // Do not forward: the session must not start here.
-                    return Err(AuthError::NotPrimary {
-                        node: ctx.node.to_string(),
-                    });
+                    return Ok(AuthStep::NotPrimary);
                 }
-                let status = TxStatus::from_ready_for_query(&body)
+                let status = TxStatus::from_ready_for_query(body)
                     .ok_or_else(|| AuthError::BackendProtocol("bad ReadyForQuery".into()))?;
-                put_message(&mut out, t, &body);
-                flush(client, &mut out).await?;
-                return Ok(Authenticated {
-                    status,
-                    login,
-                    cancel,
-                    in_hot_standby,
-                });
+                put_message(out, t, body);
+                Ok(AuthStep::Ready(status))
             }
-            _ => put_message(&mut out, t, &body),
+            _ => {
+                put_message(out, t, body);
+                Ok(AuthStep::Forwarded)
+            }
         }
     }
 }
@@ -151,7 +226,7 @@ fn put_message(out: &mut BytesMut, t: u8, body: &[u8]) {
 }
 
 async fn flush<C: AsyncWrite + Unpin>(client: &mut C, out: &mut BytesMut) -> Result<(), AuthError> {
-    super::stream::send(client, out).await?;
+    client.write_all(out).await?;
     out.clear();
     Ok(())
 }

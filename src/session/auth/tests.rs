@@ -8,8 +8,9 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-use super::{authenticate, AuthContext, Authenticated};
+use super::{authenticate, AuthContext, AuthState, AuthStep, Authenticated};
 use crate::cancel::CancelRegistry;
+use crate::protocol::messages::TxStatus;
 use crate::session::error::AuthError;
 
 fn message(t: u8, body: &[u8]) -> Vec<u8> {
@@ -170,4 +171,48 @@ async fn the_servers_refusal_reaches_the_client_as_it_was_sent() {
     )
     .await;
     assert!(matches!(result, Err(AuthError::Rejected)));
+}
+
+// The pure part, message by message.
+fn step<'a>(state: &mut AuthState, t: u8, body: &'a [u8], out: &mut BytesMut) -> AuthStep<'a> {
+    state.on_backend_message(t, body, out).unwrap()
+}
+
+#[test]
+fn backend_messages_decide_the_next_step() {
+    let mut state = AuthState::new(true);
+    let mut out = BytesMut::new();
+    let mut sasl = 10u32.to_be_bytes().to_vec();
+    sasl.extend_from_slice(b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0");
+    assert_eq!(
+        step(&mut state, b'R', &sasl, &mut out),
+        AuthStep::AwaitClient
+    );
+    assert_eq!(&out[9..], b"SCRAM-SHA-256\0\0");
+    out.clear();
+    assert_eq!(
+        step(&mut state, b'R', &[0; 4], &mut out),
+        AuthStep::Forwarded
+    );
+    assert_eq!(
+        step(&mut state, b'K', &[0, 0, 0, 9, 1, 2, 3, 4], &mut out),
+        AuthStep::BackendKey {
+            pid: 9,
+            secret: &[1, 2, 3, 4]
+        }
+    );
+    step(&mut state, b'S', b"in_hot_standby\0on\0", &mut out);
+    assert!(state.in_hot_standby);
+    out.clear();
+    assert_eq!(step(&mut state, b'Z', b"I", &mut out), AuthStep::NotPrimary);
+    assert!(out.is_empty(), "a standby's ReadyForQuery is not forwarded");
+    state.needs_primary = false;
+    assert_eq!(
+        step(&mut state, b'Z', b"I", &mut out),
+        AuthStep::Ready(TxStatus::Idle)
+    );
+    assert!(matches!(
+        state.on_backend_message(b'R', &[0, 0], &mut out),
+        Err(AuthError::BackendProtocol(_))
+    ));
 }

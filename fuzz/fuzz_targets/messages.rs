@@ -1,0 +1,7 @@
+//! Fuzz target: see tests/invariants/mod.rs, `messages`, for what is checked.
+#![no_main]
+
+#[path = "../../tests/invariants/mod.rs"]
+mod invariants;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| invariants::messages(data));
