@@ -32,7 +32,7 @@
 //! only as the relay's reads walk through them (a read lands after the
 //! bytes consumed so far; the buffer is rewound when less than 16 KiB is
 //! left). A short session therefore adds resident memory at the rate it
-//! relays bytes until it has relayed about 48 KiB each way, ~650–1,000
+//! relays bytes until it has relayed about 48 KiB each way, ~650–1,150
 //! short queries, and then stops: about 100 KiB per session. At the default
 //! one query a second that takes 11–17 minutes, so a 10-minute run ends
 //! while RSS still climbs; `--query-ms 500 --minutes 14
