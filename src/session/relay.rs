@@ -41,6 +41,11 @@ use crate::protocol::sqlstate;
 use crate::routing::Target;
 use crate::topology::NodeId;
 
+/// A direction's first buffer: enough for most messages, small enough that
+/// a thousand idle sessions hold little.
+const FIRST_CHUNK: usize = 8 * 1024;
+/// The most a direction reads at a time, reached while reads keep filling
+/// the buffer (bulk COPY, large results).
 const READ_CHUNK: usize = 64 * 1024;
 
 /// Upper bound on finishing a half-relayed message before ending a session
@@ -195,10 +200,60 @@ async fn say<W: AsyncWrite + Unpin>(cw: &mut W, clean: bool, code: &str, message
     }
 }
 
-/// Makes sure a read has room for a decent chunk without growing forever.
-fn reserve(buf: &mut BytesMut) {
-    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-        buf.reserve(READ_CHUNK);
+/// One direction's read buffer and how much it reads at a time.
+///
+/// It starts at [`FIRST_CHUNK`], doubles (up to [`READ_CHUNK`]) while reads
+/// fill it, and goes back to the first size at idle points. Whenever all of
+/// it was relayed the next read lands at the start of the allocation again,
+/// so a session keeps resident only the pages its largest reads touched
+/// rather than walking every page of the buffer in turn.
+struct ReadBuffer {
+    bytes: BytesMut,
+    chunk: usize,
+    /// Free space before the last read, to see whether it filled the buffer.
+    room: usize,
+}
+
+impl ReadBuffer {
+    fn new() -> ReadBuffer {
+        ReadBuffer {
+            bytes: BytesMut::with_capacity(FIRST_CHUNK),
+            chunk: FIRST_CHUNK,
+            room: 0,
+        }
+    }
+
+    /// Makes room for the next read.
+    fn prepare(&mut self) -> &mut BytesMut {
+        let buf = &mut self.bytes;
+        if buf.is_empty() {
+            // Asking for one byte more than is left after the consumed part
+            // moves the view back to the start of the allocation (no copy,
+            // no allocation; a no-op when it is already there).
+            let _ = buf.try_reclaim(buf.capacity() + 1);
+        }
+        if buf.capacity() - buf.len() < self.chunk / 4 {
+            buf.reserve(self.chunk);
+        }
+        self.room = buf.capacity() - buf.len();
+        buf
+    }
+
+    /// After a read of `n` bytes: one that filled the buffer asks for more
+    /// next time.
+    fn read(&mut self, n: usize) {
+        if n == self.room && self.chunk < READ_CHUNK {
+            self.chunk *= 2;
+        }
+    }
+
+    /// At an idle point: a grown buffer with nothing left in it is given
+    /// back, so a session that once moved 100 MB holds 8 KiB again.
+    fn idle(&mut self) {
+        if self.chunk > FIRST_CHUNK && self.bytes.is_empty() {
+            self.bytes = BytesMut::with_capacity(FIRST_CHUNK);
+            self.chunk = FIRST_CHUNK;
+        }
     }
 }
 
@@ -213,14 +268,17 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut reader = ReadBuffer::new();
     let mut relayed = LocalCounter::new(&ctx.metrics.bytes_from_clients);
     loop {
-        reserve(&mut buf);
-        match cr.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return Outcome::ClientGone,
-            Ok(_) => {}
+        if state.is_idle() && framer.at_boundary() {
+            reader.idle();
         }
+        match cr.read_buf(reader.prepare()).await {
+            Ok(0) | Err(_) => return Outcome::ClientGone,
+            Ok(n) => reader.read(n),
+        }
+        let buf = &mut reader.bytes;
         if state.is_idle() && framer.at_boundary() {
             // A new unit of work starts here: the point where a pause holds
             // it. Busy first, then check, so a pause that starts in between
@@ -297,7 +355,7 @@ where
         tag::ERROR_RESPONSE,
     ];
     let mut framer = Framer::new(&inspect, usize::MAX);
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut reader = ReadBuffer::new();
     // An immediate end waiting for the current message to finish.
     let mut ending: Option<(EndReason, tokio::time::Instant)> = None;
     let mut at_idle: Option<EndReason> = None;
@@ -308,13 +366,18 @@ where
     // would register (and then drop) a waiter on every read.
     let mut raised = std::pin::pin!(signals.raised());
     loop {
-        reserve(&mut buf);
+        if state.is_idle() && framer.at_boundary() {
+            reader.idle();
+        }
         let grace = ending.as_ref().map(|(_, at)| *at);
+        let mut got = 0;
+        let spare = reader.prepare();
         tokio::select! {
-            read = br.read_buf(&mut buf) => match read {
+            read = br.read_buf(spare) => match read {
                 Ok(0) | Err(_) => {
+                    let buf = &reader.bytes;
                     // Deliver whatever was left before saying anything.
-                    if !buf.is_empty() && send(cw, &buf).await.is_err() {
+                    if !buf.is_empty() && send(cw, buf).await.is_err() {
                         return Outcome::ClientGone;
                     }
                     if let Some((reason, _)) = ending.take() {
@@ -322,7 +385,7 @@ where
                     }
                     return Outcome::BackendGone { said_why: last_fatal };
                 }
-                Ok(_) => {}
+                Ok(n) => got = n,
             },
             _ = &mut raised => {
                 raised.set(signals.raised());
@@ -340,6 +403,8 @@ where
                 return finish(cw, state, reason, false).await;
             }
         }
+        reader.read(got);
+        let buf = &mut reader.bytes;
         let mut pos = 0;
         loop {
             let frame = match framer.next(&buf[pos..]) {
