@@ -210,6 +210,9 @@ async fn say<W: AsyncWrite + Unpin>(cw: &mut W, clean: bool, code: &str, message
 struct ReadBuffer {
     bytes: BytesMut,
     chunk: usize,
+    /// The capacity of the whole allocation (the view's, when it starts at
+    /// the beginning): a smaller view means consumed bytes lie before it.
+    whole: usize,
     /// Free space before the last read, to see whether it filled the buffer.
     room: usize,
 }
@@ -219,6 +222,7 @@ impl ReadBuffer {
         ReadBuffer {
             bytes: BytesMut::with_capacity(FIRST_CHUNK),
             chunk: FIRST_CHUNK,
+            whole: FIRST_CHUNK,
             room: 0,
         }
     }
@@ -226,14 +230,15 @@ impl ReadBuffer {
     /// Makes room for the next read.
     fn prepare(&mut self) -> &mut BytesMut {
         let buf = &mut self.bytes;
-        if buf.is_empty() {
-            // Asking for one byte more than is left after the consumed part
-            // moves the view back to the start of the allocation (no copy,
-            // no allocation; a no-op when it is already there).
-            let _ = buf.try_reclaim(buf.capacity() + 1);
+        if buf.is_empty() && buf.capacity() < self.whole {
+            // All relayed, and the view starts after consumed bytes: move it
+            // back to the start of the allocation (no copy, no allocation).
+            let _ = buf.try_reclaim(self.whole);
         }
         if buf.capacity() - buf.len() < self.chunk / 4 {
             buf.reserve(self.chunk);
+            // Reserving leaves the view at the start of its allocation.
+            self.whole = buf.capacity();
         }
         self.room = buf.capacity() - buf.len();
         buf
@@ -253,6 +258,7 @@ impl ReadBuffer {
         if self.chunk > FIRST_CHUNK && self.bytes.is_empty() {
             self.bytes = BytesMut::with_capacity(FIRST_CHUNK);
             self.chunk = FIRST_CHUNK;
+            self.whole = self.bytes.capacity();
         }
     }
 }
