@@ -50,6 +50,27 @@ impl TopologyHandle {
     }
 }
 
+#[cfg(test)]
+impl TopologyHandle {
+    /// A handle on `topology` that no decider writes, for stage tests; the
+    /// returned functions publish a new snapshot as a decider would.
+    pub(crate) fn fixed(topology: Topology) -> (TopologyHandle, impl Fn(Topology)) {
+        let current = Arc::new(ArcSwap::from_pointee(topology));
+        let (changes, rx) = watch::channel(0);
+        let handle = TopologyHandle {
+            current: current.clone(),
+            changes: rx,
+            events: Arc::default(),
+            metrics: Arc::default(),
+        };
+        let publish = move |next: Topology| {
+            current.store(Arc::new(next));
+            changes.send_modify(|g| *g += 1);
+        };
+        (handle, publish)
+    }
+}
+
 /// One topology change and its figures.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ChangeRecord {

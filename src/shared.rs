@@ -57,9 +57,4 @@ impl Shared {
     pub fn next_session_id(&self) -> u64 {
         self.session_ids.fetch_add(1, Ordering::Relaxed) + 1
     }
-
-    /// Advances the round-robin tie-break among equally loaded standbys.
-    pub fn next_tiebreak(&self) -> usize {
-        self.tiebreak.fetch_add(1, Ordering::Relaxed)
-    }
 }

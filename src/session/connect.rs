@@ -8,6 +8,7 @@
 //! then looks like a slow connect, not an error. A shutdown ends the wait at
 //! once (57P01).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,10 @@ use tokio::net::TcpStream;
 
 use crate::backend_tls::BackendStream;
 use crate::config::Settings;
+use crate::decider::TopologyHandle;
+use crate::metrics::Metrics;
+use crate::monitor::MonitorHandle;
+use tokio_util::sync::CancellationToken;
 
 use super::error::ConnectError;
 use super::params::SessionRequest;
@@ -23,8 +28,19 @@ use crate::protocol::frame::{fill_message, HEADER_LEN};
 use crate::protocol::messages::{self, tag};
 use crate::protocol::startup::StartupMessage;
 use crate::routing::{route, Choice, NoRoute};
-use crate::shared::Shared;
 use crate::topology::{LoadGuard, NodeId, Status, Topology};
+
+/// What connecting needs of the proxy's shared state, and nothing more.
+#[derive(Clone, Copy)]
+pub struct Routes<'a> {
+    pub topology: &'a TopologyHandle,
+    pub monitor: &'a MonitorHandle,
+    pub metrics: &'a Metrics,
+    /// Shutdown reaches a session waiting for a node at once.
+    pub shutdown: &'a CancellationToken,
+    /// The round-robin tie-break among equally loaded standbys.
+    pub tiebreak: &'a AtomicUsize,
+}
 
 /// A backend connection with the startup packet sent.
 pub struct Connected {
@@ -57,7 +73,7 @@ enum Miss {
 /// `settings` is the session's one snapshot (a reload meanwhile does not
 /// change this session's timeouts or a node's TLS halfway).
 pub async fn connect(
-    shared: &Shared,
+    shared: Routes<'_>,
     settings: &Settings,
     request: &SessionRequest,
     startup: &StartupMessage,
@@ -126,7 +142,7 @@ impl Miss {
 }
 
 async fn try_once(
-    shared: &Shared,
+    shared: Routes<'_>,
     settings: &Settings,
     request: &SessionRequest,
     startup: &StartupMessage,
@@ -137,7 +153,7 @@ async fn try_once(
         &topology,
         request.target,
         &request.budget,
-        shared.next_tiebreak(),
+        shared.tiebreak.fetch_add(1, Ordering::Relaxed),
     )
     .map_err(Miss::NoRoute)?;
     let node = &topology.nodes[choice.node];
@@ -242,3 +258,6 @@ fn without(topology: Arc<Topology>, avoid: &[NodeId]) -> Arc<Topology> {
     }
     Arc::new(view)
 }
+
+#[cfg(test)]
+mod tests;

@@ -114,7 +114,7 @@ async fn run(
         entered = entered => entered.map_err(|_| ConnectError::Paused),
     };
     let starting = or_reply(&mut client, entered).await?;
-    let connected = connect::connect(shared, &settings, &request, &startup).await;
+    let connected = connect::connect(routes(shared), &settings, &request, &startup).await;
     let mut connected = or_reply(&mut client, connected).await?;
     tracing::Span::current().record("node", connected.name.as_str());
     let authenticated = authenticate(shared, &request, &mut connected, &mut client).await;
@@ -151,6 +151,17 @@ async fn run(
     }
     report(shared, end);
     Ok(())
+}
+
+/// The narrow handle the connect stage takes.
+fn routes(shared: &Shared) -> connect::Routes<'_> {
+    connect::Routes {
+        topology: &shared.topology,
+        monitor: &shared.monitor,
+        metrics: &shared.metrics,
+        shutdown: &shared.shutdown,
+        tiebreak: &shared.tiebreak,
+    }
 }
 
 /// Checks the connection limit and TLS requirement, then reads the
