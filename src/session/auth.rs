@@ -47,6 +47,32 @@ pub struct AuthContext<'a> {
     pub received: BytesMut,
 }
 
+/// [`authenticate`], given up when the node stops being eligible (`lost`
+/// resolves) or after `timeout`: a backend that hangs mid-authentication (its
+/// postmaster stopped, say) must not hold the client forever.
+pub async fn authenticate_bounded<C, B, L>(
+    client: &mut C,
+    backend: &mut B,
+    ctx: AuthContext<'_>,
+    timeout: std::time::Duration,
+    lost: L,
+) -> Result<Authenticated, AuthError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+    L: std::future::Future<Output = crate::session::ending::EndReason>,
+{
+    let node = ctx.node.to_string();
+    let abandoned = |detail: String| AuthError::Abandoned { node, detail };
+    tokio::select! {
+        r = tokio::time::timeout(timeout, authenticate(client, backend, ctx)) => {
+            r.unwrap_or_else(|_| Err(abandoned(format!("authentication timed out after {timeout:?}"))))
+        }
+        // The client message adds "pgpivot:" itself.
+        reason = lost => Err(abandoned(reason.detail())),
+    }
+}
+
 /// Relays the exchange from the backend's first answer to the startup packet
 /// up to its first ReadyForQuery.
 pub async fn authenticate<C, B>(

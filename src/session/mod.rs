@@ -207,21 +207,15 @@ async fn authenticate(
     };
     // Before the server reports in_hot_standby, routing's word for it.
     let placed_on_standby = !request.target.needs_primary() && !connected.choice.fell_back;
-    let abandoned = |detail: String| AuthError::Abandoned {
-        node: connected.name.clone(),
-        detail,
-    };
-    let authenticating = auth::authenticate(client, &mut connected.backend, auth_ctx);
-    let result = tokio::select! {
-        r = tokio::time::timeout(AUTH_TIMEOUT, authenticating) => {
-            let timed_out = format!("authentication timed out after {AUTH_TIMEOUT:?}");
-            r.unwrap_or_else(|_| Err(abandoned(timed_out)))
-        }
-        reason = ending::lost(&shared.topology, connected.node, request.target, placed_on_standby) => {
-            // The client message adds "pgpivot:" itself.
-            Err(abandoned(reason.detail()))
-        }
-    };
+    let lost = ending::lost(
+        &shared.topology,
+        connected.node,
+        request.target,
+        placed_on_standby,
+    );
+    let result =
+        auth::authenticate_bounded(client, &mut connected.backend, auth_ctx, AUTH_TIMEOUT, lost)
+            .await;
     if let Err(AuthError::NotPrimary { .. }) = &result {
         shared.monitor.poke(connected.node);
     }

@@ -216,3 +216,77 @@ fn backend_messages_decide_the_next_step() {
         Err(AuthError::BackendProtocol(_))
     ));
 }
+
+/// A context for a backend that sent nothing yet.
+fn silent_ctx(cancels: &Arc<CancelRegistry>) -> AuthContext<'_> {
+    AuthContext {
+        node: "pg1",
+        backend_address: "127.0.0.1:5432",
+        cancels,
+        needs_primary: true,
+        received: BytesMut::from(&message(b'R', &3u32.to_be_bytes())[..]),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_silent_mid_authentication_is_given_up_at_the_timeout() {
+    let cancels = Arc::new(CancelRegistry::default());
+    let (mut client, mut proxy_client) = tokio::io::duplex(4096);
+    let (_backend, mut proxy_backend) = tokio::io::duplex(4096);
+    let started = tokio::time::Instant::now();
+    let stage = super::authenticate_bounded(
+        &mut proxy_client,
+        &mut proxy_backend,
+        silent_ctx(&cancels),
+        std::time::Duration::from_secs(60),
+        std::future::pending(),
+    );
+    let answer = async {
+        // The client answers the password request; the backend never replies.
+        let _request = read_one(&mut client).await;
+        client.write_all(&message(b'p', b"secret\0")).await.unwrap();
+        client
+    };
+    let (result, _client) = tokio::join!(stage, answer);
+    assert!(
+        matches!(&result, Err(AuthError::Abandoned { detail, .. }) if detail.contains("timed out")),
+        "{:?}",
+        result.err()
+    );
+    assert_eq!(
+        started.elapsed(),
+        std::time::Duration::from_secs(60),
+        "virtual time"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_lost_mid_authentication_ends_it_with_the_reason() {
+    let cancels = Arc::new(CancelRegistry::default());
+    let (_client, mut proxy_client) = tokio::io::duplex(4096);
+    let (_backend, mut proxy_backend) = tokio::io::duplex(4096);
+    let lost = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        crate::session::ending::EndReason::NodeLost { node: "pg1".into() }
+    };
+    let result = super::authenticate_bounded(
+        &mut proxy_client,
+        &mut proxy_backend,
+        silent_ctx(&cancels),
+        std::time::Duration::from_secs(60),
+        lost,
+    )
+    .await;
+    let err = result.err().expect("abandoned");
+    assert!(matches!(err, AuthError::Abandoned { .. }), "{err}");
+    let shown = crate::session::error::SessionError::from(err)
+        .client_error()
+        .unwrap();
+    assert_eq!(shown.code, "57P03");
+    assert_eq!(
+        shown.message.matches("pgpivot").count(),
+        1,
+        "{}",
+        shown.message
+    );
+}
