@@ -190,6 +190,63 @@ impl BackendTls {
     }
 }
 
+/// Who a control-path connection (monitor, auth query) logs in as.
+pub struct ControlLogin<'a> {
+    pub user: &'a str,
+    pub password: &'a str,
+    pub database: &'a str,
+    pub application_name: &'static str,
+    /// Bounds the TCP connect.
+    pub timeout: std::time::Duration,
+}
+
+impl BackendTls {
+    /// A tokio-postgres client to the node at `address` (`host:port`), with
+    /// this node's TLS rules. The connection runs in a task of its own until
+    /// the client is dropped. The error is the reason, causes included.
+    pub async fn control_client(
+        &self,
+        address: &str,
+        login: &ControlLogin<'_>,
+    ) -> Result<tokio_postgres::Client, String> {
+        let (host, port) = crate::config::split_host_port(address)
+            .ok_or_else(|| format!("bad address {address:?}"))?;
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(host)
+            .port(port)
+            .user(login.user)
+            .password(login.password)
+            .dbname(login.database)
+            .application_name(login.application_name)
+            .connect_timeout(login.timeout);
+        let (ssl_mode, tls) = self.for_monitor(host);
+        config.ssl_mode(ssl_mode);
+        let (client, connection) = config.connect(tls).await.map_err(|e| with_causes(&e))?;
+        tokio::spawn(async move {
+            // Ends when the client is dropped or the server goes away.
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+}
+
+/// An error with its causes: tokio-postgres says "error performing TLS
+/// handshake" and keeps the reason (a certificate for another name, say) in
+/// its source.
+fn with_causes(e: &tokio_postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// SSLRequest: length 8, code 80877103.
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 

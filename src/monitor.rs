@@ -19,7 +19,7 @@ use tokio_postgres::types::PgLsn;
 use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend_tls::BackendTls;
+use crate::backend_tls::{BackendTls, ControlLogin};
 use crate::config::{MonitorSettings, Settings};
 use crate::topology::{NodeId, NodeSpec, Observation, Role};
 
@@ -39,8 +39,6 @@ pub enum PollError {
     Query(String),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
-    #[error("bad address {0:?}")]
-    Address(String),
 }
 
 /// Role, WAL position, timeline and system identifier in one round trip.
@@ -238,49 +236,23 @@ impl Poller {
     }
 
     async fn connect(&self) -> Result<(Client, Statement), PollError> {
-        let (host, port) = crate::config::split_host_port(&self.address)
-            .ok_or_else(|| PollError::Address(self.address.clone()))?;
         let s = &self.settings;
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host(host)
-            .port(port)
-            .user(&s.user)
-            .password(&s.password)
-            .dbname(&s.database)
-            .application_name("pgpivot-monitor")
-            .connect_timeout(s.timeout);
-        let (ssl_mode, tls) = self.tls.for_monitor(host);
-        config.ssl_mode(ssl_mode);
-        let (client, connection) = config
-            .connect(tls)
+        let login = ControlLogin {
+            user: &s.user,
+            password: &s.password,
+            database: &s.database,
+            application_name: "pgpivot-monitor",
+            timeout: s.timeout,
+        };
+        let client = self
+            .tls
+            .control_client(&self.address, &login)
             .await
-            .map_err(|e| PollError::Connect(connect_error(&e)))?;
-        tokio::spawn(async move {
-            // Ends when the client is dropped or the server goes away; the
-            // next poll notices and reconnects.
-            let _ = connection.await;
-        });
+            .map_err(PollError::Connect)?;
         let statement = client
             .prepare(POLL_SQL)
             .await
             .map_err(|e| PollError::Query(e.to_string()))?;
         Ok((client, statement))
     }
-}
-
-/// A connect error with its causes: tokio-postgres says "error performing
-/// TLS handshake" and keeps the reason (a certificate for another name, say)
-/// in its source.
-fn connect_error(e: &tokio_postgres::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text = format!("{text}: {cause_text}");
-        }
-        source = cause.source();
-    }
-    text
 }

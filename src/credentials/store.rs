@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use super::Secret;
-use crate::backend_tls::BackendTls;
+use crate::backend_tls::{BackendTls, ControlLogin};
 
 /// The default auth query; the README shows the safer SECURITY DEFINER
 /// function to use instead.
@@ -161,23 +161,14 @@ async fn query(
     address: &str,
     tls: &BackendTls,
 ) -> Result<Option<Secret>, String> {
-    let (host, port) =
-        crate::config::split_host_port(address).ok_or_else(|| format!("bad address {address}"))?;
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(host)
-        .port(port)
-        .user(&settings.user)
-        .password(&settings.password)
-        .dbname(&settings.database)
-        .application_name("pgpivot-auth")
-        .connect_timeout(std::time::Duration::from_secs(5));
-    let (ssl_mode, connector) = tls.for_monitor(host);
-    config.ssl_mode(ssl_mode);
-    let (client, connection) = config.connect(connector).await.map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    let login = ControlLogin {
+        user: &settings.user,
+        password: &settings.password,
+        database: &settings.database,
+        application_name: "pgpivot-auth",
+        timeout: std::time::Duration::from_secs(5),
+    };
+    let client = tls.control_client(address, &login).await?;
     let row = client
         .query_opt(settings.query.as_str(), &[&role])
         .await
