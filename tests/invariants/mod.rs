@@ -604,9 +604,20 @@ pub fn config(data: &[u8]) {
             return;
         }
     };
+    // Files named in the config are read at validation; point them where
+    // nothing exists, so an input naming /dev/zero cannot read forever.
+    let nowhere = |p: &std::path::Path| std::path::Path::new("/nonexistent-pgpivot-fuzz").join(p);
     if let Some(tls) = file.tls.as_mut() {
-        tls.cert = std::path::Path::new("/nonexistent-pgpivot-fuzz").join(&tls.cert);
-        tls.key = std::path::Path::new("/nonexistent-pgpivot-fuzz").join(&tls.key);
+        tls.cert = nowhere(&tls.cert);
+        tls.key = nowhere(&tls.key);
+    }
+    if let Some(root) = file.backend_tls.sslrootcert.as_mut() {
+        *root = nowhere(root);
+    }
+    for node in &mut file.nodes {
+        if let Some(root) = node.sslrootcert.as_mut() {
+            *root = nowhere(root);
+        }
     }
     match file.validate() {
         Ok(settings) => {
