@@ -86,10 +86,11 @@ mod common;
 mod cost;
 #[path = "common/fleet.rs"]
 mod fleet;
+#[path = "common/knobs.rs"]
+mod knobs;
 
 use std::path::Path;
 use std::pin::pin;
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -184,12 +185,12 @@ impl Config {
     /// Command line first, then the environment, then the defaults.
     fn load() -> anyhow::Result<Config> {
         let opts = Options::parse();
-        let clients = pick(opts.clients, "PGPIVOT_BENCH_CLIENTS", 8)?;
-        let seconds = pick(opts.seconds, "PGPIVOT_BENCH_SECONDS", 10)?;
-        let rate = pick(opts.rate, "RELAY_BENCH_RATE", 4000)?;
-        let cost_seconds = pick(opts.cost_seconds, "RELAY_BENCH_SECS", 10)?;
-        let rounds = pick(opts.rounds, "RELAY_BENCH_ROUNDS", 3)?;
-        let callgrind_tx = pick(opts.callgrind_tx, "RELAY_BENCH_CALLGRIND_TX", 2500)?;
+        let clients = knobs::pick(opts.clients, "PGPIVOT_BENCH_CLIENTS", 8)?;
+        let seconds = knobs::pick(opts.seconds, "PGPIVOT_BENCH_SECONDS", 10)?;
+        let rate = knobs::pick(opts.rate, "RELAY_BENCH_RATE", 4000)?;
+        let cost_seconds = knobs::pick(opts.cost_seconds, "RELAY_BENCH_SECS", 10)?;
+        let rounds = knobs::pick(opts.rounds, "RELAY_BENCH_ROUNDS", 3)?;
+        let callgrind_tx = knobs::pick(opts.callgrind_tx, "RELAY_BENCH_CALLGRIND_TX", 2500)?;
         if clients == 0 || seconds == 0 || rate == 0 || cost_seconds == 0 || rounds == 0 {
             bail!("clients, seconds, rate, cost seconds and rounds must be at least 1");
         }
@@ -230,24 +231,6 @@ impl Config {
     fn runs(&self, case: Case) -> bool {
         self.cases.contains(&case)
     }
-}
-
-/// `flag`, else environment variable `env`, else `default`.
-fn pick<T: FromStr>(flag: Option<T>, env: &str, default: T) -> anyhow::Result<T> {
-    match flag {
-        Some(v) => Ok(v),
-        None => env_var(env).transpose().map(|v| v.unwrap_or(default)),
-    }
-}
-
-/// Parses environment variable `name`, if set.
-fn env_var<T: FromStr>(name: &str) -> Option<anyhow::Result<T>> {
-    let value = std::env::var(name).ok()?;
-    Some(
-        value
-            .parse()
-            .map_err(|_| anyhow!("{name}={value} is not a valid value")),
-    )
 }
 
 /// Creates and fills `bench_kv` on the primary.

@@ -60,6 +60,8 @@
 //! ```
 
 mod common;
+#[path = "common/knobs.rs"]
+mod knobs;
 // Only the pgpivot process helpers of the relay bench's fleet are used.
 #[allow(dead_code)]
 #[path = "common/fleet.rs"]
@@ -72,12 +74,11 @@ mod soak_probe;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::str::FromStr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{bail, Context};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
@@ -153,49 +154,43 @@ struct Config {
 impl Config {
     fn load() -> anyhow::Result<Config> {
         let opts = Options::parse();
-        let minutes = pick(opts.minutes, "SOAK_MINUTES", 10)?;
+        let minutes = knobs::pick(opts.minutes, "SOAK_MINUTES", 10)?;
         let seconds = match opts.seconds {
             Some(s) => Some(s),
-            None => env_var("SOAK_SECONDS").transpose()?,
+            None => knobs::env_var("SOAK_SECONDS").transpose()?,
         };
         let run = Duration::from_secs(seconds.unwrap_or(minutes * 60));
         let config = Config {
             run,
-            sessions: pick(opts.sessions, "SOAK_SESSIONS", 1000)?,
-            sample: Duration::from_secs(pick(opts.sample_seconds, "SOAK_SAMPLE_SECONDS", 60)?),
-            query_interval: Duration::from_millis(pick(opts.query_ms, "SOAK_QUERY_MS", 1000)?),
-            tls_every: pick(opts.tls_every, "SOAK_TLS_EVERY", 10)?,
-            mix: pick(opts.mix, "SOAK_MIX", Mix::default())?,
-            pgpivot_toml: pick(opts.pgpivot_toml, "SOAK_PGPIVOT_TOML", String::new())?,
-            wrapper: pick(opts.pgpivot_wrapper, "SOAK_PGPIVOT_WRAPPER", String::new())?
+            sessions: knobs::pick(opts.sessions, "SOAK_SESSIONS", 1000)?,
+            sample: Duration::from_secs(knobs::pick(
+                opts.sample_seconds,
+                "SOAK_SAMPLE_SECONDS",
+                60,
+            )?),
+            query_interval: Duration::from_millis(knobs::pick(
+                opts.query_ms,
+                "SOAK_QUERY_MS",
+                1000,
+            )?),
+            tls_every: knobs::pick(opts.tls_every, "SOAK_TLS_EVERY", 10)?,
+            mix: knobs::pick(opts.mix, "SOAK_MIX", Mix::default())?,
+            pgpivot_toml: knobs::pick(opts.pgpivot_toml, "SOAK_PGPIVOT_TOML", String::new())?,
+            wrapper: knobs::pick(opts.pgpivot_wrapper, "SOAK_PGPIVOT_WRAPPER", String::new())?
                 .split_whitespace()
                 .map(str::to_owned)
                 .collect(),
-            warmup: Duration::from_secs(pick(opts.warmup_seconds, "SOAK_WARMUP_SECONDS", 60)?),
+            warmup: Duration::from_secs(knobs::pick(
+                opts.warmup_seconds,
+                "SOAK_WARMUP_SECONDS",
+                60,
+            )?),
         };
         if run.is_zero() || config.sessions < 20 || config.sample.is_zero() {
             bail!("the run and the sample interval must be positive, and sessions at least 20");
         }
         Ok(config)
     }
-}
-
-/// `flag`, else environment variable `env`, else `default`.
-fn pick<T: FromStr>(flag: Option<T>, env: &str, default: T) -> anyhow::Result<T> {
-    match flag {
-        Some(v) => Ok(v),
-        None => env_var(env).transpose().map(|v| v.unwrap_or(default)),
-    }
-}
-
-/// Parses environment variable `name`, if set.
-fn env_var<T: FromStr>(name: &str) -> Option<anyhow::Result<T>> {
-    let value = std::env::var(name).ok()?;
-    Some(
-        value
-            .parse()
-            .map_err(|_| anyhow!("{name}={value} is not a valid value")),
-    )
 }
 
 /// pgpivot as the bench runs it.

@@ -125,12 +125,12 @@ impl BackendTls {
             (SslMode::VerifyFull, Some(roots)) => webpki(roots),
             // libpq: require with a root certificate behaves as verify-ca.
             (SslMode::VerifyCa | SslMode::Require, Some(roots)) => {
-                Arc::new(ChainOnly(webpki(roots)))
+                Arc::new(NameUnchecked(Some(webpki(roots))))
             }
             (SslMode::VerifyCa | SslMode::VerifyFull, None) => {
                 return Err(BackendTlsConfigError::MissingRootCert(mode))
             }
-            (_, _) => Arc::new(NoVerification),
+            (_, _) => Arc::new(NameUnchecked(None)),
         };
         let config = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -283,11 +283,16 @@ fn webpki(roots: rustls::RootCertStore) -> Arc<dyn ServerCertVerifier> {
         .expect("a non-empty root store")
 }
 
-/// `verify-ca`: the chain must lead to the CA; the name is not checked.
+/// The certificate check of `prefer`, `require` and `verify-ca`: with a
+/// chain verifier, the chain must lead to the CA but the name is not checked
+/// (`verify-ca`, and `require` with a CA, as in libpq); without one, any
+/// certificate is taken (encryption without authentication of the server).
+/// Handshake signatures are checked either way, so the handshake is a real
+/// one with the certificate the server presented.
 #[derive(Debug)]
-struct ChainOnly(Arc<dyn ServerCertVerifier>);
+struct NameUnchecked(Option<Arc<dyn ServerCertVerifier>>);
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for NameUnchecked {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -296,56 +301,15 @@ impl ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
+        let Some(chain) = &self.0 else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
             other => other,
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `prefer` and `require` without a CA: encryption without authentication
-/// of the server, as in libpq. Signatures are still checked, so the
-/// handshake is a real one with the certificate the server presented.
-#[derive(Debug)]
-struct NoVerification;
-
-impl ServerCertVerifier for NoVerification {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
