@@ -119,6 +119,9 @@ async fn run(
     tracing::Span::current().record("node", connected.name.as_str());
     let authenticated = authenticate(shared, &request, &mut connected, &mut client).await;
     let authenticated = or_reply(&mut client, authenticated).await?;
+    // Nothing logs in again for this session yet (sessions do not move):
+    // hold no copy of how it logged in (a cleartext password, say).
+    drop(authenticated.login);
     let (signals, _control) = control::spawn(control::Watch {
         topology: shared.topology.clone(),
         shutdown: shared.shutdown.clone(),
