@@ -47,6 +47,18 @@ impl Drop for Registration {
     }
 }
 
+impl Registration {
+    /// Points the client's key at another backend (its session moved): the
+    /// client keeps the key it was given, cancels reach the new backend.
+    pub fn retarget(&self, backend: &str, real: CancelKey) {
+        let target = CancelTarget {
+            backend: backend.to_string(),
+            key: real,
+        };
+        self.registry.lock().insert(self.issued.clone(), target);
+    }
+}
+
 impl CancelRegistry {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CancelKey, CancelTarget>> {
         // A panic elsewhere while holding this lock cannot leave the map

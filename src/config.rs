@@ -18,6 +18,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use crate::backend_tls::{BackendTls, SslMode};
+use crate::credentials::store::{QuerySettings, SecretStore, DEFAULT_QUERY};
 use crate::routing::{LagBudget, Target};
 
 /// A configuration problem: the key and what is wrong with it.
@@ -47,6 +48,9 @@ pub struct FileConfig {
     pub nodes: Vec<NodeConfig>,
     pub monitor: MonitorConfig,
     pub failover: FailoverConfig,
+    /// Where the secrets come from that let pgpivot log a moved session in
+    /// again as its role (`[failover] move_sessions`).
+    pub auth: AuthConfig,
     pub limits: LimitsConfig,
     /// TLS for client connections; absent means plaintext only.
     pub tls: Option<TlsConfig>,
@@ -69,6 +73,7 @@ impl Default for FileConfig {
             nodes: Vec::new(),
             monitor: MonitorConfig::default(),
             failover: FailoverConfig::default(),
+            auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
             tls: None,
             backend_tls: BackendTlsConfig::default(),
@@ -226,14 +231,36 @@ pub struct FailoverConfig {
     /// How long a new session waits for an eligible node before 57P03, in
     /// milliseconds.
     pub hold_timeout_ms: u64,
+    /// Move open sessions to the new node at a failover or switchover
+    /// (with their settings, prepared statements and LISTENs) instead of
+    /// ending them. Needs secrets from `[auth]`.
+    pub move_sessions: bool,
 }
 
 impl Default for FailoverConfig {
     fn default() -> Self {
         FailoverConfig {
             hold_timeout_ms: 30_000,
+            move_sessions: true,
         }
     }
+}
+
+/// The role secrets a moved session logs in again with: an auth query run
+/// on the primary, or a PgBouncer-style auth file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Returns `(usename, passwd)` for the role in `$1`. Default:
+    /// `SELECT usename, passwd FROM pg_shadow WHERE usename = $1`.
+    pub query: Option<String>,
+    /// Who runs the query; each defaults to the `[monitor]` one.
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub database: Option<String>,
+    /// A PgBouncer-style auth file (`"role" "SCRAM-SHA-256$…"` or
+    /// `"role" "md5…"`), used instead of the query.
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -347,6 +374,9 @@ pub struct Settings {
     pub nodes: Vec<NodeSettings>,
     pub monitor: MonitorSettings,
     pub hold_timeout: Duration,
+    /// Where moved sessions get their credentials; `None` when
+    /// `move_sessions = false` (sessions are ended at a failover).
+    pub secrets: Option<Arc<SecretStore>>,
     pub max_client_connections: usize,
     pub startup_timeout: Duration,
     pub connect_timeout: Duration,
@@ -496,6 +526,9 @@ impl FileConfig {
         if !shown.monitor.password.is_empty() {
             shown.monitor.password = "********".into();
         }
+        if shown.auth.password.is_some() {
+            shown.auth.password = Some("********".into());
+        }
         if let Some(admin) = shown.admin.as_mut() {
             if admin.token.is_some() {
                 admin.token = Some("********".into());
@@ -512,6 +545,7 @@ impl FileConfig {
             nodes: self.validate_nodes()?,
             monitor: self.validate_monitor()?,
             hold_timeout: Duration::from_millis(self.failover.hold_timeout_ms),
+            secrets: self.validate_auth()?,
             max_client_connections: positive(
                 "limits.max_client_connections",
                 limits.max_client_connections,
@@ -624,6 +658,31 @@ impl FileConfig {
             failures: positive("monitor.failures", m.failures as usize)? as u32,
             successes: positive("monitor.successes", m.successes as usize)? as u32,
         })
+    }
+
+    fn validate_auth(&self) -> Result<Option<Arc<SecretStore>>, ConfigError> {
+        let a = &self.auth;
+        if !self.failover.move_sessions {
+            return Ok(None);
+        }
+        if let Some(path) = &a.file {
+            let contents = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::new("auth.file", format!("{}: {e}", path.display())))?;
+            let store = SecretStore::from_file_contents(&contents)
+                .map_err(|e| ConfigError::new("auth.file", e))?;
+            return Ok(Some(Arc::new(store)));
+        }
+        let m = &self.monitor;
+        let query = a.query.clone().unwrap_or_else(|| DEFAULT_QUERY.to_string());
+        if !query.contains("$1") {
+            return Err(ConfigError::new("auth.query", "must take the role name as $1"));
+        }
+        Ok(Some(Arc::new(SecretStore::from_query(QuerySettings {
+            query,
+            user: a.user.clone().unwrap_or_else(|| m.user.clone()),
+            password: a.password.clone().unwrap_or_else(|| m.password.clone()),
+            database: a.database.clone().unwrap_or_else(|| m.database.clone()),
+        }))))
     }
 
     fn validate_log(&self) -> Result<LogConfig, ConfigError> {

@@ -210,9 +210,47 @@ pub struct Metrics {
     pub relay_timing: bool,
     /// How long held sessions waited for an eligible node.
     pub hold_time: Latency,
-    /// Topology changes by kind (a std Mutex: a handful of updates per
-    /// failover).
-    topology_changes: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// Topology changes by kind.
+    topology_changes: LabelCounts,
+    /// Sessions moved to another node, and those that could not be.
+    pub moves: MoveMetrics,
+}
+
+/// Counts by label, for events that happen a handful of times per failover
+/// (a std Mutex, never held across an await).
+#[derive(Debug, Default)]
+pub struct LabelCounts(Mutex<std::collections::BTreeMap<&'static str, u64>>);
+
+impl LabelCounts {
+    pub fn inc(&self, label: &'static str) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *map.entry(label).or_default() += 1;
+    }
+
+    pub fn get(&self) -> Vec<(&'static str, u64)> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+
+    pub fn total(&self) -> u64 {
+        self.get().iter().map(|(_, n)| n).sum()
+    }
+}
+
+/// What `[failover] move_sessions` did.
+#[derive(Debug, Default)]
+pub struct MoveMetrics {
+    /// Sessions moved, by cause (why their node stopped being eligible).
+    pub moved: LabelCounts,
+    /// Moves tried that failed, by reason.
+    pub failed: LabelCounts,
+    /// Sessions ended instead of moved, by what kept them (pin reason,
+    /// no credential).
+    pub blocked: LabelCounts,
+    /// From the relay stopping to the session relaying on its new node.
+    pub move_time: Latency,
+    /// Sessions whose role has no credential to log in again.
+    pub without_credential: Counter,
 }
 
 impl Metrics {
@@ -224,19 +262,11 @@ impl Metrics {
     }
 
     pub fn topology_change(&self, kind: &'static str) {
-        let mut map = self
-            .topology_changes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        *map.entry(kind).or_default() += 1;
+        self.topology_changes.inc(kind);
     }
 
     pub fn topology_changes(&self) -> Vec<(&'static str, u64)> {
-        let map = self
-            .topology_changes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        map.iter().map(|(k, v)| (*k, *v)).collect()
+        self.topology_changes.get()
     }
 
     /// The busy gauge of a session's class (writers need the primary).

@@ -27,6 +27,8 @@ use crate::topology::{NodeId, NodeSpec, Observation, Role};
 #[derive(Debug)]
 pub struct Report {
     pub node: NodeId,
+    /// When the poll started, and when it ended.
+    pub started: Instant,
     pub at: Instant,
     pub result: Result<Observation, PollError>,
 }
@@ -169,10 +171,12 @@ impl Poller {
     ) {
         let mut failures = 0u32;
         loop {
+            let started = Instant::now();
             let result = self.poll().await;
             failures = if result.is_ok() { 0 } else { failures + 1 };
             let report = Report {
                 node: self.node,
+                started,
                 at: Instant::now(),
                 result,
             };

@@ -19,6 +19,43 @@ pub fn render(shared: &Shared) -> String {
     out.0
 }
 
+/// What `[failover] move_sessions` did.
+fn move_metrics(out: &mut Exposition, m: &crate::metrics::MoveMetrics) {
+    out.labelled(
+        "pgpivot_sessions_moved_total",
+        "counter",
+        "Sessions moved to another node with their state, by cause.",
+        "cause",
+        &m.moved.get(),
+    );
+    out.labelled(
+        "pgpivot_session_move_failures_total",
+        "counter",
+        "Moves that failed (the session was ended with 57P01), by reason.",
+        "reason",
+        &m.failed.get(),
+    );
+    out.labelled(
+        "pgpivot_sessions_not_movable_total",
+        "counter",
+        "Sessions ended at a failover because they could not move, by reason.",
+        "reason",
+        &m.blocked.get(),
+    );
+    out.single(
+        "pgpivot_sessions_without_credential_total",
+        "counter",
+        "Sessions whose role had no credential to log in again.",
+        m.without_credential.get(),
+    );
+    out.family(
+        "pgpivot_session_move_seconds",
+        "summary",
+        "From a moving session's relay stopping to it relaying on its new node.",
+    );
+    out.summary("pgpivot_session_move_seconds", &[], &m.move_time);
+}
+
 /// A text buffer that writes one metric family at a time.
 #[derive(Default)]
 struct Exposition(String);
@@ -157,6 +194,7 @@ fn session_metrics(out: &mut Exposition, m: &Metrics) {
             ("shutdown", m.ended_shutdown.get()),
         ],
     );
+    move_metrics(out, &m.moves);
     out.single(
         "pgpivot_read_fallbacks_total",
         "counter",

@@ -50,7 +50,20 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     send(backend, &startup.encode()).await?;
-    let mut buf = BytesMut::with_capacity(1024);
+    answer_challenges(backend, BytesMut::with_capacity(1024), credential).await
+}
+
+/// The rest of a login whose startup packet was sent already: `buf` holds
+/// what the server answered so far (the connect stage reads its first
+/// message to see whether it takes sessions at all).
+pub async fn answer_challenges<S>(
+    backend: &mut S,
+    mut buf: BytesMut,
+    credential: &Credential,
+) -> Result<LoggedIn, ReloginError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut scram: Option<ScramClient<'_>> = None;
     let mut parameters = Vec::new();
     let mut key = None;

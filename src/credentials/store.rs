@@ -42,6 +42,16 @@ enum Source {
     Query(QuerySettings),
 }
 
+impl std::fmt::Debug for SecretStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let source = match self.source {
+            Source::File => "file",
+            Source::Query(_) => "query",
+        };
+        f.debug_struct("SecretStore").field("source", &source).finish_non_exhaustive()
+    }
+}
+
 impl SecretStore {
     /// Secrets read once from an auth file's contents.
     pub fn from_file_contents(contents: &str) -> Result<SecretStore, StoreError> {

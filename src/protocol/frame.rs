@@ -68,6 +68,8 @@ pub struct Framer {
     inspect: [bool; 256],
     /// Largest message accepted (the peer is cut off beyond it).
     max_len: usize,
+    /// Inspected messages larger than this are passed through unread.
+    inspect_limit: usize,
 }
 
 impl Framer {
@@ -82,7 +84,16 @@ impl Framer {
             in_message: 0,
             inspect: table,
             max_len,
+            inspect_limit: MAX_INSPECTED_LEN,
         }
+    }
+
+    /// Returns inspected messages whole up to `limit` bytes rather than
+    /// [`MAX_INSPECTED_LEN`] (a client's Query, whose text the session's
+    /// state tracker reads; bounded by the message size limit anyway).
+    pub fn inspecting_up_to(mut self, limit: usize) -> Self {
+        self.inspect_limit = limit;
+        self
     }
 
     /// True between messages, where the proxy may inject a message of its own.
@@ -107,7 +118,7 @@ impl Framer {
         let Some((tag, total)) = self.header(buf)? else {
             return Ok(Frame::Incomplete);
         };
-        if self.inspect[tag as usize] && total <= MAX_INSPECTED_LEN {
+        if self.inspect[tag as usize] && total <= self.inspect_limit {
             return Ok(match buf.get(HEADER_LEN..total) {
                 Some(body) => Frame::Message { tag, body },
                 None => Frame::Incomplete,

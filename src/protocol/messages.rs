@@ -18,11 +18,19 @@ pub mod tag {
     pub const ERROR_RESPONSE: u8 = b'E';
     pub const PARAMETER_STATUS: u8 = b'S';
     pub const READY_FOR_QUERY: u8 = b'Z';
+    pub const COMMAND_COMPLETE: u8 = b'C';
+    pub const NOTICE_RESPONSE: u8 = b'N';
     // Frontend message types the proxy reads.
     pub const QUERY: u8 = b'Q';
     pub const SYNC: u8 = b'S';
     pub const FUNCTION_CALL: u8 = b'F';
     pub const TERMINATE: u8 = b'X';
+    pub const PARSE: u8 = b'P';
+    pub const CLOSE: u8 = b'C';
+    pub const FLUSH: u8 = b'H';
+    pub const COPY_DATA: u8 = b'd';
+    pub const COPY_DONE: u8 = b'c';
+    pub const COPY_FAIL: u8 = b'f';
 }
 
 /// Transaction status from ReadyForQuery.
@@ -66,6 +74,77 @@ impl Severity {
 /// Longest message text the proxy puts in its own errors (they may quote
 /// client input, such as a bad parameter value).
 const MAX_MESSAGE_CHARS: usize = 1000;
+
+/// The NUL-terminated UTF-8 string at the start of `body` (a Query's text,
+/// a statement name, a CommandComplete tag).
+pub fn c_str(body: &[u8]) -> Option<&str> {
+    let end = body.iter().position(|&b| b == 0)?;
+    std::str::from_utf8(&body[..end]).ok()
+}
+
+/// A client Parse message, borrowed from its body.
+#[derive(Debug)]
+pub struct ParseMessage<'a> {
+    pub name: &'a str,
+    pub query: &'a str,
+    types: &'a [u8],
+}
+
+impl ParseMessage<'_> {
+    /// The parameter type OIDs (0: unspecified).
+    pub fn types(&self) -> impl Iterator<Item = u32> + '_ {
+        self.types
+            .chunks_exact(4)
+            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+    }
+}
+
+/// Decodes a Parse body: name, query, Int16 count, count × Int32 OIDs.
+pub fn parse(body: &[u8]) -> Option<ParseMessage<'_>> {
+    let name = c_str(body)?;
+    let rest = &body[name.len() + 1..];
+    let query = c_str(rest)?;
+    let rest = &rest[query.len() + 1..];
+    let count = u16::from_be_bytes([*rest.first()?, *rest.get(1)?]) as usize;
+    let types = rest.get(2..2 + 4 * count)?;
+    Some(ParseMessage { name, query, types })
+}
+
+/// Appends a Parse message (the move stage re-creates prepared statements).
+pub fn put_parse(buf: &mut BytesMut, name: &str, query: &str, types: &[u32]) {
+    let len = 4 + name.len() + 1 + query.len() + 1 + 2 + 4 * types.len();
+    buf.put_u8(b'P');
+    buf.put_u32(len as u32);
+    buf.put_slice(name.as_bytes());
+    buf.put_u8(0);
+    buf.put_slice(query.as_bytes());
+    buf.put_u8(0);
+    buf.put_u16(types.len() as u16);
+    types.iter().for_each(|&t| buf.put_u32(t));
+}
+
+/// Appends a simple Query message.
+pub fn put_query(buf: &mut BytesMut, sql: &str) {
+    buf.put_u8(b'Q');
+    buf.put_u32((4 + sql.len() + 1) as u32);
+    buf.put_slice(sql.as_bytes());
+    buf.put_u8(0);
+}
+
+/// Appends a Sync message.
+pub fn put_sync(buf: &mut BytesMut) {
+    buf.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+}
+
+/// Appends a ReadyForQuery with `status`.
+pub fn put_ready(buf: &mut BytesMut, status: TxStatus) {
+    let code = match status {
+        TxStatus::Idle => b'I',
+        TxStatus::InTransaction => b'T',
+        TxStatus::Failed => b'E',
+    };
+    buf.extend_from_slice(&[b'Z', 0, 0, 0, 5, code]);
+}
 
 /// Appends an ErrorResponse the proxy itself sends.
 pub fn put_error(buf: &mut BytesMut, severity: Severity, code: &str, message: &str) {

@@ -26,4 +26,6 @@ pub mod sqlstate {
     pub const INVALID_AUTHORIZATION: &str = "28000";
     pub const INVALID_PARAMETER_VALUE: &str = "22023";
     pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
+    pub const SERIALIZATION_FAILURE: &str = "40001";
+    pub const TRANSACTION_RESOLUTION_UNKNOWN: &str = "08007";
 }

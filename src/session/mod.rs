@@ -20,6 +20,8 @@ pub mod control;
 pub mod ending;
 pub mod error;
 pub mod handshake;
+pub mod mobility;
+pub mod moving;
 pub mod params;
 pub mod relay;
 pub mod state;
@@ -42,11 +44,15 @@ use crate::protocol::startup::StartupMessage;
 use crate::shared::Shared;
 use error::{AdmitError, AuthError, ClientError, ConnectError, SessionError};
 use handshake::Hello;
-use relay::{RelayContext, RelayEnd};
+use crate::credentials::{self, Login};
+use crate::protocol::messages::{Severity, TxStatus};
+use crate::protocol::sqlstate;
+use mobility::Mobility;
+use relay::{ReadBuffer, RelayContext, RelayEnd};
 use stream::ClientStream;
 
 /// PostgreSQL's default `authentication_timeout`.
-const AUTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+pub(crate) const AUTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Serves one accepted connection. `admitted` is false when a connection
 /// limit was hit: the client then gets 53300 after its startup packet.
@@ -119,41 +125,246 @@ async fn run(
     tracing::Span::current().record("node", connected.name.as_str());
     let authenticated = authenticate(shared, &request, &mut connected, &mut client).await;
     let authenticated = or_reply(&mut client, authenticated).await?;
-    // Nothing logs in again for this session yet (sessions do not move):
-    // hold no copy of how it logged in (a cleartext password, say).
-    drop(authenticated.login);
-    let (signals, _control) = control::spawn(control::Watch {
-        topology: shared.topology.clone(),
-        shutdown: shared.shutdown.clone(),
-        node: connected.node,
-        target: request.target,
-        // The server's own word, now that it has spoken.
-        placed_on_standby: authenticated.in_hot_standby,
-        lag_budget: (listener.on_lag == OnLag::Disconnect && authenticated.in_hot_standby)
-            .then_some(request.budget),
-        lag_check: settings.monitor.interval,
-    });
-    let ctx = RelayContext {
-        node: connected.node,
-        target: request.target,
-        status: authenticated.status,
-        monitor: &shared.monitor,
-        max_message_bytes: settings.max_message_bytes,
-        metrics: &shared.metrics,
-        signals: &signals,
-        stats: &connected.stats,
-        pause: &shared.pause,
-        busy_gauge,
-    };
+    let mobility = mobility_for(shared, &settings, &startup, authenticated.login);
     drop(starting);
-    let end = relay_streams(client, &mut connected.backend, &ctx).await;
-    if let RelayEnd::Ended(reason) = &end {
-        if reason.abandons_node() {
-            crate::net::discard_on_close(connected.backend.tcp());
+    let session = Relayed {
+        shared,
+        settings: &settings,
+        listener,
+        request: &request,
+        startup: &startup,
+        busy_gauge,
+        cancel: authenticated.cancel.as_ref(),
+        mobility: mobility.as_ref(),
+    };
+    session
+        .relay(
+            client,
+            connected,
+            authenticated.status,
+            authenticated.in_hot_standby,
+        )
+        .await;
+    Ok(())
+}
+
+/// A session past its login: relays, and moves it when its node stops being
+/// eligible (if it can move), until it ends.
+struct Relayed<'a> {
+    shared: &'a Shared,
+    settings: &'a Settings,
+    listener: &'a ListenerSettings,
+    request: &'a params::SessionRequest,
+    startup: &'a StartupMessage,
+    busy_gauge: &'a crate::metrics::Gauge,
+    cancel: Option<&'a crate::cancel::Registration>,
+    mobility: Option<&'a Mobility>,
+}
+
+impl Relayed<'_> {
+    async fn relay(
+        &self,
+        mut client: ClientStream,
+        mut connected: connect::Connected,
+        mut status: TxStatus,
+        mut on_standby: bool,
+    ) {
+        let shared = self.shared;
+        // The client's bytes not yet relayed; a move keeps them.
+        let mut held = ReadBuffer::new();
+        let mut lost_block = false;
+        loop {
+            let (signals, _control) = control::spawn(control::Watch {
+                topology: shared.topology.clone(),
+                shutdown: shared.shutdown.clone(),
+                node: connected.node,
+                target: self.request.target,
+                // The server's own word, now that it has spoken.
+                placed_on_standby: on_standby,
+                lag_budget: (self.listener.on_lag == OnLag::Disconnect && on_standby)
+                    .then_some(self.request.budget),
+                lag_check: self.settings.monitor.interval,
+            });
+            if std::mem::take(&mut lost_block) {
+                let max = self.settings.max_message_bytes;
+                if moving::answer_lost_block(&mut client, &mut held, max)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let ctx = RelayContext {
+                node: connected.node,
+                target: self.request.target,
+                status,
+                monitor: &shared.monitor,
+                max_message_bytes: self.settings.max_message_bytes,
+                metrics: &shared.metrics,
+                signals: &signals,
+                stats: &connected.stats,
+                pause: &shared.pause,
+                busy_gauge: self.busy_gauge,
+                mobility: self.mobility,
+            };
+            let end = relay_streams(&mut client, &mut connected.backend, &ctx, &mut held).await;
+            let point = match end {
+                RelayEnd::Move(point) => point,
+                end => {
+                    if let RelayEnd::Ended(reason) = &end {
+                        if reason.abandons_node() {
+                            crate::net::discard_on_close(connected.backend.tcp());
+                        }
+                        self.count_blocked();
+                    }
+                    report(shared, end);
+                    return;
+                }
+            };
+            let started = Instant::now();
+            let cause = moving::cause_label(&point.cause);
+            let reason = match &point.cause {
+                relay::MoveCause::Ineligible(reason) => Some(reason.message()),
+                relay::MoveCause::Goodbye { .. } => None,
+            };
+            let moved = moving::move_session(&self.move_context(&connected, on_standby), point, &mut client).await;
+            match moved {
+                Ok(moved) => {
+                    let from = std::mem::replace(&mut connected, moved.connected);
+                    let moves = &shared.metrics.moves;
+                    moves.moved.inc(cause);
+                    moves.move_time.record(started.elapsed());
+                    tracing::Span::current().record("node", connected.name.as_str());
+                    tracing::info!(from = %from.name, cause, move_ms = started.elapsed().as_millis() as u64, "session moved");
+                    drop(from);
+                    status = moved.status;
+                    lost_block = moved.lost_block;
+                    on_standby = moved.in_hot_standby;
+                }
+                Err(e) => return self.end_unmoved(client, e, reason).await,
+            }
         }
     }
-    report(shared, end);
-    Ok(())
+
+    fn move_context<'c>(
+        &'c self,
+        connected: &'c connect::Connected,
+        on_standby: bool,
+    ) -> moving::MoveContext<'c> {
+        moving::MoveContext {
+            routes: routes(self.shared),
+            settings: self.settings,
+            request: self.request,
+            startup: self.startup,
+            pause: &self.shared.pause,
+            busy_gauge: self.busy_gauge,
+            secrets: self.settings.secrets.as_deref(),
+            mobility: self.mobility.expect("only a movable session moves"),
+            cancel: self.cancel,
+            node: connected.node,
+            node_name: &connected.name,
+            stats: &connected.stats,
+            placed_on_standby: on_standby,
+        }
+    }
+
+    /// A move that did not happen: the client is told why (or, when the
+    /// server ended just this session, gets the server's own goodbye).
+    async fn end_unmoved(&self, mut client: ClientStream, e: moving::MoveError, reason: Option<String>) {
+        let moves = &self.shared.metrics.moves;
+        if let moving::MoveError::EndedByServer { said } = &e {
+            if said.is_empty() {
+                let why = "pgpivot: connection to the server was lost";
+                let error = messages::error_bytes(Severity::Fatal, sqlstate::CONNECTION_FAILURE, why);
+                let _ = stream::send(&mut client, &error).await;
+            } else {
+                let _ = stream::send(&mut client, said).await;
+            }
+            close(&mut client).await;
+            tracing::debug!("session ended by the server");
+            return;
+        }
+        match &e {
+            moving::MoveError::Blocked(b) => moves.blocked.inc(b.as_label()),
+            other => moves.failed.inc(other.as_label()),
+        }
+        let message = match reason {
+            Some(reason) => format!("{reason} ({e})"),
+            None => format!("pgpivot: the server closed the connection and the session could not move: {e}"),
+        };
+        tracing::info!(reason = e.as_label(), "session ended, not moved: {message}");
+        if !matches!(e, moving::MoveError::ClientGone) {
+            let error = messages::error_bytes(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, &message);
+            let _ = stream::send(&mut client, &error).await;
+        }
+        close(&mut client).await;
+    }
+
+    /// Counts a movable session ended by a topology change because it could
+    /// not move.
+    fn count_blocked(&self) {
+        if let Some(blocker) = self.mobility.and_then(Mobility::blocker) {
+            self.shared.metrics.moves.blocked.inc(blocker.as_label());
+            tracing::info!(reason = blocker.as_label(), "session not moved: {}", blocker.describe());
+        }
+    }
+}
+
+/// The state tracker and credential of a session that may move (`None`
+/// with `move_sessions = false`). The role's secret is looked up in the
+/// background; until it is found the session cannot move.
+fn mobility_for(
+    shared: &Shared,
+    settings: &Settings,
+    startup: &StartupMessage,
+    login: Login,
+) -> Option<Mobility> {
+    let store = settings.secrets.clone()?;
+    let mobility = Mobility::default();
+    let slot = mobility.credential_slot();
+    let without = |role: &str| {
+        shared.metrics.moves.without_credential.inc();
+        tracing::info!(role, "no credential to log this role in again: its sessions cannot move");
+    };
+    let role = startup.param("user").unwrap_or_default().to_string();
+    match login {
+        Login::Md5 | Login::Scram(_) => {
+            let primary = shared.topology.load().primary_view().map(|p| (p.name.clone(), p.address.clone()));
+            let tls = primary.as_ref().and_then(|(name, _)| settings.node(name)).map(|n| n.tls.clone());
+            let metrics = shared.metrics.clone();
+            let timeout = settings.connect_timeout + settings.monitor.timeout;
+            tokio::spawn(async move {
+                let secret = match (primary, tls) {
+                    (Some((name, address)), Some(tls)) => {
+                        let lookup = store.lookup(&role, &name, &address, &tls);
+                        match tokio::time::timeout(timeout, lookup).await {
+                            Ok(Ok(secret)) => secret,
+                            Ok(Err(e)) => {
+                                tracing::warn!(role, "{e}");
+                                None
+                            }
+                            Err(_) => None,
+                        }
+                    }
+                    _ => None,
+                };
+                let credential = credentials::credential_for(&login, secret.as_ref());
+                if credential.is_none() {
+                    metrics.moves.without_credential.inc();
+                    tracing::info!(role, "no credential to log this role in again: its sessions cannot move");
+                }
+                let _ = slot.set(credential);
+            });
+        }
+        Login::Other => {
+            without(&role);
+            let _ = slot.set(None);
+        }
+        login => {
+            let _ = slot.set(credentials::credential_for(&login, None));
+        }
+    }
+    Some(mobility)
 }
 
 /// The narrow handle the connect stage takes.
@@ -245,18 +456,19 @@ fn report(shared: &Shared, end: RelayEnd) {
 /// borrowed halves for free; a TLS stream goes through `tokio::io::split`,
 /// whose halves share the one rustls state.
 async fn relay_streams(
-    client: ClientStream,
+    client: &mut ClientStream,
     backend: &mut BackendStream,
     ctx: &RelayContext<'_>,
+    held: &mut ReadBuffer,
 ) -> RelayEnd {
     match client {
-        ClientStream::Plain(mut tcp) => {
+        ClientStream::Plain(tcp) => {
             let (mut cr, mut cw) = tcp.split();
-            relay_to(&mut cr, &mut cw, backend, ctx).await
+            relay_to(&mut cr, &mut cw, backend, ctx, held).await
         }
         ClientStream::Tls(tls) => {
-            let (mut cr, mut cw) = tokio::io::split(*tls);
-            relay_to(&mut cr, &mut cw, backend, ctx).await
+            let (mut cr, mut cw) = tokio::io::split(&mut **tls);
+            relay_to(&mut cr, &mut cw, backend, ctx, held).await
         }
     }
 }
@@ -267,6 +479,7 @@ async fn relay_to<CR, CW>(
     cw: &mut CW,
     backend: &mut BackendStream,
     ctx: &RelayContext<'_>,
+    held: &mut ReadBuffer,
 ) -> RelayEnd
 where
     CR: tokio::io::AsyncRead + Unpin,
@@ -275,11 +488,11 @@ where
     match backend {
         BackendStream::Plain(tcp) => {
             let (mut br, mut bw) = tcp.split();
-            relay::relay(cr, cw, &mut br, &mut bw, ctx).await
+            relay::relay(cr, cw, &mut br, &mut bw, ctx, held).await
         }
         BackendStream::Tls(tls) => {
             let (mut br, mut bw) = tokio::io::split(&mut **tls);
-            relay::relay(cr, cw, &mut br, &mut bw, ctx).await
+            relay::relay(cr, cw, &mut br, &mut bw, ctx, held).await
         }
     }
 }

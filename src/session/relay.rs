@@ -19,6 +19,16 @@
 //! boundary, and from that moment nothing more from the client reaches the
 //! backend; shutdown and lag end it at its next idle point.
 //!
+//! A movable session (`[failover] move_sessions`, see
+//! [`mobility`](super::mobility)) also has its state-defining messages fed
+//! to its tracker (client Query, Parse, Close; server CommandComplete,
+//! ErrorResponse, ReadyForQuery), and is not ended when its node stops being
+//! eligible: the relay stops at the next quiet point (no answer pending, no
+//! half-sent batch) and returns a [`MovePoint`], holding the client's next
+//! bytes. The old server's goodbye (a FATAL or WARNING 57P01/57P02) at such
+//! a point is kept from the client and returned too, as is a close with
+//! work in flight when both streams are at a message boundary.
+//!
 //! Pauses hold the client → backend direction at idle points, before a new
 //! unit of work is forwarded. With `[metrics] relay_timing`, the first
 //! request after an idle point starts a round-trip clock that the closing
@@ -32,6 +42,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use super::control::{Signal, Signals};
 use super::ending::EndReason;
+use super::mobility::Mobility;
 use super::stream::send;
 use crate::metrics::{LocalCounter, LocalLatency};
 use crate::monitor::MonitorHandle;
@@ -52,6 +63,15 @@ const READ_CHUNK: usize = 64 * 1024;
 /// whose node was lost (the backend may be hung mid-message).
 const END_GRACE: Duration = Duration::from_secs(1);
 
+/// How long a movable session whose node stopped being eligible may take
+/// to reach a quiet point (finish the statement in flight) before it is
+/// ended like one that cannot move.
+const MOVE_GRACE: Duration = Duration::from_secs(5);
+
+/// The largest client Query or Parse whose text the tracker reads; a larger
+/// one pins the session (its effect is not known).
+const MAX_TRACKED_MESSAGE: usize = 1024 * 1024;
+
 /// What the relay needs to know about its session.
 pub struct RelayContext<'a> {
     pub node: NodeId,
@@ -69,6 +89,16 @@ pub struct RelayContext<'a> {
     /// Counts this session while it is busy (in a transaction or awaiting
     /// answers); a pause waits for it to reach zero.
     pub busy_gauge: &'a crate::metrics::Gauge,
+    /// Set for a session that may move: its state is tracked, and a node
+    /// that stops being eligible ends the relay with a [`MovePoint`].
+    pub mobility: Option<&'a Mobility>,
+}
+
+impl RelayContext<'_> {
+    /// Whether the session could move now.
+    fn movable(&self) -> bool {
+        self.mobility.is_some_and(|m| m.blocker().is_none())
+    }
 }
 
 /// How a relay ended.
@@ -83,6 +113,29 @@ pub enum RelayEnd {
     Ended(EndReason),
     /// The client broke the protocol; it got 08P01.
     ClientProtocol(FrameError),
+    /// A movable session stopped where it may move (the client's stream is
+    /// left open).
+    Move(MovePoint),
+}
+
+/// Where and why a movable session's relay stopped.
+#[derive(Debug)]
+pub struct MovePoint {
+    pub cause: MoveCause,
+    /// The last ReadyForQuery's transaction status.
+    pub status: TxStatus,
+    /// Messages still awaiting a ReadyForQuery that the old backend will not
+    /// send (work in flight when it closed).
+    pub in_flight: u32,
+}
+
+#[derive(Debug)]
+pub enum MoveCause {
+    /// The node stopped being eligible for the session.
+    Ineligible(EndReason),
+    /// The server closed the connection. `said` is its goodbye (a FATAL or
+    /// WARNING 57P01/57P02), kept from the client; empty when it said none.
+    Goodbye { said: Vec<u8> },
 }
 
 /// State shared by the two directions (same task; atomics only because the
@@ -100,6 +153,12 @@ struct SessionState {
     /// When the current round trip started, in ns since `epoch`.
     round_trip_start: AtomicU64,
     epoch: Instant,
+    /// A move is due: the client's next unit of work is held.
+    moving: AtomicBool,
+    /// Extended-protocol messages went to the backend since the last Sync.
+    unsynced: AtomicBool,
+    /// The client → backend stream ends at a message boundary.
+    upstream_clean: AtomicBool,
 }
 
 impl SessionState {
@@ -123,18 +182,48 @@ impl SessionState {
         }
     }
 
+    /// The backend has been sent whole units of work only (a Query, or
+    /// messages up to a Sync): nothing half-sent it would wait to finish.
+    fn upstream_quiet(&self) -> bool {
+        !self.unsynced.load(Ordering::Relaxed) && self.upstream_clean.load(Ordering::Relaxed)
+    }
+
+    /// Nothing in flight either way: a point where a session may move.
+    fn quiet(&self) -> bool {
+        self.outstanding.load(Ordering::Relaxed) == 0 && self.upstream_quiet()
+    }
+
+    fn status(&self) -> TxStatus {
+        match self.status.load(Ordering::Relaxed) {
+            s if s == TxStatus::InTransaction as u8 => TxStatus::InTransaction,
+            s if s == TxStatus::Failed as u8 => TxStatus::Failed,
+            _ => TxStatus::Idle,
+        }
+    }
+
+    fn move_point(&self, cause: MoveCause) -> Outcome {
+        Outcome::Move(MovePoint {
+            cause,
+            status: self.status(),
+            in_flight: self.outstanding.load(Ordering::Relaxed),
+        })
+    }
+
     fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
     }
 }
 
-/// Relays until either side ends or the proxy ends the session.
+/// Relays until either side ends or the proxy ends (or moves) the session.
+/// `from_client` is the client direction's buffer: bytes it holds (held at
+/// a move) are relayed first, and it keeps what a move holds.
 pub async fn relay<CR, CW, BR, BW>(
     cr: &mut CR,
     cw: &mut CW,
     br: &mut BR,
     bw: &mut BW,
     ctx: &RelayContext<'_>,
+    from_client: &mut ReadBuffer,
 ) -> RelayEnd
 where
     CR: AsyncRead + Unpin,
@@ -150,13 +239,20 @@ where
         busy: AtomicBool::new(false),
         round_trip_start: AtomicU64::new(0),
         epoch: Instant::now(),
+        moving: AtomicBool::new(false),
+        unsynced: AtomicBool::new(false),
+        upstream_clean: AtomicBool::new(true),
     };
     if ctx.status != TxStatus::Idle {
         state.mark_busy(ctx.busy_gauge);
     }
-    let mut upstream = Framer::new(&[], ctx.max_message_bytes);
+    let mut upstream = match ctx.mobility {
+        Some(_) => Framer::new(&[tag::QUERY, tag::PARSE, tag::CLOSE], ctx.max_message_bytes)
+            .inspecting_up_to(MAX_TRACKED_MESSAGE),
+        None => Framer::new(&[], ctx.max_message_bytes),
+    };
     let outcome = tokio::select! {
-        end = client_to_backend(cr, bw, &state, &mut upstream, ctx) => end,
+        end = client_to_backend(cr, bw, &state, &mut upstream, ctx, from_client) => end,
         end = backend_to_client(br, cw, &state, ctx.signals, ctx) => end,
     };
     let clean = state.client_clean.load(Ordering::Relaxed);
@@ -174,15 +270,18 @@ where
             let why = "pgpivot: connection to the server was lost";
             say(cw, clean, sqlstate::CONNECTION_FAILURE, why).await;
         }
-        Outcome::BackendGone { said_why: true } | Outcome::Ended(_) => {}
+        Outcome::BackendGone { said_why: true } | Outcome::Ended(_) | Outcome::Move(_) => {}
     }
-    super::close(cw).await;
+    if !matches!(outcome, Outcome::Move(_)) {
+        super::close(cw).await;
+    }
     state.mark_idle(ctx.busy_gauge);
     match outcome {
         Outcome::ClientGone => RelayEnd::ClientGone,
         Outcome::ClientProtocol(e) => RelayEnd::ClientProtocol(e),
         Outcome::BackendGone { .. } => RelayEnd::BackendGone,
         Outcome::Ended(r) => RelayEnd::Ended(r),
+        Outcome::Move(point) => RelayEnd::Move(point),
     }
 }
 
@@ -191,6 +290,7 @@ enum Outcome {
     ClientProtocol(FrameError),
     BackendGone { said_why: bool },
     Ended(EndReason),
+    Move(MovePoint),
 }
 
 /// Writes a FATAL error to the client if the stream is at a boundary.
@@ -207,7 +307,7 @@ async fn say<W: AsyncWrite + Unpin>(cw: &mut W, clean: bool, code: &str, message
 /// it was relayed the next read lands at the start of the allocation again,
 /// so a session keeps resident only the pages its largest reads touched
 /// rather than walking every page of the buffer in turn.
-struct ReadBuffer {
+pub struct ReadBuffer {
     bytes: BytesMut,
     chunk: usize,
     /// The capacity of the whole allocation (the view's, when it starts at
@@ -217,14 +317,37 @@ struct ReadBuffer {
     room: usize,
 }
 
+impl Default for ReadBuffer {
+    fn default() -> Self {
+        ReadBuffer::new()
+    }
+}
+
 impl ReadBuffer {
-    fn new() -> ReadBuffer {
+    pub fn new() -> ReadBuffer {
         ReadBuffer {
             bytes: BytesMut::with_capacity(FIRST_CHUNK),
             chunk: FIRST_CHUNK,
             whole: FIRST_CHUNK,
             room: 0,
         }
+    }
+
+    /// The bytes read and not yet relayed.
+    pub fn pending(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Drops the first `n` pending bytes (consumed by the proxy itself).
+    pub fn consume(&mut self, n: usize) {
+        self.bytes.advance(n);
+    }
+
+    /// Reads once more from `from` into the buffer; 0 at end of stream.
+    pub async fn read_from<R: AsyncRead + Unpin>(&mut self, from: &mut R) -> std::io::Result<usize> {
+        let n = from.read_buf(self.prepare()).await?;
+        self.read(n);
+        Ok(n)
     }
 
     /// Makes room for the next read.
@@ -269,20 +392,29 @@ async fn client_to_backend<R, W>(
     state: &SessionState,
     framer: &mut Framer,
     ctx: &RelayContext<'_>,
+    reader: &mut ReadBuffer,
 ) -> Outcome
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut reader = ReadBuffer::new();
     let mut relayed = LocalCounter::new(&ctx.metrics.bytes_from_clients);
+    // Bytes held at a move are relayed before anything new is read.
+    let mut carried = !reader.bytes.is_empty();
     loop {
         if state.is_idle() && framer.at_boundary() {
             reader.idle();
         }
-        match cr.read_buf(reader.prepare()).await {
-            Ok(0) | Err(_) => return Outcome::ClientGone,
-            Ok(n) => reader.read(n),
+        if !std::mem::take(&mut carried) {
+            match cr.read_buf(reader.prepare()).await {
+                Ok(0) | Err(_) => return Outcome::ClientGone,
+                Ok(n) => reader.read(n),
+            }
+        }
+        if state.moving.load(Ordering::Relaxed) && state.quiet() && framer.at_boundary() {
+            // A move is due: this unit of work waits, in `reader`, for the
+            // new backend.
+            return std::future::pending().await;
         }
         let buf = &mut reader.bytes;
         if state.is_idle() && framer.at_boundary() {
@@ -306,25 +438,36 @@ where
                 Ok(frame) => frame,
                 Err(e) => return Outcome::ClientProtocol(e),
             };
-            if let Frame::Pass {
-                starts: Some(t), ..
-            } = frame
-            {
-                match t {
-                    tag::QUERY | tag::SYNC | tag::FUNCTION_CALL => {
-                        let before = state.outstanding.fetch_add(1, Ordering::Relaxed);
-                        if before == 0 && ctx.metrics.relay_timing {
-                            state
-                                .round_trip_start
-                                .store(state.now_ns(), Ordering::Relaxed);
-                        }
+            if let Some(m) = ctx.mobility {
+                track_client(m, &frame);
+            }
+            let starts = match frame {
+                Frame::Pass { starts, .. } => starts,
+                Frame::Message { tag, .. } => Some(tag),
+                Frame::Incomplete => None,
+            };
+            match starts {
+                Some(t @ (tag::QUERY | tag::SYNC | tag::FUNCTION_CALL)) => {
+                    let before = state.outstanding.fetch_add(1, Ordering::Relaxed);
+                    if before == 0 && ctx.metrics.relay_timing {
+                        state
+                            .round_trip_start
+                            .store(state.now_ns(), Ordering::Relaxed);
                     }
-                    tag::TERMINATE => terminated = true,
-                    _ => {}
+                    if t == tag::SYNC {
+                        state.unsynced.store(false, Ordering::Relaxed);
+                    }
                 }
+                Some(tag::TERMINATE) => terminated = true,
+                Some(tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL | tag::FLUSH) | None => {}
+                // Parse, Bind, Describe, Execute, Close: answered at a Sync.
+                Some(_) => state.unsynced.store(true, Ordering::Relaxed),
             }
             pos += frame.len();
         }
+        state
+            .upstream_clean
+            .store(framer.at_boundary(), Ordering::Relaxed);
         if state.stop_forwarding.load(Ordering::Relaxed) {
             // The session is being ended: the backend gets nothing more.
             return std::future::pending().await;
@@ -355,16 +498,32 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let inspect = [
-        tag::READY_FOR_QUERY,
-        tag::PARAMETER_STATUS,
-        tag::ERROR_RESPONSE,
-    ];
-    let mut framer = Framer::new(&inspect, usize::MAX);
+    let mut framer = match ctx.mobility {
+        Some(_) => Framer::new(
+            &[
+                tag::READY_FOR_QUERY,
+                tag::PARAMETER_STATUS,
+                tag::ERROR_RESPONSE,
+                tag::COMMAND_COMPLETE,
+                tag::NOTICE_RESPONSE,
+            ],
+            usize::MAX,
+        ),
+        None => Framer::new(
+            &[
+                tag::READY_FOR_QUERY,
+                tag::PARAMETER_STATUS,
+                tag::ERROR_RESPONSE,
+            ],
+            usize::MAX,
+        ),
+    };
     let mut reader = ReadBuffer::new();
     // An immediate end waiting for the current message to finish.
     let mut ending: Option<(EndReason, tokio::time::Instant)> = None;
     let mut at_idle: Option<EndReason> = None;
+    // A move due once the session is quiet, and when to give up waiting.
+    let mut moving: Option<(EndReason, tokio::time::Instant)> = None;
     let mut last_fatal = false;
     let mut relayed = LocalCounter::new(&ctx.metrics.bytes_to_clients);
     let mut round_trips = LocalLatency::new(&ctx.stats.round_trip);
@@ -375,13 +534,22 @@ where
         if state.is_idle() && framer.at_boundary() {
             reader.idle();
         }
-        let grace = ending.as_ref().map(|(_, at)| *at);
+        let grace = ending
+            .as_ref()
+            .or(moving.as_ref())
+            .map(|(_, at)| *at);
         let mut got = 0;
         let spare = reader.prepare();
         tokio::select! {
             read = br.read_buf(spare) => match read {
                 Ok(0) | Err(_) => {
                     let buf = &reader.bytes;
+                    let repairable = buf.is_empty() && framer.at_boundary() && state.upstream_quiet();
+                    if repairable && ending.is_none() && !last_fatal && ctx.movable() {
+                        // Closed at a boundary both ways: the session may move,
+                        // answering what was in flight itself.
+                        return state.move_point(MoveCause::Goodbye { said: Vec::new() });
+                    }
                     // Deliver whatever was left before saying anything.
                     if !buf.is_empty() && send(cw, buf).await.is_err() {
                         return Outcome::ClientGone;
@@ -396,6 +564,10 @@ where
             _ = &mut raised => {
                 raised.set(signals.raised());
                 match signals.take() {
+                    Some(Signal::EndNow(reason)) if ending.is_none() && moving.is_none() && ctx.movable() => {
+                        state.moving.store(true, Ordering::Relaxed);
+                        moving = Some((reason, tokio::time::Instant::now() + MOVE_GRACE));
+                    }
                     Some(Signal::EndNow(reason)) if ending.is_none() => {
                         state.stop_forwarding.store(true, Ordering::Relaxed);
                         ending = Some((reason, tokio::time::Instant::now() + END_GRACE));
@@ -405,8 +577,14 @@ where
                 }
             },
             _ = sleep_until(grace) => {
-                let (reason, _) = ending.take().expect("grace only while ending");
-                return finish(cw, state, reason, false).await;
+                if let Some((reason, _)) = ending.take() {
+                    return finish(cw, state, reason, false).await;
+                }
+                // The work in flight did not finish in time: end the session
+                // as one that cannot move.
+                let (reason, _) = moving.take().expect("grace only while ending or moving");
+                state.stop_forwarding.store(true, Ordering::Relaxed);
+                ending = Some((reason, tokio::time::Instant::now() + END_GRACE));
             }
         }
         reader.read(got);
@@ -420,6 +598,18 @@ where
                 Err(_) => return Outcome::BackendGone { said_why: false },
             };
             if let Frame::Message { tag: t, body } = frame {
+                if is_goodbye(t, body) && ending.is_none() && state.upstream_quiet() && ctx.movable() {
+                    // The server is going (shutdown, crash): the signal to
+                    // move, not something to relay.
+                    let said = buf[pos..].to_vec();
+                    if pos > 0 && send(cw, &buf[..pos]).await.is_err() {
+                        return Outcome::ClientGone;
+                    }
+                    return state.move_point(MoveCause::Goodbye { said });
+                }
+                if let Some(m) = ctx.mobility {
+                    track_server(m, t, body);
+                }
                 last_fatal = observe(t, body, state, ctx, &mut round_trips);
             } else if let Frame::Pass {
                 starts: Some(_), ..
@@ -444,7 +634,16 @@ where
         if let Some((reason, _)) = ending.take_if(|_| at_boundary) {
             return finish(cw, state, reason, true).await;
         }
+        let quiet = at_boundary && buf.is_empty() && state.quiet();
+        if let Some((reason, _)) = moving.take_if(|_| quiet) {
+            return state.move_point(MoveCause::Ineligible(reason));
+        }
         if let Some(reason) = at_idle.take_if(|_| at_boundary && state.is_idle()) {
+            if matches!(reason, EndReason::Lagging { .. }) && quiet && ctx.movable() {
+                // Past its lag budget: a read session moves to a standby
+                // within it.
+                return state.move_point(MoveCause::Ineligible(reason));
+            }
             state.stop_forwarding.store(true, Ordering::Relaxed);
             return finish(cw, state, reason, true).await;
         }
@@ -517,6 +716,77 @@ fn observe(
         }
         _ => false,
     }
+}
+
+/// Feeds the tracker a client message that defines session state.
+fn track_client(m: &Mobility, frame: &Frame<'_>) {
+    match *frame {
+        Frame::Message {
+            tag: tag::QUERY,
+            body,
+        } => match messages::c_str(body) {
+            Some(sql) => m.tracker().client_query(sql),
+            None => m.tracker().client_query_unread(),
+        },
+        Frame::Message {
+            tag: tag::PARSE,
+            body,
+        } => match messages::parse(body) {
+            Some(parse) => {
+                let types = if parse.name.is_empty() {
+                    Vec::new()
+                } else {
+                    parse.types().collect()
+                };
+                m.tracker().client_parse(parse.name, parse.query, &types)
+            }
+            None => m.tracker().client_parse_unread(),
+        },
+        Frame::Message {
+            tag: tag::CLOSE,
+            body: [b'S', name @ ..],
+        } => {
+            if let Some(name) = messages::c_str(name) {
+                m.tracker().client_close_statement(name);
+            }
+        }
+        Frame::Pass {
+            starts: Some(t), ..
+        } => match t {
+            tag::QUERY => m.tracker().client_query_unread(),
+            tag::PARSE => m.tracker().client_parse_unread(),
+            tag::SYNC | tag::FUNCTION_CALL => m.tracker().client_sync(),
+            _ => {}
+        },
+        _ => {}
+    }
+}
+
+/// Feeds the tracker a server answer.
+fn track_server(m: &Mobility, t: u8, body: &[u8]) {
+    match t {
+        tag::COMMAND_COMPLETE => {
+            if let Some(done) = messages::c_str(body) {
+                m.tracker().server_command_complete(done);
+            }
+        }
+        tag::ERROR_RESPONSE => m.tracker().server_error(),
+        tag::READY_FOR_QUERY => {
+            if let Some(status) = TxStatus::from_ready_for_query(body) {
+                m.tracker().server_ready(status);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A server's goodbye to every session: 57P01 (a fast or immediate
+/// shutdown, the postmaster gone) or 57P02 (a crash elsewhere), as a FATAL
+/// or as the WARNING an immediate shutdown sends. Not 57P05 (this session's
+/// idle timeout) or other single-session ends.
+fn is_goodbye(t: u8, body: &[u8]) -> bool {
+    let going = matches!(messages::sqlstate(body), Some(b"57P01" | b"57P02"));
+    going && (t == tag::NOTICE_RESPONSE || (t == tag::ERROR_RESPONSE && is_fatal(body)))
 }
 
 /// Whether an ErrorResponse body has severity FATAL or PANIC.

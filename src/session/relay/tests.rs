@@ -45,6 +45,7 @@ impl Fixture {
             stats: &self.stats,
             pause: &self.pause,
             busy_gauge: &self.busy,
+            mobility: None,
         }
     }
 }
@@ -105,7 +106,7 @@ where
     let (mut cr, mut cw) = tokio::io::split(tls_server);
     let (mut br, mut bw) = tokio::io::split(proxy_end);
     let ctx = fixture.ctx();
-    let relaying = relay(&mut cr, &mut cw, &mut br, &mut bw, &ctx);
+    let relaying = relay(&mut cr, &mut cw, &mut br, &mut bw, &ctx, &mut super::ReadBuffer::new());
     let peers = async {
         tokio::join!(client(&mut tls_client), backend(&mut backend_end));
         // Goodbye as a client says it, so the relay ends.
@@ -151,7 +152,7 @@ where
     let (mut br, mut bw) = tokio::io::split(proxy_backend);
     let ctx = fixture.ctx();
     let (end, ()) = tokio::join!(
-        relay(&mut cr, &mut cw, &mut br, &mut bw, &ctx),
+        relay(&mut cr, &mut cw, &mut br, &mut bw, &ctx, &mut super::ReadBuffer::new()),
         script(client, backend)
     );
     end

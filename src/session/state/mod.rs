@@ -1,6 +1,6 @@
 //! The session state a move to another backend must carry, and what pins a
-//! session to its backend (issue 11, step 2: the tracker, pure and tested;
-//! the relay does not feed it yet).
+//! session to its backend. The relay feeds the [`Tracker`]; the move stage
+//! replays what it kept.
 //!
 //! Fed the few messages that define state (client Query, Parse, Close; server
 //! CommandComplete, ErrorResponse, ReadyForQuery), it keeps:
@@ -18,6 +18,10 @@
 //! `set_config(…)`, `LOAD`, and anything the lexer cannot read with
 //! certainty. The amount kept is bounded: past [`MAX_STATE_BYTES`] the
 //! session is pinned too.
+//!
+//! The hot path stays cheap: a statement is lexed only when its text holds
+//! one of the words that state changes need ([`might_change_state`]); the
+//! common `SELECT …` is one byte scan and no allocation.
 
 pub mod sql;
 
@@ -92,6 +96,15 @@ enum Change {
     Nothing,
 }
 
+/// One message a ReadyForQuery will close: the changes its statements would
+/// make (one per statement), and whether it may end a transaction block
+/// with a commit (what a crash in flight must not answer with 40001).
+#[derive(Debug, Default)]
+struct Unit {
+    changes: VecDeque<Change>,
+    may_commit: bool,
+}
+
 /// The tracked state of one session.
 #[derive(Debug, Default)]
 pub struct Tracker {
@@ -102,9 +115,14 @@ pub struct Tracker {
     listens: BTreeSet<String>,
     pins: BTreeSet<Pin>,
     /// Per message that a ReadyForQuery will close (Query, Sync,
-    /// FunctionCall), in the order sent: the changes its statements would
-    /// make, one per statement. Clients pipeline, so several may wait.
-    awaiting: VecDeque<VecDeque<Change>>,
+    /// FunctionCall), in the order sent. Clients pipeline, so several may
+    /// wait.
+    awaiting: VecDeque<Unit>,
+    /// The unnamed Parse messages since the last Sync may commit.
+    parsed_commit: bool,
+    /// Some named prepared statement may commit (so may any Sync unit that
+    /// executes it).
+    named_commit: bool,
     /// Changes of the open transaction block, applied at its COMMIT.
     in_block: Vec<Change>,
     /// A transaction block is open (BEGIN seen, or the server said so).
@@ -114,38 +132,75 @@ pub struct Tracker {
 impl Tracker {
     /// A client simple Query.
     pub fn client_query(&mut self, sql: &str) {
+        let may_commit = may_commit(sql);
+        if !might_change_state(sql) {
+            self.awaiting.push_back(Unit {
+                changes: VecDeque::new(),
+                may_commit,
+            });
+            return;
+        }
         let Some(statements) = sql::statements(sql) else {
             self.pins.insert(Pin::Unparsed);
-            self.awaiting.push_back(VecDeque::new());
+            self.awaiting.push_back(Unit {
+                changes: VecDeque::new(),
+                may_commit: true,
+            });
             return;
         };
         let changes = statements
             .iter()
             .map(|(text, tokens)| classify(text, tokens))
             .collect();
-        self.awaiting.push_back(changes);
+        self.awaiting.push_back(Unit {
+            changes,
+            may_commit,
+        });
+    }
+
+    /// A client Query too large to read (passed through unread): whatever it
+    /// did cannot be known.
+    pub fn client_query_unread(&mut self) {
+        self.pins.insert(Pin::Unparsed);
+        self.awaiting.push_back(Unit {
+            changes: VecDeque::new(),
+            may_commit: true,
+        });
     }
 
     /// A client Sync or FunctionCall: answered by a ReadyForQuery, and
     /// changing nothing the tracker follows.
     pub fn client_sync(&mut self) {
-        self.awaiting.push_back(VecDeque::new());
+        let may_commit = std::mem::take(&mut self.parsed_commit) || self.named_commit;
+        self.awaiting.push_back(Unit {
+            changes: VecDeque::new(),
+            may_commit,
+        });
     }
 
     /// A client Parse. Named statements are kept for replay; a statement
     /// that itself changes session state pins (the extended protocol is not
     /// followed statement by statement).
     pub fn client_parse(&mut self, name: &str, query: &str, types: &[u32]) {
-        match sql::statements(query) {
-            Some(statements) => {
-                for (text, tokens) in &statements {
-                    if classify(text, tokens) != Change::Nothing {
-                        self.pins.insert(Pin::Unparsed);
+        if may_commit(query) {
+            if name.is_empty() {
+                self.parsed_commit = true;
+            } else {
+                self.named_commit = true;
+            }
+        }
+        if might_change_state(query) {
+            match sql::statements(query) {
+                Some(statements) => {
+                    for (text, tokens) in &statements {
+                        if classify(text, tokens) != Change::Nothing {
+                            self.pins.insert(Pin::Unparsed);
+                        }
                     }
                 }
-            }
-            None => {
-                self.pins.insert(Pin::Unparsed);
+                None => {
+                    self.pins.insert(Pin::Unparsed);
+                }
             }
         }
         if !name.is_empty() {
@@ -158,6 +213,12 @@ impl Tracker {
         }
     }
 
+    /// A client Parse too large to read: pins, and may commit.
+    pub fn client_parse_unread(&mut self) {
+        self.pins.insert(Pin::Unparsed);
+        self.named_commit = true;
+    }
+
     /// A client Close of a prepared statement (`'S'`) named `name`.
     pub fn client_close_statement(&mut self, name: &str) {
         self.prepared.retain(|(n, _)| n != name);
@@ -168,7 +229,7 @@ impl Tracker {
         let change = self
             .awaiting
             .front_mut()
-            .and_then(VecDeque::pop_front)
+            .and_then(|unit| unit.changes.pop_front())
             .unwrap_or(Change::Nothing);
         match (tag, change) {
             // Uncertainty pins at once, block or not.
@@ -201,7 +262,7 @@ impl Tracker {
     /// rest of its simple Query is not run.
     pub fn server_error(&mut self) {
         if let Some(current) = self.awaiting.front_mut() {
-            current.clear();
+            current.changes.clear();
         }
     }
 
@@ -214,6 +275,19 @@ impl Tracker {
             self.in_block.clear();
         }
         self.block_open = status != TxStatus::Idle;
+    }
+
+    /// Whether a message awaiting its answer may have committed a
+    /// transaction block (a crash then leaves its outcome unknown).
+    pub fn commit_in_flight(&self) -> bool {
+        self.awaiting.iter().any(|unit| unit.may_commit)
+    }
+
+    /// The backend died: answers for what was in flight will never come,
+    /// and the open block's changes are lost with it.
+    pub fn lose_backend(&mut self) {
+        self.awaiting.clear();
+        self.in_block.clear();
     }
 
     /// Why the session cannot move, if it cannot (the first reason).
@@ -252,13 +326,17 @@ impl Tracker {
 
     fn apply(&mut self, change: Change) {
         match change {
-            Change::Guc(statement) => self.gucs.push(statement),
+            Change::Guc(statement) => {
+                self.gucs.push(statement);
+                self.check_size();
+            }
             Change::ResetAll => self.gucs.clear(),
             Change::Prepare { name, sql } => self.remember_prepared(name, Replay::Sql(sql)),
             Change::Deallocate(None) => self.prepared.clear(),
             Change::Deallocate(Some(name)) => self.client_close_statement(&name),
             Change::Listen(channel) => {
                 self.listens.insert(channel);
+                self.check_size();
             }
             Change::Unlisten(None) => self.listens.clear(),
             Change::Unlisten(Some(channel)) => {
@@ -278,18 +356,62 @@ impl Tracker {
             }
             Change::RollbackTo | Change::Nothing => {}
         }
-        if self.state_bytes() > MAX_STATE_BYTES {
-            self.pins.insert(Pin::TooMuchState);
-        }
     }
 
     fn remember_prepared(&mut self, name: String, replay: Replay) {
         self.prepared.retain(|(n, _)| *n != name);
         self.prepared.push((name, replay));
+        self.check_size();
+    }
+
+    fn check_size(&mut self) {
         if self.state_bytes() > MAX_STATE_BYTES {
             self.pins.insert(Pin::TooMuchState);
         }
     }
+}
+
+/// Whether `sql` holds a word that a tracked change needs: `set` (also in
+/// `reset`, `set_config`), `prepare`, `deallocate`, `listen` (`unlisten`),
+/// `discard`, `load`, `hold`, `temp`, `advisory`, `rollback`. Anything
+/// else changes nothing the tracker follows, so it need not be lexed. Case
+/// does not matter; false positives only cost a lex.
+pub fn might_change_state(sql: &str) -> bool {
+    const WORDS: [&[u8]; 10] = [
+        b"set",
+        b"prepare",
+        b"deallocate",
+        b"listen",
+        b"discard",
+        b"load",
+        b"hold",
+        b"temp",
+        b"advisory",
+        b"rollback",
+    ];
+    contains_any(sql.as_bytes(), &WORDS)
+}
+
+/// Whether `sql` may end a block with a commit: `commit` or `end` anywhere
+/// (also `COMMIT PREPARED`). Errs on the side of yes.
+fn may_commit(sql: &str) -> bool {
+    contains_any(sql.as_bytes(), &[b"commit", b"end"])
+}
+
+/// One pass over `text`, comparing at each byte whose lowercase starts one
+/// of `words` (all lowercase ASCII).
+fn contains_any(text: &[u8], words: &[&[u8]]) -> bool {
+    let mut first = [false; 256];
+    for w in words {
+        first[w[0] as usize] = true;
+    }
+    (0..text.len()).any(|i| {
+        first[text[i].to_ascii_lowercase() as usize]
+            && words.iter().any(|w| {
+                text.get(i..i + w.len())
+                    .is_some_and(|t| t.eq_ignore_ascii_case(w))
+            })
+    })
 }
 
 /// What one statement does to session state.

@@ -131,7 +131,7 @@ fn state_that_cannot_move_pins_the_session() {
             Pin::SetConfig,
         ),
         ("LOAD 'auto_explain'", Pin::Load),
-        ("select 'unterminated", Pin::Unparsed),
+        ("set search_path = 'unterminated", Pin::Unparsed),
     ];
     for (sql, pin) in cases {
         let mut t = Tracker::default();
@@ -214,4 +214,47 @@ fn pipelined_queries_are_matched_to_their_own_answers() {
     t.server_error(); // SET c.x failed
     t.server_ready(Idle);
     assert_eq!(sql_replay(&t), ["SET a.x = 1", "SET b.x = 2"]);
+}
+
+#[test]
+fn only_text_with_a_state_word_is_lexed() {
+    for plain in [
+        "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+        "select 'unterminated",
+        "UPDATE t SET x = 1", // lexed (SET), and changes nothing
+    ] {
+        let mut t = Tracker::default();
+        ok(&mut t, plain, &["X"], Idle);
+        assert_eq!(t.pinned(), None, "{plain}");
+        assert!(t.replay().is_empty(), "{plain}");
+    }
+    assert!(!might_change_state("SELECT abalance FROM pgbench_accounts WHERE aid = $1"));
+    for word in ["SeT x=1", "select PG_ADVISORY_LOCK(1)", "create TEMP table t()", "unlisten *"] {
+        assert!(might_change_state(word), "{word}");
+    }
+}
+
+#[test]
+fn a_commit_in_flight_is_known() {
+    let mut t = Tracker::default();
+    t.client_query("UPDATE t SET x = 1");
+    assert!(!t.commit_in_flight());
+    t.client_query("COMMIT");
+    assert!(t.commit_in_flight());
+    t.lose_backend();
+    assert!(!t.commit_in_flight());
+    // Extended protocol: an unnamed Parse before its Sync, and any Sync once
+    // a named statement may commit.
+    t.client_parse("", "END", &[]);
+    t.client_sync();
+    assert!(t.commit_in_flight());
+    t.server_ready(Idle);
+    t.client_sync();
+    assert!(!t.commit_in_flight());
+    t.server_ready(Idle);
+    t.client_parse("c", "commit", &[]);
+    t.client_sync();
+    t.server_ready(Idle);
+    t.client_sync();
+    assert!(t.commit_in_flight());
 }
