@@ -675,7 +675,10 @@ impl FileConfig {
         let m = &self.monitor;
         let query = a.query.clone().unwrap_or_else(|| DEFAULT_QUERY.to_string());
         if !query.contains("$1") {
-            return Err(ConfigError::new("auth.query", "must take the role name as $1"));
+            return Err(ConfigError::new(
+                "auth.query",
+                "must take the role name as $1",
+            ));
         }
         Ok(Some(Arc::new(SecretStore::from_query(QuerySettings {
             query,

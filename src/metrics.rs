@@ -249,6 +249,11 @@ pub struct MoveMetrics {
     pub blocked: LabelCounts,
     /// From the relay stopping to the session relaying on its new node.
     pub move_time: Latency,
+    /// Work in flight at a crash answered by pgpivot, by SQLSTATE (40001:
+    /// rolled back, retry; 08007: outcome unknown).
+    pub in_flight_answered: LabelCounts,
+    /// Sessions that kept a credential to log in again.
+    pub with_credential: Counter,
     /// Sessions whose role has no credential to log in again.
     pub without_credential: Counter,
 }

@@ -42,6 +42,19 @@ fn move_metrics(out: &mut Exposition, m: &crate::metrics::MoveMetrics) {
         "reason",
         &m.blocked.get(),
     );
+    out.labelled(
+        "pgpivot_in_flight_answered_total",
+        "counter",
+        "Statements in flight at a crash that pgpivot answered itself, by SQLSTATE.",
+        "sqlstate",
+        &m.in_flight_answered.get(),
+    );
+    out.single(
+        "pgpivot_sessions_with_credential_total",
+        "counter",
+        "Sessions that kept a credential to log in again (and so may move).",
+        m.with_credential.get(),
+    );
     out.single(
         "pgpivot_sessions_without_credential_total",
         "counter",

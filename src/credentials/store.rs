@@ -48,7 +48,9 @@ impl std::fmt::Debug for SecretStore {
             Source::File => "file",
             Source::Query(_) => "query",
         };
-        f.debug_struct("SecretStore").field("source", &source).finish_non_exhaustive()
+        f.debug_struct("SecretStore")
+            .field("source", &source)
+            .finish_non_exhaustive()
     }
 }
 

@@ -39,14 +39,14 @@ use tracing::Instrument;
 
 use crate::backend_tls::BackendStream;
 use crate::config::{ListenerSettings, OnLag, Settings, TlsMode};
+use crate::credentials::{self, Login};
 use crate::protocol::messages;
+use crate::protocol::messages::{Severity, TxStatus};
+use crate::protocol::sqlstate;
 use crate::protocol::startup::StartupMessage;
 use crate::shared::Shared;
 use error::{AdmitError, AuthError, ClientError, ConnectError, SessionError};
 use handshake::Hello;
-use crate::credentials::{self, Login};
-use crate::protocol::messages::{Severity, TxStatus};
-use crate::protocol::sqlstate;
 use mobility::Mobility;
 use relay::{ReadBuffer, RelayContext, RelayEnd};
 use stream::ClientStream;
@@ -227,7 +227,12 @@ impl Relayed<'_> {
                 relay::MoveCause::Ineligible(reason) => Some(reason.message()),
                 relay::MoveCause::Goodbye { .. } => None,
             };
-            let moved = moving::move_session(&self.move_context(&connected, on_standby), point, &mut client).await;
+            let moved = moving::move_session(
+                &self.move_context(&connected, on_standby),
+                point,
+                &mut client,
+            )
+            .await;
             match moved {
                 Ok(moved) => {
                     let from = std::mem::replace(&mut connected, moved.connected);
@@ -241,7 +246,11 @@ impl Relayed<'_> {
                     lost_block = moved.lost_block;
                     on_standby = moved.in_hot_standby;
                 }
-                Err(e) => return self.end_unmoved(client, e, reason).await,
+                Err(e) => {
+                    return self
+                        .end_unmoved(client, e, reason, &connected, on_standby)
+                        .await
+                }
             }
         }
     }
@@ -270,12 +279,20 @@ impl Relayed<'_> {
 
     /// A move that did not happen: the client is told why (or, when the
     /// server ended just this session, gets the server's own goodbye).
-    async fn end_unmoved(&self, mut client: ClientStream, e: moving::MoveError, reason: Option<String>) {
+    async fn end_unmoved(
+        &self,
+        mut client: ClientStream,
+        e: moving::MoveError,
+        reason: Option<String>,
+        left: &connect::Connected,
+        on_standby: bool,
+    ) {
         let moves = &self.shared.metrics.moves;
         if let moving::MoveError::EndedByServer { said } = &e {
             if said.is_empty() {
                 let why = "pgpivot: connection to the server was lost";
-                let error = messages::error_bytes(Severity::Fatal, sqlstate::CONNECTION_FAILURE, why);
+                let error =
+                    messages::error_bytes(Severity::Fatal, sqlstate::CONNECTION_FAILURE, why);
                 let _ = stream::send(&mut client, &error).await;
             } else {
                 let _ = stream::send(&mut client, said).await;
@@ -288,9 +305,17 @@ impl Relayed<'_> {
             moving::MoveError::Blocked(b) => moves.blocked.inc(b.as_label()),
             other => moves.failed.inc(other.as_label()),
         }
+        let reason = match (reason, &e) {
+            (None, moving::MoveError::Blocked(_)) => {
+                self.wait_for_reason(left.node, on_standby).await
+            }
+            (reason, _) => reason,
+        };
         let message = match reason {
             Some(reason) => format!("{reason} ({e})"),
-            None => format!("pgpivot: the server closed the connection and the session could not move: {e}"),
+            None => format!(
+                "pgpivot: the server closed the connection and the session could not move: {e}"
+            ),
         };
         tracing::info!(reason = e.as_label(), "session ended, not moved: {message}");
         if !matches!(e, moving::MoveError::ClientGone) {
@@ -300,12 +325,52 @@ impl Relayed<'_> {
         close(&mut client).await;
     }
 
+    /// The reason a session's node is no longer eligible, once the topology
+    /// says so, naming the new primary once there is one (a client told to
+    /// reconnect then knows it can). Waits at most the hold timeout.
+    async fn wait_for_reason(
+        &self,
+        node: crate::topology::NodeId,
+        on_standby: bool,
+    ) -> Option<String> {
+        let topology = &self.shared.topology;
+        let mut changes = topology.subscribe();
+        let target = self.request.target;
+        let wait = async {
+            let mut last = None;
+            loop {
+                let reason = ending::eligibility(&topology.load(), node, target, on_standby);
+                if let Some(ending::EndReason::NotPrimary {
+                    new_primary: None, ..
+                })
+                | None = &reason
+                {
+                    last = reason.or(last);
+                } else {
+                    return reason;
+                }
+                if changes.changed().await.is_err() {
+                    return last;
+                }
+            }
+        };
+        let waited = tokio::select! {
+            _ = self.shared.shutdown.cancelled() => None,
+            reason = tokio::time::timeout(self.settings.hold_timeout, wait) => reason.ok().flatten(),
+        };
+        waited.map(|r| r.message())
+    }
+
     /// Counts a movable session ended by a topology change because it could
     /// not move.
     fn count_blocked(&self) {
         if let Some(blocker) = self.mobility.and_then(Mobility::blocker) {
             self.shared.metrics.moves.blocked.inc(blocker.as_label());
-            tracing::info!(reason = blocker.as_label(), "session not moved: {}", blocker.describe());
+            tracing::info!(
+                reason = blocker.as_label(),
+                "session not moved: {}",
+                blocker.describe()
+            );
         }
     }
 }
@@ -324,13 +389,23 @@ fn mobility_for(
     let slot = mobility.credential_slot();
     let without = |role: &str| {
         shared.metrics.moves.without_credential.inc();
-        tracing::info!(role, "no credential to log this role in again: its sessions cannot move");
+        tracing::info!(
+            role,
+            "no credential to log this role in again: its sessions cannot move"
+        );
     };
     let role = startup.param("user").unwrap_or_default().to_string();
     match login {
         Login::Md5 | Login::Scram(_) => {
-            let primary = shared.topology.load().primary_view().map(|p| (p.name.clone(), p.address.clone()));
-            let tls = primary.as_ref().and_then(|(name, _)| settings.node(name)).map(|n| n.tls.clone());
+            let primary = shared
+                .topology
+                .load()
+                .primary_view()
+                .map(|p| (p.name.clone(), p.address.clone()));
+            let tls = primary
+                .as_ref()
+                .and_then(|(name, _)| settings.node(name))
+                .map(|n| n.tls.clone());
             let metrics = shared.metrics.clone();
             let timeout = settings.connect_timeout + settings.monitor.timeout;
             tokio::spawn(async move {
@@ -349,9 +424,15 @@ fn mobility_for(
                     _ => None,
                 };
                 let credential = credentials::credential_for(&login, secret.as_ref());
-                if credential.is_none() {
-                    metrics.moves.without_credential.inc();
-                    tracing::info!(role, "no credential to log this role in again: its sessions cannot move");
+                match &credential {
+                    Some(_) => metrics.moves.with_credential.inc(),
+                    None => {
+                        metrics.moves.without_credential.inc();
+                        tracing::info!(
+                            role,
+                            "no credential to log this role in again: its sessions cannot move"
+                        );
+                    }
                 }
                 let _ = slot.set(credential);
             });
@@ -361,6 +442,7 @@ fn mobility_for(
             let _ = slot.set(None);
         }
         login => {
+            shared.metrics.moves.with_credential.inc();
             let _ = slot.set(credentials::credential_for(&login, None));
         }
     }

@@ -195,8 +195,10 @@ async fn answer_in_flight<C: AsyncWrite + Unpin>(
         );
         (sqlstate::SERIALIZATION_FAILURE, m, TxStatus::Failed)
     };
+    let in_flight = &ctx.routes.metrics.moves.in_flight_answered;
     let mut answer = BytesMut::new();
     for _ in 0..point.in_flight {
+        in_flight.inc(code);
         messages::put_error(&mut answer, Severity::Error, code, &message);
         messages::put_ready(&mut answer, after);
     }
@@ -250,7 +252,8 @@ async fn log_in_and_replay(
             return Err(MoveError::Login { node, source });
         }
         Err(_) => {
-            let source = ReloginError::Protocol("no answer within the authentication timeout".into());
+            let source =
+                ReloginError::Protocol("no answer within the authentication timeout".into());
             return Err(MoveError::Login { node, source });
         }
     };
@@ -457,7 +460,13 @@ async fn skip_to_sync<C: AsyncRead + Unpin>(
                 Ok(frame) => frame,
                 Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
             };
-            synced = matches!(frame, Frame::Pass { starts: Some(tag::SYNC), .. });
+            synced = matches!(
+                frame,
+                Frame::Pass {
+                    starts: Some(tag::SYNC),
+                    ..
+                }
+            );
             held.consume(frame.len());
         }
         if synced {

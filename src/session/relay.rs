@@ -344,7 +344,10 @@ impl ReadBuffer {
     }
 
     /// Reads once more from `from` into the buffer; 0 at end of stream.
-    pub async fn read_from<R: AsyncRead + Unpin>(&mut self, from: &mut R) -> std::io::Result<usize> {
+    pub async fn read_from<R: AsyncRead + Unpin>(
+        &mut self,
+        from: &mut R,
+    ) -> std::io::Result<usize> {
         let n = from.read_buf(self.prepare()).await?;
         self.read(n);
         Ok(n)
@@ -534,10 +537,7 @@ where
         if state.is_idle() && framer.at_boundary() {
             reader.idle();
         }
-        let grace = ending
-            .as_ref()
-            .or(moving.as_ref())
-            .map(|(_, at)| *at);
+        let grace = ending.as_ref().or(moving.as_ref()).map(|(_, at)| *at);
         let mut got = 0;
         let spare = reader.prepare();
         tokio::select! {
@@ -545,9 +545,10 @@ where
                 Ok(0) | Err(_) => {
                     let buf = &reader.bytes;
                     let repairable = buf.is_empty() && framer.at_boundary() && state.upstream_quiet();
-                    if repairable && ending.is_none() && !last_fatal && ctx.movable() {
+                    if repairable && ending.is_none() && !last_fatal && ctx.mobility.is_some() {
                         // Closed at a boundary both ways: the session may move,
-                        // answering what was in flight itself.
+                        // answering what was in flight itself (or, if it
+                        // cannot move, be told why).
                         return state.move_point(MoveCause::Goodbye { said: Vec::new() });
                     }
                     // Deliver whatever was left before saying anything.
@@ -598,9 +599,14 @@ where
                 Err(_) => return Outcome::BackendGone { said_why: false },
             };
             if let Frame::Message { tag: t, body } = frame {
-                if is_goodbye(t, body) && ending.is_none() && state.upstream_quiet() && ctx.movable() {
+                if is_goodbye(t, body)
+                    && ending.is_none()
+                    && state.upstream_quiet()
+                    && ctx.mobility.is_some()
+                {
                     // The server is going (shutdown, crash): the signal to
-                    // move, not something to relay.
+                    // move, not something to relay (a session that cannot
+                    // move is told why by the move stage).
                     let said = buf[pos..].to_vec();
                     if pos > 0 && send(cw, &buf[..pos]).await.is_err() {
                         return Outcome::ClientGone;

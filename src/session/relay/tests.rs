@@ -106,7 +106,8 @@ where
     let (mut cr, mut cw) = tokio::io::split(tls_server);
     let (mut br, mut bw) = tokio::io::split(proxy_end);
     let ctx = fixture.ctx();
-    let relaying = relay(&mut cr, &mut cw, &mut br, &mut bw, &ctx, &mut super::ReadBuffer::new());
+    let mut held = super::ReadBuffer::new();
+    let relaying = relay(&mut cr, &mut cw, &mut br, &mut bw, &ctx, &mut held);
     let peers = async {
         tokio::join!(client(&mut tls_client), backend(&mut backend_end));
         // Goodbye as a client says it, so the relay ends.
@@ -151,8 +152,9 @@ where
     let (mut cr, mut cw) = tokio::io::split(proxy_client);
     let (mut br, mut bw) = tokio::io::split(proxy_backend);
     let ctx = fixture.ctx();
+    let mut held = super::ReadBuffer::new();
     let (end, ()) = tokio::join!(
-        relay(&mut cr, &mut cw, &mut br, &mut bw, &ctx, &mut super::ReadBuffer::new()),
+        relay(&mut cr, &mut cw, &mut br, &mut bw, &ctx, &mut held),
         script(client, backend)
     );
     end

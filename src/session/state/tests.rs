@@ -228,8 +228,15 @@ fn only_text_with_a_state_word_is_lexed() {
         assert_eq!(t.pinned(), None, "{plain}");
         assert!(t.replay().is_empty(), "{plain}");
     }
-    assert!(!might_change_state("SELECT abalance FROM pgbench_accounts WHERE aid = $1"));
-    for word in ["SeT x=1", "select PG_ADVISORY_LOCK(1)", "create TEMP table t()", "unlisten *"] {
+    assert!(!might_change_state(
+        "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
+    ));
+    for word in [
+        "SeT x=1",
+        "select PG_ADVISORY_LOCK(1)",
+        "create TEMP table t()",
+        "unlisten *",
+    ] {
         assert!(might_change_state(word), "{word}");
     }
 }

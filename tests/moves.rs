@@ -1,0 +1,554 @@
+//! Sessions survive the cutover: at a crash failover, a planned switchover
+//! or a lost standby, open sessions move to an eligible node with their
+//! settings, prepared statements and LISTENs, and work in flight gets the
+//! error a retry loop expects. Each test breaks its own cluster; the
+//! clients are tokio-postgres, psql and pgbench.
+
+mod common;
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgpivot::config::AdminConfig;
+use pgpivot::localcluster::{LocalCluster, StopMode, MD5_USER, PASSWORD, SUPERUSER};
+use pgpivot::proxy::Proxy;
+use pgpivot::routing::Target;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::{AsyncMessage, Client, Notification};
+
+use common::*;
+
+/// Runs blocking cluster operations from async tests.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+async fn wait_primary(proxy: &Proxy, id: usize) {
+    let ok = eventually(Duration::from_secs(30), || async {
+        proxy.shared.topology.load().primary == Some(id)
+    })
+    .await;
+    assert!(ok, "node {id} never became the primary");
+}
+
+/// A tokio-postgres session whose notifications are collected.
+struct Watched {
+    client: Client,
+    notes: tokio::sync::mpsc::UnboundedReceiver<Notification>,
+    ended: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+}
+
+async fn open(conn: &str) -> Watched {
+    let (client, mut connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls)
+        .await
+        .expect("connect through pgpivot");
+    let (tx, notes) = tokio::sync::mpsc::unbounded_channel();
+    let ended = tokio::spawn(async move {
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let AsyncMessage::Notification(n) = message? {
+                let _ = tx.send(n);
+            }
+        }
+        Ok(())
+    });
+    Watched {
+        client,
+        notes,
+        ended,
+    }
+}
+
+/// A session's settings as the server reports them, and the server's port.
+async fn settings_of(
+    client: &Client,
+) -> Result<(String, String, String, i32), tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "select current_setting('search_path'), current_setting('application_name'),
+                    current_setting('TimeZone'), inet_server_port()",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1), row.get(2), row.get(3)))
+}
+
+fn expected_settings(i: usize) -> (String, String, String) {
+    (
+        format!("app{i}, public"),
+        format!("mover {i}"),
+        "Asia/Tokyo".to_string(),
+    )
+}
+
+/// Gives session `i` state to carry: settings, a prepared statement, a
+/// LISTEN. Returns the prepared statement.
+async fn give_state(client: &Client, i: usize) -> tokio_postgres::Statement {
+    client
+        .batch_execute(&format!(
+            "SET search_path TO app{i}, public; SET application_name = 'mover {i}';
+             SET TimeZone = 'Asia/Tokyo'; LISTEN chan{i}"
+        ))
+        .await
+        .unwrap();
+    client.prepare("select $1::int + 1").await.unwrap()
+}
+
+/// Checks that session `i` is on `port` with its state and its LISTEN.
+async fn check_moved(
+    w: &mut Watched,
+    i: usize,
+    stmt: &tokio_postgres::Statement,
+    port: u16,
+    notifier: &Client,
+) {
+    let (path, app, tz, on) = settings_of(&w.client)
+        .await
+        .unwrap_or_else(|e| panic!("session {i} after the move: {e:?}"));
+    assert_eq!((path, app, tz), expected_settings(i), "session {i}");
+    assert_eq!(on, port as i32, "session {i} is not on the new node");
+    let row = w.client.query_one(stmt, &[&41i32]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    notifier
+        .batch_execute(&format!("NOTIFY chan{i}, 'after the move'"))
+        .await
+        .unwrap();
+    let note = tokio::time::timeout(Duration::from_secs(10), w.notes.recv())
+        .await
+        .unwrap_or_else(|_| panic!("session {i} got no notification"))
+        .unwrap();
+    assert_eq!(
+        (note.channel(), note.payload()),
+        (format!("chan{i}").as_str(), "after the move")
+    );
+}
+
+/// A psql session fed through a pipe, so that it stays open across the
+/// failover.
+struct Psql {
+    child: tokio::process::Child,
+}
+
+impl Psql {
+    fn start(cluster: &LocalCluster, addr: std::net::SocketAddr) -> Psql {
+        let child = tokio::process::Command::new(cluster.bindir().join("psql"))
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .arg(conn_str(addr, SUPERUSER, ""))
+            .env("PGPASSWORD", PASSWORD)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("psql");
+        Psql { child }
+    }
+
+    async fn send(&mut self, sql: &str) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(sql.as_bytes()).await.unwrap();
+        stdin.flush().await.unwrap();
+    }
+
+    /// Reads stdout until it holds `lines` lines.
+    async fn read_lines(&mut self, lines: usize) -> Vec<String> {
+        let stdout = self.child.stdout.as_mut().unwrap();
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while out.iter().filter(|&&b| b == b'\n').count() < lines {
+            let mut chunk = [0u8; 4096];
+            let left = deadline.saturating_duration_since(Instant::now());
+            let n = tokio::time::timeout(left, stdout.read(&mut chunk))
+                .await
+                .expect("psql answered in time")
+                .unwrap();
+            assert!(n > 0, "psql ended: {}", String::from_utf8_lossy(&out));
+            out.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8_lossy(&out)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_move_through_a_crash_with_their_state() {
+    let cluster = new_cluster(1);
+    let proxy = start_proxy(config_for(&cluster)).await;
+    let rw = proxy.addresses[0];
+    let new_port = cluster.node(1).address().port();
+    cluster
+        .psql(
+            0,
+            "create table kept (id int); create role mover login password 'postgres'",
+        )
+        .unwrap();
+
+    // 20 sessions with state, as the superuser (SCRAM) and an md5 role.
+    let mut movers = Vec::new();
+    for i in 0..20 {
+        let user = if i % 5 == 4 { MD5_USER } else { SUPERUSER };
+        let w = open(&conn_str(rw, user, "")).await;
+        let stmt = give_state(&w.client, i).await;
+        movers.push((w, stmt));
+    }
+    // One idle in a transaction block, one with a temporary table, one whose
+    // password changes before the crash, one psql.
+    let in_block = open(&conn_str(rw, SUPERUSER, "")).await;
+    in_block
+        .client
+        .batch_execute("BEGIN; INSERT INTO kept VALUES (1)")
+        .await
+        .unwrap();
+    let pinned = open(&conn_str(rw, SUPERUSER, "")).await;
+    pinned
+        .client
+        .batch_execute("create temp table scratch (x int)")
+        .await
+        .unwrap();
+    let refused = open(&conn_str(rw, "mover", "")).await;
+    refused.client.batch_execute("select 1").await.unwrap();
+    let mut psql = Psql::start(&cluster, rw);
+    psql.send("SET search_path TO from_psql; SELECT 'ready';\n")
+        .await;
+    assert_eq!(psql.read_lines(1).await, ["ready"]);
+    // Every session has its credential once its lookup is done.
+    let looked_up = eventually(Duration::from_secs(10), || async {
+        proxy.shared.metrics.moves.with_credential.get() >= 23
+    })
+    .await;
+    assert!(looked_up);
+    cluster
+        .psql(0, "alter role mover password 'changed'")
+        .unwrap();
+    // The standby must have the new password before it is promoted.
+    let replayed = eventually(Duration::from_secs(10), || async {
+        let conn = cluster.node(1).conn_string_as("mover");
+        let c =
+            connect_with(&conn.replace(&format!("password={PASSWORD}"), "password=changed")).await;
+        c.is_ok()
+    })
+    .await;
+    assert!(replayed, "the standby never replayed the password change");
+
+    let crashed = Instant::now();
+    blocking(|| {
+        cluster.stop_node(0, StopMode::Immediate)?;
+        cluster.promote(1)
+    })
+    .unwrap();
+    wait_primary(&proxy, 1).await;
+    let notifier = connect_with(&cluster.node(1).conn_string()).await.unwrap();
+    for (i, (w, stmt)) in movers.iter_mut().enumerate() {
+        check_moved(w, i, stmt, new_port, &notifier).await;
+    }
+    eprintln!(
+        "20 sessions checked {:?} after the crash",
+        crashed.elapsed()
+    );
+
+    // The lost block: 40001, then ROLLBACK works, on the new primary.
+    let e = in_block
+        .client
+        .batch_execute("INSERT INTO kept VALUES (2)")
+        .await
+        .expect_err("a lost block cannot go on");
+    assert_eq!(sqlstate(&e).as_deref(), Some("40001"), "{e:?}");
+    let e = in_block
+        .client
+        .batch_execute("select 1")
+        .await
+        .expect_err("still failed");
+    assert_eq!(sqlstate(&e).as_deref(), Some("25P02"), "{e:?}");
+    in_block.client.batch_execute("ROLLBACK").await.unwrap();
+    let (_, _, _, port) = settings_of(&in_block.client).await.unwrap();
+    assert_eq!(port, new_port as i32);
+    let kept: i64 = notifier
+        .query_one("select count(*) from kept", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 0, "nothing of the lost block may exist");
+
+    // The temp-table session: 57P01 naming the new primary.
+    let e = pinned
+        .client
+        .batch_execute("select 1")
+        .await
+        .expect_err("pinned");
+    let ended = pinned.ended.await.unwrap();
+    let e = ended.err().unwrap_or(e);
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P01"), "{e:?}");
+    let text = message(&e);
+    assert!(
+        text.contains("the new primary is pg2") && text.contains("temporary"),
+        "{text}"
+    );
+
+    // The changed password: 57P01 with the reason, no secret in it.
+    let e = refused
+        .client
+        .batch_execute("select 1")
+        .await
+        .expect_err("refused");
+    let ended = refused.ended.await.unwrap();
+    let e = ended.err().unwrap_or(e);
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P01"), "{e:?}");
+    let text = message(&e);
+    assert!(
+        text.contains("refused the login") && text.contains("28P01"),
+        "{text}"
+    );
+
+    // psql: the next command runs on the new primary with its setting.
+    psql.send("SHOW search_path; SELECT inet_server_port();\n")
+        .await;
+    assert_eq!(
+        psql.read_lines(2).await,
+        ["from_psql".to_string(), new_port.to_string()]
+    );
+
+    let moves = &proxy.shared.metrics.moves;
+    assert!(moves.moved.total() >= 22, "{:?}", moves.moved.get());
+    assert_eq!(moves.blocked.get(), [("temp_object", 1)]);
+    assert_eq!(moves.failed.get(), [("login", 1)]);
+    assert!(moves.move_time.snapshot().count >= 22);
+    for (w, _) in &movers {
+        assert!(!w.ended.is_finished(), "a moved session's connection ended");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_switchover_gives_open_sessions_no_errors() {
+    let cluster = new_cluster(1);
+    let mut config = config_for(&cluster);
+    config.admin = Some(AdminConfig {
+        address: "127.0.0.1:0".into(),
+        token: None,
+    });
+    let proxy = start_proxy(config).await;
+    let rw = proxy.addresses[0];
+    let admin = proxy.admin_address.unwrap().to_string();
+    let new_port = cluster.node(1).address().port();
+    cluster.psql(0, "create table ticks (n bigint)").unwrap();
+
+    let mut idle = Vec::new();
+    for i in 0..10 {
+        let w = open(&conn_str(rw, SUPERUSER, "")).await;
+        let stmt = give_state(&w.client, i).await;
+        idle.push((w, stmt));
+    }
+    // A client looping on one session throughout.
+    let looper = open(&conn_str(rw, SUPERUSER, "")).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let looping = tokio::spawn({
+        let (stop, done) = (stop.clone(), done.clone());
+        async move {
+            let insert = looper
+                .client
+                .prepare("insert into ticks values ($1)")
+                .await?;
+            let mut n = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                looper.client.execute(&insert, &[&n]).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, tokio_postgres::Error>(n)
+        }
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            done.load(Ordering::Relaxed) > 20
+        })
+        .await
+    );
+
+    let call = |method: &'static str, path: &'static str| {
+        let admin = admin.clone();
+        async move {
+            pgpivot::admin::client::call(&admin, method, path, None)
+                .await
+                .unwrap()
+        }
+    };
+    let (status, body) = call("POST", "/pause?scope=writes&timeout_ms=10000").await;
+    assert_eq!(status, 200, "{body}");
+    blocking(|| {
+        cluster.stop_node(0, StopMode::Fast)?;
+        cluster.promote(1)
+    })
+    .unwrap();
+    wait_primary(&proxy, 1).await;
+    let (status, body) = call("POST", "/resume").await;
+    assert_eq!(status, 200, "{body}");
+
+    let at_resume = done.load(Ordering::Relaxed);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            done.load(Ordering::Relaxed) > at_resume + 20 || looping.is_finished()
+        })
+        .await
+    );
+    stop.store(true, Ordering::Relaxed);
+    let written = looping
+        .await
+        .unwrap()
+        .expect("the looping client saw no error");
+    let notifier = connect_with(&cluster.node(1).conn_string()).await.unwrap();
+    for (i, (w, stmt)) in idle.iter_mut().enumerate() {
+        check_moved(w, i, stmt, new_port, &notifier).await;
+    }
+    // Every acknowledged insert is on the new primary (a fast shutdown
+    // waits for the standby to have everything).
+    let stored: i64 = notifier
+        .query_one("select count(*) from ticks", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, written);
+    assert!(proxy.shared.metrics.moves.failed.get().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_sessions_on_a_lost_standby_move_to_another() {
+    let cluster = new_cluster(2);
+    let mut config = config_for(&cluster);
+    config.listeners = vec![listener(Target::Standby)];
+    let proxy = start_proxy(config).await;
+    let ro = proxy.addresses[0];
+    let mut by_node: Vec<Vec<(Watched, tokio_postgres::Statement)>> = vec![Vec::new(), Vec::new()];
+    for i in 0..8 {
+        let w = open(&conn_str(ro, SUPERUSER, "")).await;
+        let stmt = give_state(&w.client, i).await;
+        let (_, _, _, port) = settings_of(&w.client).await.unwrap();
+        let node = if port == cluster.node(1).address().port() as i32 {
+            0
+        } else {
+            1
+        };
+        by_node[node].push((w, stmt));
+    }
+    assert!(
+        !by_node[0].is_empty() && !by_node[1].is_empty(),
+        "sessions on both standbys"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            proxy.shared.metrics.moves.with_credential.get() >= 8
+        })
+        .await
+    );
+    blocking(|| cluster.stop_node(1, StopMode::Immediate)).unwrap();
+    let other = cluster.node(2).address().port();
+    for (w, stmt) in by_node.iter().flatten() {
+        let (_, _, _, port) = settings_of(&w.client)
+            .await
+            .expect("no error for a read session");
+        assert_eq!(port, other as i32);
+        let row = w.client.query_one(&*stmt, &[&1i32]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), 2);
+    }
+    let moved = proxy.shared.metrics.moves.moved.get();
+    assert_eq!(
+        moved.iter().map(|(_, n)| n).sum::<u64>(),
+        by_node[0].len() as u64,
+        "{moved:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_with_retries_survives_a_crash_failover() {
+    let cluster = new_cluster(1);
+    let proxy = start_proxy(config_for(&cluster)).await;
+    let rw = proxy.addresses[0];
+    let host = rw.ip().to_string();
+    let port = rw.port().to_string();
+    let base = ["-h", host.as_str(), "-p", port.as_str(), "-U", SUPERUSER];
+    let init = run_tool(
+        &cluster,
+        "pgbench",
+        &[&base[..], &["-i", "-s", "1", "-q", "postgres"]].concat(),
+    )
+    .await;
+    assert!(init.status.success(), "{}", text(&init));
+    // The standby has the tables before the crash.
+    let synced = eventually(Duration::from_secs(20), || async {
+        cluster
+            .psql(1, "select count(*) from pgbench_branches")
+            .ok()
+            .as_deref()
+            == Some("1")
+    })
+    .await;
+    assert!(synced);
+
+    let bench = tokio::spawn({
+        let cluster_bin = cluster.bindir().join("pgbench");
+        let args: Vec<String> = [
+            &base[..],
+            &[
+                "-c",
+                "8",
+                "-j",
+                "2",
+                "-T",
+                "16",
+                "-n",
+                "--max-tries=5",
+                "postgres",
+            ],
+        ]
+        .concat()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+        async move {
+            tokio::process::Command::new(cluster_bin)
+                .args(args)
+                .env("PGPASSWORD", PASSWORD)
+                .output()
+                .await
+                .unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await; // let pgbench run before the crash
+    blocking(|| {
+        cluster.stop_node(0, StopMode::Immediate)?;
+        cluster.promote(1)
+    })
+    .unwrap();
+    let out = bench.await.unwrap();
+    let report = text(&out);
+    let aborted = String::from_utf8_lossy(&out.stderr)
+        .matches(" aborted ")
+        .count();
+    let unknown = proxy
+        .shared
+        .metrics
+        .moves
+        .in_flight_answered
+        .get()
+        .iter()
+        .filter(|(code, _)| *code == "08007")
+        .map(|(_, n)| *n as usize)
+        .sum::<usize>();
+    eprintln!("pgbench: {aborted} clients aborted, {unknown} answered 08007\n{report}");
+    assert!(
+        aborted <= unknown,
+        "clients aborted for other reasons than an unknown commit: {report}"
+    );
+    assert!(aborted < 8, "every client aborted: {report}");
+    let after: i64 = connect_with(&cluster.node(1).conn_string())
+        .await
+        .unwrap()
+        .query_one("select count(*) from pgbench_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(after > 0);
+    assert!(proxy.shared.metrics.moves.moved.total() >= (8 - aborted) as u64);
+}
