@@ -85,10 +85,21 @@ fn expected_settings(i: usize) -> (String, String, String) {
 /// Gives session `i` state to carry: settings, a prepared statement, a
 /// LISTEN. Returns the prepared statement.
 async fn give_state(client: &Client, i: usize) -> tokio_postgres::Statement {
+    give_settings(client, i).await;
+    client
+        .batch_execute(&format!("LISTEN chan{i}"))
+        .await
+        .unwrap();
+    client.prepare("select $1::int + 1").await.unwrap()
+}
+
+/// The settings and prepared statement of [`give_state`], for a standby
+/// (where LISTEN is refused).
+async fn give_settings(client: &Client, i: usize) -> tokio_postgres::Statement {
     client
         .batch_execute(&format!(
             "SET search_path TO app{i}, public; SET application_name = 'mover {i}';
-             SET TimeZone = 'Asia/Tokyo'; LISTEN chan{i}"
+             SET TimeZone = 'Asia/Tokyo'"
         ))
         .await
         .unwrap();
@@ -420,17 +431,15 @@ async fn read_sessions_on_a_lost_standby_move_to_another() {
     config.listeners = vec![listener(Target::Standby)];
     let proxy = start_proxy(config).await;
     let ro = proxy.addresses[0];
-    let mut by_node: Vec<Vec<(Watched, tokio_postgres::Statement)>> = vec![Vec::new(), Vec::new()];
+    // (session number, session, its statement), by standby.
+    let mut by_node: Vec<Vec<(usize, Watched, tokio_postgres::Statement)>> =
+        vec![Vec::new(), Vec::new()];
     for i in 0..8 {
         let w = open(&conn_str(ro, SUPERUSER, "")).await;
-        let stmt = give_state(&w.client, i).await;
+        let stmt = give_settings(&w.client, i).await;
         let (_, _, _, port) = settings_of(&w.client).await.unwrap();
-        let node = if port == cluster.node(1).address().port() as i32 {
-            0
-        } else {
-            1
-        };
-        by_node[node].push((w, stmt));
+        let node = usize::from(port != cluster.node(1).address().port() as i32);
+        by_node[node].push((i, w, stmt));
     }
     assert!(
         !by_node[0].is_empty() && !by_node[1].is_empty(),
@@ -444,12 +453,13 @@ async fn read_sessions_on_a_lost_standby_move_to_another() {
     );
     blocking(|| cluster.stop_node(1, StopMode::Immediate)).unwrap();
     let other = cluster.node(2).address().port();
-    for (w, stmt) in by_node.iter().flatten() {
-        let (_, _, _, port) = settings_of(&w.client)
+    for (i, w, stmt) in by_node.iter().flatten() {
+        let (path, app, tz, port) = settings_of(&w.client)
             .await
             .expect("no error for a read session");
-        assert_eq!(port, other as i32);
-        let row = w.client.query_one(&*stmt, &[&1i32]).await.unwrap();
+        assert_eq!((path, app, tz), expected_settings(*i), "session {i}");
+        assert_eq!(port, other as i32, "session {i}");
+        let row = w.client.query_one(stmt, &[&1i32]).await.unwrap();
         assert_eq!(row.get::<_, i32>(0), 2);
     }
     let moved = proxy.shared.metrics.moves.moved.get();
