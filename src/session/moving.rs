@@ -273,7 +273,7 @@ async fn log_in_and_replay(
         cancel.retarget(&connected.address, real);
     }
     let items = ctx.mobility.tracker().replay();
-    replay(&mut connected, &items, status != TxStatus::Idle)
+    replay(&mut connected.backend, &items, status != TxStatus::Idle)
         .await
         .map_err(|detail| MoveError::Replay { node, detail })?;
     Ok(Moved {
@@ -287,8 +287,8 @@ async fn log_in_and_replay(
 /// Runs `items` on the new backend in one pipelined batch, then, for a lost
 /// block, opens a block and fails it on purpose. Any other error fails the
 /// move: the state would not be the client's.
-async fn replay(
-    connected: &mut Connected,
+async fn replay<S: AsyncRead + AsyncWrite + Unpin>(
+    backend: &mut S,
     items: &[Replay],
     lost_block: bool,
 ) -> Result<(), String> {
@@ -312,7 +312,6 @@ async fn replay(
     if answers == 0 {
         return Ok(());
     }
-    let backend = &mut connected.backend;
     send(backend, &batch).await.map_err(|e| e.to_string())?;
     let mut buf = BytesMut::with_capacity(1024);
     let mut failure = None;

@@ -14,10 +14,13 @@ use crate::metrics::{Gauge, Metrics};
 use crate::monitor::MonitorHandle;
 use crate::pause::Pause;
 use crate::pause::PauseScope;
-use crate::protocol::messages::TxStatus;
+use crate::protocol::messages::{self, TxStatus};
 use crate::routing::Target;
 use crate::session::control::{Signal, Signals};
+use crate::credentials::Credential;
 use crate::session::ending::EndReason;
+use crate::session::mobility::Mobility;
+use super::MoveCause;
 use crate::session::test_support::tls_configs;
 use crate::topology::NodeStats;
 
@@ -30,6 +33,20 @@ struct Fixture {
     stats: NodeStats,
     pause: Pause,
     busy: Gauge,
+    /// Set for a movable session.
+    mobility: Option<Mobility>,
+}
+
+impl Fixture {
+    /// A session that may move (trust: its credential is "nothing").
+    fn movable() -> Fixture {
+        let mobility = Mobility::default();
+        let _ = mobility.credential_slot().set(Some(Credential::Trust));
+        Fixture {
+            mobility: Some(mobility),
+            ..Fixture::default()
+        }
+    }
 }
 
 impl Fixture {
@@ -45,7 +62,7 @@ impl Fixture {
             stats: &self.stats,
             pause: &self.pause,
             busy_gauge: &self.busy,
-            mobility: None,
+            mobility: self.mobility.as_ref(),
         }
     }
 }
@@ -147,6 +164,14 @@ async fn with_plain_relay<S>(fixture: &Fixture, script: S) -> RelayEnd
 where
     S: AsyncFnOnce(DuplexStream, DuplexStream),
 {
+    with_plain_relay_holding(fixture, script).await.0
+}
+
+/// [`with_plain_relay`], also returning the client bytes the relay held.
+async fn with_plain_relay_holding<S>(fixture: &Fixture, script: S) -> (RelayEnd, Vec<u8>)
+where
+    S: AsyncFnOnce(DuplexStream, DuplexStream),
+{
     let (client, proxy_client) = tokio::io::duplex(64 * 1024);
     let (backend, proxy_backend) = tokio::io::duplex(64 * 1024);
     let (mut cr, mut cw) = tokio::io::split(proxy_client);
@@ -157,7 +182,7 @@ where
         relay(&mut cr, &mut cw, &mut br, &mut bw, &ctx, &mut held),
         script(client, backend)
     );
-    end
+    (end, held.pending().to_vec())
 }
 
 fn lost() -> Signal {
@@ -246,4 +271,111 @@ fn message(t: u8, body: &[u8]) -> Vec<u8> {
     m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
     m.extend_from_slice(body);
     m
+}
+
+/// A backend answering one simple Query: CommandComplete `done`, then
+/// ReadyForQuery `status`.
+fn answer(done: &str, status: u8) -> Vec<u8> {
+    let mut out = message(b'C', format!("{done}\0").as_bytes());
+    out.extend(message(b'Z', &[status]));
+    out
+}
+
+/// Relays `query` and its answer, checking both arrive whole.
+async fn round_trip(c: &mut DuplexStream, b: &mut DuplexStream, query: &[u8], reply: &[u8]) {
+    c.write_all(query).await.unwrap();
+    let mut got = vec![0u8; query.len()];
+    b.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, query);
+    b.write_all(reply).await.unwrap();
+    let mut got = vec![0u8; reply.len()];
+    c.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, reply);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_movable_session_stops_at_a_quiet_point_and_keeps_what_the_client_sent() {
+    let fixture = Fixture::movable();
+    let set = message(b'Q', b"SET search_path TO app\0");
+    let next = message(b'Q', b"select 1\0");
+    let (end, held) = with_plain_relay_holding(&fixture, async |mut c, mut b| {
+        round_trip(&mut c, &mut b, &set, &answer("SET", b'I')).await;
+        // A switchover: the pause holds the next query, then the node goes.
+        fixture.pause.set(PauseScope::Writes);
+        c.write_all(&next).await.unwrap();
+        let mut got = [0u8; 1];
+        let forwarded = tokio::time::timeout(Duration::from_secs(1), b.read(&mut got)).await;
+        assert!(forwarded.is_err(), "held by the pause");
+        fixture.signals.raise(lost());
+        // The client's stream stays open: nothing (no error) reaches it.
+        let said = tokio::time::timeout(Duration::from_secs(1), c.read(&mut got)).await;
+        assert!(said.is_err(), "the client is told nothing");
+        std::mem::forget(c); // kept open past the relay's end
+    })
+    .await;
+    let RelayEnd::Move(point) = end else { panic!("{end:?}") };
+    assert!(matches!(point.cause, MoveCause::Ineligible(EndReason::NodeLost { .. })));
+    assert_eq!((point.status, point.in_flight), (TxStatus::Idle, 0));
+    assert_eq!(held, next, "the next query is kept whole for the new backend");
+    let mobility = fixture.mobility.as_ref().unwrap();
+    let replay = mobility.tracker().replay();
+    assert_eq!(replay, [crate::session::state::Replay::Sql("SET search_path TO app".into())]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_servers_goodbye_at_an_idle_point_is_kept_from_the_client() {
+    let fixture = Fixture::movable();
+    let fatal = messages::error_bytes(
+        messages::Severity::Fatal,
+        "57P01",
+        "terminating connection due to administrator command",
+    )
+    .to_vec();
+    let (end, _) = with_plain_relay_holding(&fixture, async |mut c, mut b| {
+        round_trip(&mut c, &mut b, &message(b'Q', b"select 1\0"), &answer("SELECT 1", b'I')).await;
+        b.write_all(&fatal).await.unwrap();
+        drop(b);
+        let mut got = [0u8; 1];
+        let said = tokio::time::timeout(Duration::from_secs(1), c.read(&mut got)).await;
+        assert!(said.is_err(), "the goodbye is not relayed");
+        std::mem::forget(c);
+    })
+    .await;
+    let RelayEnd::Move(point) = end else { panic!("{end:?}") };
+    let MoveCause::Goodbye { said } = point.cause else { panic!("{:?}", point.cause) };
+    assert_eq!(said, fatal, "kept for the move stage");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_lost_with_a_query_in_flight_stops_with_it_counted() {
+    let fixture = Fixture::movable();
+    let (end, _) = with_plain_relay_holding(&fixture, async |mut c, mut b| {
+        round_trip(&mut c, &mut b, &message(b'Q', b"BEGIN\0"), &answer("BEGIN", b'T')).await;
+        let update = message(b'Q', b"UPDATE t SET x = 1\0");
+        c.write_all(&update).await.unwrap();
+        let mut got = vec![0u8; update.len()];
+        b.read_exact(&mut got).await.unwrap();
+        drop(b); // the server dies with the UPDATE running
+        std::mem::forget(c);
+    })
+    .await;
+    let RelayEnd::Move(point) = end else { panic!("{end:?}") };
+    assert_eq!((point.status, point.in_flight), (TxStatus::InTransaction, 1));
+    let mobility = fixture.mobility.as_ref().unwrap();
+    assert!(!mobility.tracker().commit_in_flight(), "an UPDATE, not a COMMIT");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pinned_session_is_ended_as_before() {
+    let fixture = Fixture::movable();
+    let end = with_plain_relay(&fixture, async |mut c, mut b| {
+        let temp = message(b'Q', b"create temp table t (x int)\0");
+        round_trip(&mut c, &mut b, &temp, &answer("CREATE TABLE", b'I')).await;
+        fixture.signals.raise(lost());
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).await.unwrap();
+        assert!(String::from_utf8_lossy(&rest).contains("08006"), "told at once");
+    })
+    .await;
+    assert!(matches!(end, RelayEnd::Ended(EndReason::NodeLost { .. })), "{end:?}");
 }
