@@ -26,6 +26,9 @@
 //!   like PgBouncer and HAProxy.
 //! * `pgpivot (relay_timing off)`: the same with `[metrics] relay_timing =
 //!   false`, so the pair shows what the per-round-trip metrics cost.
+//! * `pgpivot (move_sessions off)`: the same with `[failover] move_sessions =
+//!   false`: no session state tracked, so the pair shows what tracking for
+//!   moves costs.
 //! * `pgpivot (in-process)` (with `--pgpivot in-process|both`):
 //!   [`Proxy::start`] inside this bench's tokio runtime, sharing its worker
 //!   threads with the load generator; not comparable to the other proxies.

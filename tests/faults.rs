@@ -298,6 +298,9 @@ fn fast_config(cluster: &LocalCluster) -> FileConfig {
     file.limits.connect_timeout_ms = 1_000;
     file.limits.startup_timeout_ms = 2_000;
     file.limits.tcp_keepalive_s = 1;
+    // These figures are for sessions ended at a fault, as without moves
+    // (`move_sessions = false`); tests/moves.rs covers sessions that move.
+    file.failover.move_sessions = false;
     file
 }
 

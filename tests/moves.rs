@@ -227,7 +227,7 @@ async fn idle_sessions_move_through_a_crash_with_their_state() {
     assert_eq!(psql.read_lines(1).await, ["ready"]);
     // Every session has its credential once its lookup is done.
     let looked_up = eventually(Duration::from_secs(10), || async {
-        proxy.shared.metrics.moves.with_credential.get() >= 23
+        proxy.shared.metrics.moves.with_credential.get() >= 24
     })
     .await;
     assert!(looked_up);

@@ -690,7 +690,10 @@ async fn reads_within_a_100_ms_budget_are_never_older_than_the_budget_allows() {
 async fn sessions_on_a_killed_standby_end_and_new_ones_go_to_the_other() {
     let _serial = serial().await;
     let cluster = blocking(|| new_cluster(2));
-    let proxy = start(config_for(&cluster)).await;
+    // Sessions ended, as without moves (tests/moves.rs covers moves).
+    let mut config = config_for(&cluster);
+    config.failover.move_sessions = false;
+    let proxy = start(config).await;
     let ro = reader(proxy.addresses[1]);
     let victim = port(&cluster, 1);
 
@@ -745,7 +748,10 @@ async fn on_lag_disconnect_ends_sessions_at_their_next_idle_point() {
         ..budget_listener(Target::PreferStandby, Some(BUDGET_BYTES), None)
     };
     let stay = budget_listener(Target::PreferStandby, Some(BUDGET_BYTES), None);
-    let proxy = start(config_with(cluster, vec![disconnect, stay])).await;
+    // Sessions ended, as without moves (tests/moves.rs covers moves).
+    let mut config = config_with(cluster, vec![disconnect, stay]);
+    config.failover.move_sessions = false;
+    let proxy = start(config).await;
     let [ending, staying] = [0, 1].map(|i| reader(proxy.addresses[i]));
     wait_caught_up(&proxy, cluster).await;
 

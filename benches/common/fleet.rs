@@ -178,6 +178,11 @@ impl Fleet {
                 fleet
                     .add_peer("pgpivot (relay_timing off)", started)
                     .await?;
+                // The cost of tracking session state for moves.
+                let started = start_pgpivot_process(binary, cluster, MOVES_OFF);
+                fleet
+                    .add_peer("pgpivot (move_sessions off)", started)
+                    .await?;
             } else {
                 notes.push(format!(
                     "pgpivot (process): {} not found, measured in-process instead",
@@ -265,6 +270,9 @@ pub fn pgpivot_toml(cluster: &LocalCluster, address: &str, monitor_extra: &str) 
 
 /// Config lines that switch the relay's per-round-trip metrics off.
 const METRICS_OFF: &str = "\n[metrics]\nrelay_timing = false\n";
+
+/// Config lines that switch session moves (and so state tracking) off.
+const MOVES_OFF: &str = "\n[failover]\nmove_sessions = false\n";
 
 /// Runs the `pgpivot` binary with a generated config (plus `extra` TOML) on
 /// a free port.

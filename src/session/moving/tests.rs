@@ -76,7 +76,10 @@ async fn an_extended_batch_is_skipped_to_its_sync() {
 }
 
 /// A server that answers `answers` messages as told: `Ok` or an error.
-async fn scripted_server(mut server: DuplexStream, answers: Vec<Result<u8, &'static str>>) -> Vec<u8> {
+async fn scripted_server(
+    mut server: DuplexStream,
+    answers: Vec<Result<u8, &'static str>>,
+) -> Vec<u8> {
     let mut got = BytesMut::new();
     let mut out = Vec::new();
     for a in answers {
@@ -118,9 +121,16 @@ async fn the_replay_runs_every_item_and_a_lost_block_ends_failed() {
     ];
     let (mut proxy, server) = tokio::io::duplex(64 * 1024);
     let script = vec![Ok(b'I'), Ok(b'I'), Ok(b'T'), Err("40001")];
-    let (replayed, seen) = tokio::join!(replay(&mut proxy, &items, true), scripted_server(server, script));
+    let (replayed, seen) = tokio::join!(
+        replay(&mut proxy, &items, true),
+        scripted_server(server, script)
+    );
     assert_eq!(replayed, Ok(()));
-    assert_eq!(seen, [b'Q', b'P', b'S', b'Q', b'Q'], "SET, Parse+Sync, BEGIN, the failing DO");
+    assert_eq!(
+        seen,
+        [b'Q', b'P', b'S', b'Q', b'Q'],
+        "SET, Parse+Sync, BEGIN, the failing DO"
+    );
 }
 
 #[tokio::test]

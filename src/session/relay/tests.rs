@@ -9,7 +9,9 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use super::MoveCause;
 use super::{relay, RelayContext, RelayEnd};
+use crate::credentials::Credential;
 use crate::metrics::{Gauge, Metrics};
 use crate::monitor::MonitorHandle;
 use crate::pause::Pause;
@@ -17,10 +19,8 @@ use crate::pause::PauseScope;
 use crate::protocol::messages::{self, TxStatus};
 use crate::routing::Target;
 use crate::session::control::{Signal, Signals};
-use crate::credentials::Credential;
 use crate::session::ending::EndReason;
 use crate::session::mobility::Mobility;
-use super::MoveCause;
 use crate::session::test_support::tls_configs;
 use crate::topology::NodeStats;
 
@@ -313,13 +313,26 @@ async fn a_movable_session_stops_at_a_quiet_point_and_keeps_what_the_client_sent
         std::mem::forget(c); // kept open past the relay's end
     })
     .await;
-    let RelayEnd::Move(point) = end else { panic!("{end:?}") };
-    assert!(matches!(point.cause, MoveCause::Ineligible(EndReason::NodeLost { .. })));
+    let RelayEnd::Move(point) = end else {
+        panic!("{end:?}")
+    };
+    assert!(matches!(
+        point.cause,
+        MoveCause::Ineligible(EndReason::NodeLost { .. })
+    ));
     assert_eq!((point.status, point.in_flight), (TxStatus::Idle, 0));
-    assert_eq!(held, next, "the next query is kept whole for the new backend");
+    assert_eq!(
+        held, next,
+        "the next query is kept whole for the new backend"
+    );
     let mobility = fixture.mobility.as_ref().unwrap();
     let replay = mobility.tracker().replay();
-    assert_eq!(replay, [crate::session::state::Replay::Sql("SET search_path TO app".into())]);
+    assert_eq!(
+        replay,
+        [crate::session::state::Replay::Sql(
+            "SET search_path TO app".into()
+        )]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -332,7 +345,13 @@ async fn a_servers_goodbye_at_an_idle_point_is_kept_from_the_client() {
     )
     .to_vec();
     let (end, _) = with_plain_relay_holding(&fixture, async |mut c, mut b| {
-        round_trip(&mut c, &mut b, &message(b'Q', b"select 1\0"), &answer("SELECT 1", b'I')).await;
+        round_trip(
+            &mut c,
+            &mut b,
+            &message(b'Q', b"select 1\0"),
+            &answer("SELECT 1", b'I'),
+        )
+        .await;
         b.write_all(&fatal).await.unwrap();
         drop(b);
         let mut got = [0u8; 1];
@@ -341,8 +360,12 @@ async fn a_servers_goodbye_at_an_idle_point_is_kept_from_the_client() {
         std::mem::forget(c);
     })
     .await;
-    let RelayEnd::Move(point) = end else { panic!("{end:?}") };
-    let MoveCause::Goodbye { said } = point.cause else { panic!("{:?}", point.cause) };
+    let RelayEnd::Move(point) = end else {
+        panic!("{end:?}")
+    };
+    let MoveCause::Goodbye { said } = point.cause else {
+        panic!("{:?}", point.cause)
+    };
     assert_eq!(said, fatal, "kept for the move stage");
 }
 
@@ -350,7 +373,13 @@ async fn a_servers_goodbye_at_an_idle_point_is_kept_from_the_client() {
 async fn a_backend_lost_with_a_query_in_flight_stops_with_it_counted() {
     let fixture = Fixture::movable();
     let (end, _) = with_plain_relay_holding(&fixture, async |mut c, mut b| {
-        round_trip(&mut c, &mut b, &message(b'Q', b"BEGIN\0"), &answer("BEGIN", b'T')).await;
+        round_trip(
+            &mut c,
+            &mut b,
+            &message(b'Q', b"BEGIN\0"),
+            &answer("BEGIN", b'T'),
+        )
+        .await;
         let update = message(b'Q', b"UPDATE t SET x = 1\0");
         c.write_all(&update).await.unwrap();
         let mut got = vec![0u8; update.len()];
@@ -359,10 +388,18 @@ async fn a_backend_lost_with_a_query_in_flight_stops_with_it_counted() {
         std::mem::forget(c);
     })
     .await;
-    let RelayEnd::Move(point) = end else { panic!("{end:?}") };
-    assert_eq!((point.status, point.in_flight), (TxStatus::InTransaction, 1));
+    let RelayEnd::Move(point) = end else {
+        panic!("{end:?}")
+    };
+    assert_eq!(
+        (point.status, point.in_flight),
+        (TxStatus::InTransaction, 1)
+    );
     let mobility = fixture.mobility.as_ref().unwrap();
-    assert!(!mobility.tracker().commit_in_flight(), "an UPDATE, not a COMMIT");
+    assert!(
+        !mobility.tracker().commit_in_flight(),
+        "an UPDATE, not a COMMIT"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -374,8 +411,14 @@ async fn a_pinned_session_is_ended_as_before() {
         fixture.signals.raise(lost());
         let mut rest = Vec::new();
         c.read_to_end(&mut rest).await.unwrap();
-        assert!(String::from_utf8_lossy(&rest).contains("08006"), "told at once");
+        assert!(
+            String::from_utf8_lossy(&rest).contains("08006"),
+            "told at once"
+        );
     })
     .await;
-    assert!(matches!(end, RelayEnd::Ended(EndReason::NodeLost { .. })), "{end:?}");
+    assert!(
+        matches!(end, RelayEnd::Ended(EndReason::NodeLost { .. })),
+        "{end:?}"
+    );
 }
