@@ -46,7 +46,7 @@ impl TopologyHandle {
 
     /// Recent topology changes, newest last.
     pub fn changes(&self) -> Vec<ChangeRecord> {
-        self.events.recent(self.metrics.ended_by_topology())
+        self.events.recent(SessionMarks::now(&self.metrics))
     }
 }
 
@@ -90,9 +90,71 @@ pub struct ChangeRecord {
     /// Sessions pgpivot ended (node demoted, lost or promoted under them)
     /// from this change until the next one.
     pub sessions_ended: u64,
-    /// The ended-sessions counter when this change was published.
+    /// Sessions moved to another node from this change until the next one.
+    pub sessions_moved: u64,
+    /// Of the sessions ended, those that could not move, by reason (pin,
+    /// no credential) or failed move.
+    pub sessions_not_moved: Vec<(&'static str, u64)>,
+    /// The session counters when this change was published.
     #[serde(skip)]
-    ended_before: u64,
+    before: SessionMarks,
+}
+
+/// The counters a change's session figures are differences of.
+#[derive(Debug, Clone, Default)]
+struct SessionMarks {
+    ended: u64,
+    moved: u64,
+    not_moved: Vec<(&'static str, u64)>,
+}
+
+impl SessionMarks {
+    fn now(m: &Metrics) -> SessionMarks {
+        let mut not_moved = m.moves.blocked.get();
+        not_moved.extend(m.moves.failed.get());
+        SessionMarks {
+            ended: m.ended_by_topology(),
+            moved: m.moves.moved.total(),
+            not_moved,
+        }
+    }
+}
+
+impl ChangeRecord {
+    /// Fills the session figures: what happened between `self.before` and
+    /// `until`.
+    fn settle(&mut self, until: &SessionMarks) {
+        self.sessions_ended = until.ended.saturating_sub(self.before.ended);
+        self.sessions_moved = until.moved.saturating_sub(self.before.moved);
+        let earlier = |label: &str| {
+            let found = self.before.not_moved.iter().find(|(l, _)| *l == label);
+            found.map_or(0, |(_, n)| *n)
+        };
+        self.sessions_not_moved = until
+            .not_moved
+            .iter()
+            .map(|(label, n)| (*label, n.saturating_sub(earlier(label))))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+    }
+
+    /// "N sessions moved, M ended (temp_object 2, login 1)".
+    pub fn sessions_summary(&self) -> String {
+        let mut out = format!(
+            "{} sessions moved, {} ended",
+            self.sessions_moved,
+            self.sessions_ended + self.sessions_not_moved.iter().map(|(_, n)| n).sum::<u64>()
+        );
+        if !self.sessions_not_moved.is_empty() {
+            let why: Vec<String> = self
+                .sessions_not_moved
+                .iter()
+                .map(|(l, n)| format!("{l} {n}"))
+                .collect();
+            out += &format!(" ({})", why.join(", "));
+        }
+        out
+    }
 }
 
 /// Bounded history of changes (a std Mutex: pushed by the decider, read by
@@ -111,21 +173,64 @@ impl ChangeLog {
         log.push_back(record);
     }
 
-    /// The records, each with the sessions ended between it and the next
-    /// (or now, given the counter's current value `ended_now`).
-    fn recent(&self, ended_now: u64) -> Vec<ChangeRecord> {
+    /// The records, each with the sessions ended and moved between it and
+    /// the next (or `now`).
+    fn recent(&self, now: SessionMarks) -> Vec<ChangeRecord> {
         let log = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let mut records: Vec<ChangeRecord> = log.iter().cloned().collect();
-        let next_marks: Vec<u64> = records
+        let next_marks: Vec<SessionMarks> = records
             .iter()
             .skip(1)
-            .map(|r| r.ended_before)
-            .chain([ended_now])
+            .map(|r| r.before.clone())
+            .chain([now])
             .collect();
-        for (record, until) in records.iter_mut().zip(next_marks) {
-            record.sessions_ended = until.saturating_sub(record.ended_before);
+        for (record, until) in records.iter_mut().zip(&next_marks) {
+            record.settle(until);
         }
         records
+    }
+}
+
+/// After each topology change, once what happened to its sessions has
+/// settled (the same figures two looks a second apart), logs it:
+/// `generation 4 (promotion): 22 sessions moved, 1 ended (temp_object 1)`.
+/// Changes that touched no session are not logged again.
+pub async fn log_session_figures(topology: TopologyHandle, stop: CancellationToken) {
+    let mut reported = 0u64;
+    let mut last_look: Vec<(u64, String)> = Vec::new();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let look: Vec<(u64, String)> = topology
+            .changes()
+            .into_iter()
+            .filter(|c| c.generation > reported)
+            .map(|c| {
+                let touched =
+                    c.sessions_moved + c.sessions_ended > 0 || !c.sessions_not_moved.is_empty();
+                let line = format!(
+                    "generation {} ({}): {}",
+                    c.generation,
+                    c.kind,
+                    c.sessions_summary()
+                );
+                (c.generation, if touched { line } else { String::new() })
+            })
+            .collect();
+        for (generation, line) in &look {
+            if last_look.contains(&(*generation, line.clone())) {
+                if !line.is_empty() {
+                    tracing::info!("{line}");
+                }
+                reported = reported.max(*generation);
+            } else {
+                break; // report in order
+            }
+        }
+        last_look = look;
     }
 }
 
@@ -390,7 +495,9 @@ impl Decider {
             write_gap_ms: gap,
             sessions_waiting: self.metrics.sessions_waiting.get(),
             sessions_ended: 0,
-            ended_before: self.metrics.ended_by_topology(),
+            sessions_moved: 0,
+            sessions_not_moved: Vec::new(),
+            before: SessionMarks::now(&self.metrics),
         });
     }
 }

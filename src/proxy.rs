@@ -161,6 +161,10 @@ fn start_control(
         monitor.clone(),
     );
     tokio::spawn(decider.run(reports_rx, reconfigure_rx, stop.clone()));
+    tokio::spawn(crate::decider::log_session_figures(
+        topology.clone(),
+        stop.clone(),
+    ));
     let targets = crate::monitor::targets(&specs, &settings);
     monitor.restart(&targets, &settings.monitor, &reports, &stop);
     let connection_slots = Arc::new(tokio::sync::Semaphore::new(settings.max_client_connections));

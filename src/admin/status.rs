@@ -57,10 +57,17 @@ pub struct ChangeReport {
     pub write_gap_ms: Option<u64>,
     pub sessions_waiting: u64,
     pub sessions_ended: u64,
+    /// Sessions moved to another node after this change.
+    #[serde(default)]
+    pub sessions_moved: u64,
+    /// "N sessions moved, M ended (reason n, ...)".
+    #[serde(default)]
+    pub sessions: String,
 }
 
 impl From<ChangeRecord> for ChangeReport {
     fn from(c: ChangeRecord) -> Self {
+        let sessions = c.sessions_summary();
         ChangeReport {
             at_unix_ms: c.at_unix_ms,
             generation: c.generation,
@@ -69,6 +76,8 @@ impl From<ChangeRecord> for ChangeReport {
             write_gap_ms: c.write_gap_ms,
             sessions_waiting: c.sessions_waiting,
             sessions_ended: c.sessions_ended,
+            sessions_moved: c.sessions_moved,
+            sessions,
         }
     }
 }
