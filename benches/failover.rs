@@ -72,6 +72,19 @@
 //! The bench fails if an acknowledged write was lost or went to a stale
 //! primary.
 //!
+//! **Idle sessions** (`[failover] move_sessions`, on by default): before each
+//! crash, 200 sessions are opened through pgpivot, each with its own
+//! `application_name`, and left idle. Once the new primary is published each
+//! runs one query, all at once. `idle_kept` counts those that answered from
+//! the new primary with their setting intact, `idle_err` those that failed;
+//! `move_p50_ms` / `move_p99_ms` are pgpivot's own move times (the old
+//! server's goodbye → relaying on the new node, which includes waiting for
+//! the promotion), and `idle_ans_p99_ms` the slowest first answer after the
+//! publication as the clients saw it. After the crash runs, one **planned
+//! switchover** (`POST /pause?scope=writes`, fast stop, promote,
+//! `POST /resume`) with the writer and 200 idle sessions prints the same
+//! figures and the writer's errors.
+//!
 //! ```text
 //! cargo bench --bench failover
 //! cargo bench --bench failover -- --runs 10
@@ -95,6 +108,7 @@ use tokio_postgres::{Client, NoTls, Row};
 
 use pgpivot::config::{FileConfig, ListenerConfig};
 use pgpivot::decider::{ChangeRecord, TopologyHandle};
+use pgpivot::metrics::LatencySnapshot;
 use pgpivot::localcluster::{
     ClusterOptions, LocalCluster, LocalNode, StopMode, PASSWORD, SUPERUSER,
 };
@@ -117,6 +131,10 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(1);
 /// Longest acceptable `detect_ms` at the default 250 ms poll interval.
 const DETECTION_TARGET_MS: f64 = 300.0;
+/// Idle sessions opened before each crash; each must keep working after it.
+const IDLE_SESSIONS: usize = 200;
+/// Where an idle session is, and whether its setting survived.
+const IDLE_SQL: &str = "select current_setting('application_name'), inet_server_port()";
 /// The writer's insert; the port tells which server acknowledged it.
 const INSERT_SQL: &str =
     "insert into writes (run, id) values ($1, $2) returning inet_server_port()";
@@ -540,6 +558,68 @@ struct RunRecord {
     probes: Vec<Probe>,
     stored: BTreeSet<i64>,
     changes: Vec<ChangeRecord>,
+    idle: IdleOutcome,
+    move_time: LatencySnapshot,
+}
+
+/// What the idle sessions saw after the cutover.
+#[derive(Debug, Default)]
+struct IdleOutcome {
+    kept: usize,
+    errors: Vec<String>,
+    /// Each session's first answer after the publication, in ms.
+    answer_ms: Vec<f64>,
+}
+
+/// Opens [`IDLE_SESSIONS`] sessions, 20 at a time, each with its own
+/// `application_name`.
+async fn open_idle(addr: SocketAddr) -> anyhow::Result<Vec<Client>> {
+    let mut clients = Vec::with_capacity(IDLE_SESSIONS);
+    for batch in (0..IDLE_SESSIONS).collect::<Vec<_>>().chunks(20) {
+        let opened = futures_util::future::try_join_all(batch.iter().map(|&i| async move {
+            let client = connect(&conn_string(addr)).await?;
+            client
+                .batch_execute(&format!("SET application_name = 'idle {i}'"))
+                .await?;
+            Ok::<_, tokio_postgres::Error>(client)
+        }))
+        .await
+        .context("opening the idle sessions")?;
+        clients.extend(opened);
+    }
+    Ok(clients)
+}
+
+/// Every idle session's next query, all at once.
+async fn check_idle(clients: &[Client], new_port: u16) -> IdleOutcome {
+    let answers = futures_util::future::join_all(clients.iter().enumerate().map(|(i, c)| async move {
+        let started = Instant::now();
+        let row = c.query_one(IDLE_SQL, &[]).await;
+        (i, row, started.elapsed())
+    }))
+    .await;
+    let mut outcome = IdleOutcome::default();
+    for (i, row, took) in answers {
+        outcome.answer_ms.push(ms(took));
+        match row {
+            Ok(row) if row.get::<_, String>(0) == format!("idle {i}") && port_of(&row, 1) == new_port => {
+                outcome.kept += 1
+            }
+            Ok(row) => outcome.errors.push(format!(
+                "idle session {i} answered as {:?} from port {}",
+                row.get::<_, String>(0),
+                port_of(&row, 1)
+            )),
+            Err(e) => outcome.errors.push(describe(&e)),
+        }
+    }
+    outcome
+}
+
+/// Microseconds to milliseconds for a snapshot quantile.
+fn quantile_ms(s: &LatencySnapshot, q: f64) -> Option<f64> {
+    let found = s.quantiles.iter().find(|(at, _)| *at == q);
+    found.filter(|_| s.count > 0).map(|(_, us)| *us as f64 / 1000.0)
 }
 
 /// Crashes `roles.primary` under load and promotes `roles.standby`, with a
@@ -560,6 +640,7 @@ async fn run_once(
     let rw = proxy.addresses[0];
     let new_port = cluster.node(roles.standby).port;
     let watcher = watch_topology(topology.clone());
+    let idle = open_idle(rw).await?;
     let log = Arc::new(Mutex::new(WriterLog::default()));
     let writer = spawn_writer(rw, run, log.clone());
     eventually("writes before the crash", || {
@@ -579,6 +660,7 @@ async fn run_once(
     })
     .await?;
     let probes = prober.finish().await?;
+    let idle = check_idle(&idle, new_port).await;
     eventually("writes after the failover", || {
         lock(&log).acks_after(crash.end) >= ACKS_AFTER_CRASH
     })
@@ -598,9 +680,86 @@ async fn run_once(
         probes,
         stored: stored_ids(cluster.node(roles.standby), run).await?,
         changes: topology.changes(),
+        idle,
+        move_time: proxy.shared.metrics.moves.move_time.snapshot(),
     };
     proxy.shutdown(Duration::from_secs(1)).await;
     Ok(record)
+}
+
+/// A planned switchover from `roles.primary` to `roles.standby` through
+/// pgpivot's admin endpoint, with the writer and [`IDLE_SESSIONS`] idle
+/// sessions; prints their figures. Fails if a write or an idle session saw
+/// an error.
+async fn switchover_once(cluster: &LocalCluster, roles: Roles, run: i32) -> anyhow::Result<()> {
+    let listeners = vec![ListenerConfig::new("127.0.0.1:0", Target::ReadWrite)];
+    let mut file = pgpivot::demo::file_config(cluster, listeners);
+    file.admin = Some(pgpivot::config::AdminConfig {
+        address: "127.0.0.1:0".into(),
+        token: None,
+    });
+    let proxy = Proxy::start(file.validate()?).await?;
+    let topology = proxy.shared.topology.clone();
+    eventually("pgpivot to see the primary and its standby", || {
+        shows(&topology, roles)
+    })
+    .await?;
+    let admin = proxy.admin_address.context("admin endpoint")?.to_string();
+    let rw = proxy.addresses[0];
+    let new_port = cluster.node(roles.standby).port;
+    let idle = open_idle(rw).await?;
+    let log = Arc::new(Mutex::new(WriterLog::default()));
+    let writer = spawn_writer(rw, run, log.clone());
+    eventually("writes before the switchover", || {
+        lock(&log).acks.len() >= ACKS_BEFORE_CRASH
+    })
+    .await?;
+    let call = |method, path| pgpivot::admin::client::call(&admin, method, path, None);
+    let began = Instant::now();
+    let (status, body) = call("POST", "/pause?scope=writes&timeout_ms=10000").await?;
+    anyhow::ensure!(status == 200, "pause: {body}");
+    blocking_step(|| cluster.stop_node(roles.primary, StopMode::Fast))?;
+    blocking_step(|| cluster.promote(roles.standby))?;
+    eventually("pgpivot to publish the promoted primary", || {
+        topology.load().primary == Some(roles.standby)
+    })
+    .await?;
+    let (status, body) = call("POST", "/resume").await?;
+    anyhow::ensure!(status == 200, "resume: {body}");
+    let resumed = began.elapsed();
+    let outcome = check_idle(&idle, new_port).await;
+    eventually("writes after the switchover", || {
+        lock(&log).acks_after(began + resumed) >= ACKS_AFTER_CRASH
+    })
+    .await?;
+    writer.finish().await?;
+    let writes = std::mem::take(&mut *lock(&log));
+    let moves = proxy.shared.metrics.moves.move_time.snapshot();
+    let show = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
+    println!(
+        "\nplanned switchover (pause, fast stop, promote, resume in {:.0} ms): \
+         {IDLE_SESSIONS} idle sessions: kept {}, errors {}; move p50 {} ms, p99 {} ms; \
+         first answers p99 {} ms; writer errors {}",
+        ms(resumed),
+        outcome.kept,
+        outcome.errors.len(),
+        show(quantile_ms(&moves, 0.5)),
+        show(quantile_ms(&moves, 0.99)),
+        show(nearest_rank(&outcome.answer_ms, 0.99)),
+        writes.inflight_errors.len() + writes.connect_errors.len(),
+    );
+    for e in outcome.errors.iter().chain(&writes.inflight_errors).take(5) {
+        println!("  error: {e}");
+    }
+    proxy.shutdown(Duration::from_secs(1)).await;
+    let errors = outcome.errors.len() + writes.inflight_errors.len() + writes.connect_errors.len();
+    anyhow::ensure!(errors == 0, "{errors} client errors at the planned switchover");
+    Ok(())
+}
+
+/// Runs a blocking cluster step off the runtime's async path.
+fn blocking_step<T, E: Into<anyhow::Error>>(f: impl FnOnce() -> Result<T, E>) -> anyhow::Result<T> {
+    tokio::task::block_in_place(f).map_err(Into::into)
 }
 
 /// The figures of one run (see the module documentation).
@@ -618,6 +777,11 @@ struct Figures {
     stale_writes: usize,
     down_ms: Option<f64>,
     stop_ms: f64,
+    idle_kept: usize,
+    idle_err: usize,
+    move_p50_ms: Option<f64>,
+    move_p99_ms: Option<f64>,
+    idle_answer_p99_ms: Option<f64>,
 }
 
 impl RunRecord {
@@ -679,6 +843,11 @@ impl RunRecord {
                 .first_seen(None)
                 .map(|at| ms_between(self.crash.start, at)),
             stop_ms: ms(self.crash.end - self.crash.start),
+            idle_kept: self.idle.kept,
+            idle_err: self.idle.errors.len(),
+            move_p50_ms: quantile_ms(&self.move_time, 0.5),
+            move_p99_ms: quantile_ms(&self.move_time, 0.99),
+            idle_answer_p99_ms: nearest_rank(&self.idle.answer_ms, 0.99),
         })
     }
 
@@ -696,6 +865,7 @@ impl RunRecord {
             labelled("in-flight insert", &self.writes.inflight_errors),
             labelled("writer reconnect", &self.writes.connect_errors),
             labelled("prober session", &probes),
+            labelled("idle session", &self.idle.errors),
         ]
         .concat()
     }
@@ -771,6 +941,31 @@ const COLUMNS: &[Column] = &[
         name: "stop_ms",
         decimals: 1,
         value: |f| Some(f.stop_ms),
+    },
+    Column {
+        name: "idle_kept",
+        decimals: 0,
+        value: |f| Some(f.idle_kept as f64),
+    },
+    Column {
+        name: "idle_err",
+        decimals: 0,
+        value: |f| Some(f.idle_err as f64),
+    },
+    Column {
+        name: "move_p50_ms",
+        decimals: 1,
+        value: |f| f.move_p50_ms,
+    },
+    Column {
+        name: "move_p99_ms",
+        decimals: 1,
+        value: |f| f.move_p99_ms,
+    },
+    Column {
+        name: "idle_ans_p99_ms",
+        decimals: 1,
+        value: |f| f.idle_answer_p99_ms,
     },
 ];
 
@@ -918,6 +1113,9 @@ async fn bench(cluster: &LocalCluster, runs: usize) -> anyhow::Result<()> {
         }
         last = Some(record);
     }
+    let (rejoined, _) = timed(|| rejoin_crashed_primary(cluster, roles));
+    roles = rejoined.context("rejoining before the switchover")?;
+    let switchover = switchover_once(cluster, roles, runs as i32 + 1).await;
     println!();
     print_table(&figures);
     print_targets(&figures);
@@ -929,7 +1127,7 @@ async fn bench(cluster: &LocalCluster, runs: usize) -> anyhow::Result<()> {
     if broken > 0 {
         bail!("{broken} acknowledged write(s) lost or sent to a stale primary");
     }
-    Ok(())
+    switchover
 }
 
 fn main() -> anyhow::Result<()> {
@@ -939,6 +1137,8 @@ fn main() -> anyhow::Result<()> {
     eprintln!("starting a local PostgreSQL primary and one standby...");
     let cluster = LocalCluster::start(ClusterOptions {
         standbys: 1,
+        // The idle sessions, the writer, the prober and the monitor.
+        extra_conf: vec!["max_connections = 300".into()],
         ..ClusterOptions::default()
     })
     .context("a local PostgreSQL cluster (are the server binaries installed?)")?;
