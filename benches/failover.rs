@@ -108,10 +108,10 @@ use tokio_postgres::{Client, NoTls, Row};
 
 use pgpivot::config::{FileConfig, ListenerConfig};
 use pgpivot::decider::{ChangeRecord, TopologyHandle};
-use pgpivot::metrics::LatencySnapshot;
 use pgpivot::localcluster::{
     ClusterOptions, LocalCluster, LocalNode, StopMode, PASSWORD, SUPERUSER,
 };
+use pgpivot::metrics::LatencySnapshot;
 use pgpivot::proxy::Proxy;
 use pgpivot::routing::Target;
 use pgpivot::topology::{NodeId, Status};
@@ -592,17 +592,21 @@ async fn open_idle(addr: SocketAddr) -> anyhow::Result<Vec<Client>> {
 
 /// Every idle session's next query, all at once.
 async fn check_idle(clients: &[Client], new_port: u16) -> IdleOutcome {
-    let answers = futures_util::future::join_all(clients.iter().enumerate().map(|(i, c)| async move {
-        let started = Instant::now();
-        let row = c.query_one(IDLE_SQL, &[]).await;
-        (i, row, started.elapsed())
-    }))
-    .await;
+    let answers =
+        futures_util::future::join_all(clients.iter().enumerate().map(|(i, c)| async move {
+            let started = Instant::now();
+            let row = c.query_one(IDLE_SQL, &[]).await;
+            (i, row, started.elapsed())
+        }))
+        .await;
     let mut outcome = IdleOutcome::default();
     for (i, row, took) in answers {
         outcome.answer_ms.push(ms(took));
         match row {
-            Ok(row) if row.get::<_, String>(0) == format!("idle {i}") && port_of(&row, 1) == new_port => {
+            Ok(row)
+                if row.get::<_, String>(0) == format!("idle {i}")
+                    && port_of(&row, 1) == new_port =>
+            {
                 outcome.kept += 1
             }
             Ok(row) => outcome.errors.push(format!(
@@ -619,7 +623,9 @@ async fn check_idle(clients: &[Client], new_port: u16) -> IdleOutcome {
 /// Microseconds to milliseconds for a snapshot quantile.
 fn quantile_ms(s: &LatencySnapshot, q: f64) -> Option<f64> {
     let found = s.quantiles.iter().find(|(at, _)| *at == q);
-    found.filter(|_| s.count > 0).map(|(_, us)| *us as f64 / 1000.0)
+    found
+        .filter(|_| s.count > 0)
+        .map(|(_, us)| *us as f64 / 1000.0)
 }
 
 /// Crashes `roles.primary` under load and promotes `roles.standby`, with a
@@ -753,7 +759,10 @@ async fn switchover_once(cluster: &LocalCluster, roles: Roles, run: i32) -> anyh
     }
     proxy.shutdown(Duration::from_secs(1)).await;
     let errors = outcome.errors.len() + writes.inflight_errors.len() + writes.connect_errors.len();
-    anyhow::ensure!(errors == 0, "{errors} client errors at the planned switchover");
+    anyhow::ensure!(
+        errors == 0,
+        "{errors} client errors at the planned switchover"
+    );
     Ok(())
 }
 

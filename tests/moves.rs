@@ -345,6 +345,36 @@ async fn a_planned_switchover_gives_open_sessions_no_errors() {
     let new_port = cluster.node(1).address().port();
     cluster.psql(0, "create table ticks (n bigint)").unwrap();
 
+    // pg_terminate_backend on a node that stays up ends just that session,
+    // with the server's own 57P01, as without moves.
+    let victim = open(&conn_str(rw, SUPERUSER, "")).await;
+    victim.client.batch_execute("select 1").await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            proxy.shared.metrics.moves.with_credential.get() >= 1
+        })
+        .await
+    );
+    let pid: i32 = victim
+        .client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let direct = connect_with(&cluster.node(0).conn_string()).await.unwrap();
+    direct
+        .execute("select pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(20), victim.ended)
+        .await
+        .expect("the terminated session ends")
+        .unwrap();
+    let e = ended.expect_err("ended with the server's error");
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P01"), "{e:?}");
+    assert!(message(&e).contains("administrator command"), "{e:?}");
+    assert!(proxy.shared.metrics.moves.moved.get().is_empty());
+
     let mut idle = Vec::new();
     for i in 0..10 {
         let w = open(&conn_str(rw, SUPERUSER, "")).await;

@@ -125,7 +125,12 @@ where
     C: AsyncWrite + Unpin,
 {
     if let MoveCause::Goodbye { said } = &point.cause {
-        if !node_gone(ctx, Instant::now()).await {
+        // A WARNING goodbye comes only from an immediate shutdown or a crash
+        // (every backend gets it); a FATAL 57P01 may be a fast shutdown or
+        // pg_terminate_backend of this one backend, and a silent close may
+        // be anything: the node's own answer decides.
+        let certain = said.first() == Some(&tag::NOTICE_RESPONSE);
+        if !certain && !node_gone(ctx, Instant::now()).await {
             let said = said.clone();
             return Err(MoveError::EndedByServer { said });
         }
@@ -144,14 +149,17 @@ where
 
 /// After a server's goodbye: whether its node is going away (a shutdown, a
 /// crash), rather than one backend ended by an administrator. Asks the
-/// monitor for a poll at once and waits for one that started after the
-/// goodbye; a node that no longer answers counts as gone.
-async fn node_gone(ctx: &MoveContext<'_>, since: Instant) -> bool {
+/// monitor for polls at once and waits for two that started after the
+/// goodbye (the first may still run on a monitor connection whose backend
+/// has not yet been told of the shutdown); a node that fails one, or does
+/// not answer in time, counts as gone.
+async fn node_gone(ctx: &MoveContext<'_>, mut since: Instant) -> bool {
     let m = &ctx.settings.monitor;
     let limit = m.timeout + 2 * m.interval;
     let mut polls = ctx.stats.polls.subscribe();
     ctx.routes.monitor.poke(ctx.node);
     let verdict = async {
+        let mut answered = 0;
         loop {
             let topology = ctx.routes.topology.load();
             let target = ctx.request.target;
@@ -160,7 +168,16 @@ async fn node_gone(ctx: &MoveContext<'_>, since: Instant) -> bool {
             }
             let mark = *polls.borrow_and_update();
             if mark.started.is_some_and(|t| t >= since) {
-                return !mark.ok;
+                if !mark.ok {
+                    return true;
+                }
+                answered += 1;
+                if answered == 2 {
+                    return false;
+                }
+                // The next poll must start after this one ended.
+                since = Instant::now();
+                ctx.routes.monitor.poke(ctx.node);
             }
             if polls.changed().await.is_err() {
                 return true;
