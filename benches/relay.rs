@@ -521,11 +521,14 @@ async fn bench(cluster: &LocalCluster, cfg: &Config) -> anyhow::Result<()> {
         Vec::new()
     };
     let binary = Path::new(env!("CARGO_BIN_EXE_pgpivot"));
-    let callgrind = if cfg.runs(Case::Callgrind) {
-        Some(callgrind_case(cluster, binary, &cfg.callgrind).await)
-    } else {
-        None
-    };
+    // pgpivot as configured by default, and without session moves (no
+    // state tracking): the difference is what tracking costs.
+    let mut callgrind = Vec::new();
+    if cfg.runs(Case::Callgrind) {
+        for (label, extra) in [("pgpivot", ""), ("pgpivot (move_sessions off)", fleet::MOVES_OFF)] {
+            callgrind.push((label, callgrind_case(cluster, binary, &cfg.callgrind, extra).await));
+        }
+    }
 
     if !select.is_empty() {
         println!();
@@ -539,9 +542,16 @@ async fn bench(cluster: &LocalCluster, cfg: &Config) -> anyhow::Result<()> {
         println!();
         print_cost(targets, &cost, &cfg.cost);
     }
-    if let Some(result) = &callgrind {
+    for (label, result) in &callgrind {
         println!();
-        print_callgrind(result, &cfg.callgrind);
+        print_callgrind(label, result, &cfg.callgrind);
+    }
+    if let [(_, Ok(on)), (_, Ok(off))] = &callgrind[..] {
+        println!(
+            "state tracking for moves: {:+.0} Ir/tx ({:+.1} %)",
+            on.ir_per_tx - off.ir_per_tx,
+            100.0 * (on.ir_per_tx / off.ir_per_tx - 1.0)
+        );
     }
     for note in &notes {
         println!("note: {note}");

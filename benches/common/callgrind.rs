@@ -52,17 +52,18 @@ pub struct CallgrindResult {
     pub windows: Vec<(u64, u64)>,
 }
 
-/// Runs the case against pgpivot `binary`.
+/// Runs the case against pgpivot `binary`, its config given `extra` TOML.
 pub async fn callgrind_case(
     cluster: &LocalCluster,
     binary: &Path,
     p: &CallgrindParams,
+    extra: &str,
 ) -> anyhow::Result<CallgrindResult> {
     let valgrind = which("valgrind").context("valgrind not installed (Debian: valgrind)")?;
     let control = which("callgrind_control").context("callgrind_control not installed")?;
     let out_dir = TempDir::with_prefix("pgpivot-bench-callgrind-")?;
     let out_file = out_dir.path().join("callgrind.out");
-    let (port, mut peer) = start_pgpivot_with(cluster, MONITOR, "", |config| {
+    let (port, mut peer) = start_pgpivot_with(cluster, MONITOR, extra, |config| {
         let mut cmd = Command::new(&valgrind);
         cmd.arg("--tool=callgrind")
             .arg(format!("--callgrind-out-file={}", out_file.display()))
@@ -153,10 +154,10 @@ fn new_total(dir: &Path, before: &HashSet<PathBuf>) -> anyhow::Result<u64> {
         .with_context(|| format!("no summary in {}", path.display()))
 }
 
-/// Prints the callgrind line.
-pub fn print_callgrind(result: &anyhow::Result<CallgrindResult>, p: &CallgrindParams) {
+/// Prints the callgrind line of the pgpivot deployment called `label`.
+pub fn print_callgrind(label: &str, result: &anyhow::Result<CallgrindResult>, p: &CallgrindParams) {
     println!(
-        "pgpivot under callgrind, pgbench -n -S -M extended -c {} -j 1: -t {small}, -t {}, -t {small} -C per client",
+        "{label} under callgrind, pgbench -n -S -M extended -c {} -j 1: -t {small}, -t {}, -t {small} -C per client",
         p.clients,
         p.tx_per_client,
         small = (p.tx_per_client / 5).max(1)

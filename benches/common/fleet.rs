@@ -272,7 +272,7 @@ pub fn pgpivot_toml(cluster: &LocalCluster, address: &str, monitor_extra: &str) 
 const METRICS_OFF: &str = "\n[metrics]\nrelay_timing = false\n";
 
 /// Config lines that switch session moves (and so state tracking) off.
-const MOVES_OFF: &str = "\n[failover]\nmove_sessions = false\n";
+pub const MOVES_OFF: &str = "\n[failover]\nmove_sessions = false\n";
 
 /// Runs the `pgpivot` binary with a generated config (plus `extra` TOML) on
 /// a free port.
