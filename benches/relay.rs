@@ -525,8 +525,14 @@ async fn bench(cluster: &LocalCluster, cfg: &Config) -> anyhow::Result<()> {
     // state tracking): the difference is what tracking costs.
     let mut callgrind = Vec::new();
     if cfg.runs(Case::Callgrind) {
-        for (label, extra) in [("pgpivot", ""), ("pgpivot (move_sessions off)", fleet::MOVES_OFF)] {
-            callgrind.push((label, callgrind_case(cluster, binary, &cfg.callgrind, extra).await));
+        for (label, extra) in [
+            ("pgpivot", ""),
+            ("pgpivot (move_sessions off)", fleet::MOVES_OFF),
+        ] {
+            callgrind.push((
+                label,
+                callgrind_case(cluster, binary, &cfg.callgrind, extra).await,
+            ));
         }
     }
 

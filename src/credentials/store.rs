@@ -209,7 +209,7 @@ mod tests {
             "\"alice\" \"plaintext\"",
             "\"unterminated",
         ] {
-            let err = SecretStore::from_file_contents(bad).err().expect(bad);
+            let err = SecretStore::from_file_contents(bad).expect_err(bad);
             assert!(err.to_string().starts_with("auth_file line 1:"), "{err}");
         }
     }

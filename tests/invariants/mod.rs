@@ -32,6 +32,7 @@ use pgpivot::routing::{LagBudget, Target};
 use pgpivot::session::auth::{AuthState, AuthStep};
 use pgpivot::session::error::{AdmitError, AuthError};
 use pgpivot::session::params;
+use pgpivot::session::state::{Tracker, MAX_STATE_BYTES};
 
 // ---------------------------------------------------------------- harness
 
@@ -571,6 +572,51 @@ pub fn messages(body: &[u8]) {
     );
     assert_eq!(messages::sqlstate(fields), Some(code.as_bytes()));
     assert!(e.len() < 4 * 1000 + 128, "message text is capped");
+
+    tracked_messages(body);
+}
+
+/// A client Parse decodes only when whole, and re-encodes to the same bytes;
+/// the session-state tracker takes any text as Query, Parse and the
+/// server's answers without a panic, and keeps within its bound.
+fn tracked_messages(body: &[u8]) {
+    if let Some(parse) = messages::parse(body) {
+        let types: Vec<u32> = parse.types().collect();
+        let mut out = BytesMut::new();
+        messages::put_parse(&mut out, parse.name, parse.query, &types);
+        let len = HEADER_LEN + parse.name.len() + parse.query.len() + 4 + 4 * types.len();
+        assert_eq!(
+            &out[HEADER_LEN..],
+            &body[..len - HEADER_LEN],
+            "Parse round trip"
+        );
+    }
+    let text = String::from_utf8_lossy(body);
+    let mut tracker = Tracker::default();
+    for (i, sql) in text.split('\n').enumerate() {
+        match i % 4 {
+            0 => tracker.client_query(sql),
+            1 => tracker.client_parse(if i % 8 == 1 { "" } else { "s1" }, sql, &[23]),
+            2 => tracker.client_sync(),
+            _ => tracker.client_close_statement(sql),
+        }
+        for tag in ["SET", "COMMIT", "ROLLBACK", "BEGIN", sql] {
+            tracker.server_command_complete(tag);
+        }
+        if i % 3 == 0 {
+            tracker.server_error();
+        }
+        tracker.server_ready(if i % 2 == 0 {
+            TxStatus::Idle
+        } else {
+            TxStatus::InTransaction
+        });
+        let _ = tracker.replay();
+        assert!(
+            tracker.state_bytes() <= MAX_STATE_BYTES + body.len() || tracker.pinned().is_some(),
+            "tracked state over the bound without a pin"
+        );
+    }
 }
 
 /// Fields are `type byte, text, NUL`, the list ends with a NUL.

@@ -99,10 +99,7 @@ async fn scripted_server(
             Ok(_) => reply.extend_from_slice(&message(b'C', b"SET\0")),
             Err(code) => messages::put_error(&mut reply, Severity::Error, code, "no"),
         }
-        let status = match a {
-            Ok(s) => s,
-            Err(_) => b'I',
-        };
+        let status = a.unwrap_or(b'I');
         reply.extend_from_slice(&message(b'Z', &[status]));
         server.write_all(&reply).await.unwrap();
     }
