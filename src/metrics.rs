@@ -256,6 +256,31 @@ pub struct MoveMetrics {
     pub with_credential: Counter,
     /// Sessions whose role has no credential to log in again.
     pub without_credential: Counter,
+    /// The roles those sessions logged in as (shown in `/status`; a std
+    /// Mutex, touched once per such session).
+    roles_without_credential: Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl MoveMetrics {
+    /// Counts a session of `role` that cannot move for want of a credential.
+    pub fn no_credential(&self, role: &str) {
+        self.without_credential.inc();
+        let mut roles = self
+            .roles_without_credential
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !roles.contains(role) {
+            roles.insert(role.to_string());
+        }
+    }
+
+    pub fn roles_without_credential(&self) -> Vec<String> {
+        let roles = self
+            .roles_without_credential
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        roles.iter().cloned().collect()
+    }
 }
 
 impl Metrics {

@@ -17,6 +17,10 @@ pub struct StatusReport {
     pub nodes: Vec<NodeReport>,
     pub listeners: Vec<ListenerReport>,
     pub changes: Vec<ChangeReport>,
+    /// Roles whose sessions cannot move: no secret for them in `[auth]`, or
+    /// a login method that cannot be replayed.
+    #[serde(default)]
+    pub roles_without_credential: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -139,6 +143,7 @@ pub fn report(shared: &Shared) -> StatusReport {
             .into_iter()
             .map(Into::into)
             .collect(),
+        roles_without_credential: shared.metrics.moves.roles_without_credential(),
     }
 }
 
@@ -185,6 +190,7 @@ mod tests {
             nodes: Vec::new(),
             listeners: Vec::new(),
             changes: Vec::new(),
+            roles_without_credential: Vec::new(),
         }
     }
 

@@ -388,7 +388,7 @@ fn mobility_for(
     let mobility = Mobility::default();
     let slot = mobility.credential_slot();
     let without = |role: &str| {
-        shared.metrics.moves.without_credential.inc();
+        shared.metrics.moves.no_credential(role);
         tracing::info!(
             role,
             "no credential to log this role in again: its sessions cannot move"
@@ -427,7 +427,7 @@ fn mobility_for(
                 match &credential {
                     Some(_) => metrics.moves.with_credential.inc(),
                     None => {
-                        metrics.moves.without_credential.inc();
+                        metrics.moves.no_credential(&role);
                         tracing::info!(
                             role,
                             "no credential to log this role in again: its sessions cannot move"
