@@ -592,3 +592,62 @@ async fn pgbench_with_retries_survives_a_crash_failover() {
     assert!(after > 0);
     assert!(proxy.shared.metrics.moves.moved.total() >= (8 - aborted) as u64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_session_past_its_lag_budget_moves_at_its_next_idle_point() {
+    let cluster = new_cluster(2);
+    let mut config = config_for(&cluster);
+    let mut reads = listener(Target::Standby);
+    reads.max_lag_bytes = Some(64 * 1024);
+    reads.on_lag = pgpivot::config::OnLag::Disconnect;
+    config.listeners = vec![reads];
+    let proxy = start_proxy(config).await;
+    let ro = proxy.addresses[0];
+    let lagging_port = cluster.node(1).address().port() as i32;
+    let mut on_lagging = Vec::new();
+    for i in 0..6 {
+        let w = open(&conn_str(ro, SUPERUSER, "")).await;
+        give_settings(&w.client, i).await;
+        let (_, _, _, port) = settings_of(&w.client).await.unwrap();
+        if port == lagging_port {
+            on_lagging.push((i, w));
+        }
+    }
+    assert!(!on_lagging.is_empty(), "sessions on pg2");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            proxy.shared.metrics.moves.with_credential.get() >= 6
+        })
+        .await
+    );
+    // pg2 stops replaying and falls behind by about 2 MB.
+    blocking(|| cluster.psql(1, "select pg_wal_replay_pause()")).unwrap();
+    blocking(|| {
+        cluster.psql(
+            0,
+            "create table filler (x text); insert into filler select repeat('x', 1000) from generate_series(1, 2000)",
+        )
+    })
+    .unwrap();
+    let moved = eventually(Duration::from_secs(20), || async {
+        proxy.shared.metrics.moves.moved.total() >= on_lagging.len() as u64
+    })
+    .await;
+    assert!(moved, "{:?}", proxy.shared.metrics.moves.moved.get());
+    let other = cluster.node(2).address().port() as i32;
+    for (i, w) in &on_lagging {
+        let (path, app, tz, port) = settings_of(&w.client)
+            .await
+            .expect("no error after the move");
+        assert_eq!((path, app, tz), expected_settings(*i));
+        assert_eq!(
+            port, other,
+            "session {i} moved to the standby within budget"
+        );
+    }
+    assert_eq!(
+        proxy.shared.metrics.moves.moved.get(),
+        [("lagging", on_lagging.len() as u64)]
+    );
+    blocking(|| cluster.psql(1, "select pg_wal_replay_resume()")).unwrap();
+}
