@@ -20,7 +20,7 @@
 //! session is pinned too.
 //!
 //! The hot path stays cheap: a statement is lexed only when its text holds
-//! one of the words that state changes need ([`might_change_state`]); the
+//! one of the words that state changes need ([`scan_words`]); the
 //! common `SELECT …` is one byte scan and no allocation.
 
 pub mod sql;
@@ -132,8 +132,9 @@ pub struct Tracker {
 impl Tracker {
     /// A client simple Query.
     pub fn client_query(&mut self, sql: &str) {
-        let may_commit = may_commit(sql);
-        if !might_change_state(sql) {
+        let words = scan_words(sql);
+        let may_commit = words.commit;
+        if !words.state {
             self.awaiting.push_back(Unit {
                 changes: VecDeque::new(),
                 may_commit,
@@ -182,14 +183,15 @@ impl Tracker {
     /// that itself changes session state pins (the extended protocol is not
     /// followed statement by statement).
     pub fn client_parse(&mut self, name: &str, query: &str, types: &[u32]) {
-        if may_commit(query) {
+        let words = scan_words(query);
+        if words.commit {
             if name.is_empty() {
                 self.parsed_commit = true;
             } else {
                 self.named_commit = true;
             }
         }
-        if might_change_state(query) {
+        if words.state {
             match sql::statements(query) {
                 Some(statements) => {
                     for (text, tokens) in &statements {
@@ -371,47 +373,66 @@ impl Tracker {
     }
 }
 
-/// Whether `sql` holds a word that a tracked change needs: `set` (also in
-/// `reset`, `set_config`), `prepare`, `deallocate`, `listen` (`unlisten`),
-/// `discard`, `load`, `hold`, `temp`, `advisory`, `rollback`. Anything
-/// else changes nothing the tracker follows, so it need not be lexed. Case
-/// does not matter; false positives only cost a lex.
-pub fn might_change_state(sql: &str) -> bool {
-    const WORDS: [&[u8]; 10] = [
-        b"set",
-        b"prepare",
-        b"deallocate",
-        b"listen",
-        b"discard",
-        b"load",
-        b"hold",
-        b"temp",
-        b"advisory",
-        b"rollback",
-    ];
-    contains_any(sql.as_bytes(), &WORDS)
+/// What one pass over a statement's text found: words that a tracked
+/// change needs, and words that may commit a block.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Words {
+    /// `set`, `reset`, `prepare`, `deallocate`, `discard`, `listen`,
+    /// `unlisten`, `load`, `hold`, `temp…`, `advisory` (as in
+    /// `pg_advisory_lock`), `rollback`, `do`: without one of them a statement
+    /// changes nothing the tracker follows, so it need not be lexed.
+    pub state: bool,
+    /// `commit` or `end` (also `COMMIT PREPARED`).
+    pub commit: bool,
 }
 
-/// Whether `sql` may end a block with a commit: `commit` or `end` anywhere
-/// (also `COMMIT PREPARED`). Errs on the side of yes.
-fn may_commit(sql: &str) -> bool {
-    contains_any(sql.as_bytes(), &[b"commit", b"end"])
-}
-
-/// One pass over `text`, comparing at each byte whose lowercase starts one
-/// of `words` (all lowercase ASCII).
-fn contains_any(text: &[u8], words: &[&[u8]]) -> bool {
-    let mut first = [false; 256];
-    for w in words {
-        first[w[0] as usize] = true;
+/// Scans `sql` once, comparing only at the start of each alphanumeric run
+/// (`_` and `$` separate runs, so `pg_advisory_lock` and `set_config` are
+/// seen): every token the lexer could make starts at such a point, so this
+/// finds at least what [`classify`] acts on. Case does not matter; a false
+/// positive only costs a lex.
+pub fn scan_words(sql: &str) -> Words {
+    let text = sql.as_bytes();
+    let mut words = Words::default();
+    let mut in_run = false;
+    for (i, &b) in text.iter().enumerate() {
+        let alnum = b.is_ascii_alphanumeric();
+        if alnum && !in_run {
+            let rest = &text[i..];
+            let at = |w: &[u8]| rest.len() >= w.len() && rest[..w.len()].eq_ignore_ascii_case(w);
+            match b.to_ascii_lowercase() {
+                b's' => words.state |= at(b"set"),
+                b'r' => words.state |= at(b"reset") || at(b"rollback"),
+                b'p' => words.state |= at(b"prepare"),
+                b'd' => words.state |= at(b"deallocate") || at(b"discard") || is_do(rest),
+                b'l' => words.state |= at(b"listen") || at(b"load"),
+                b'u' => words.state |= at(b"unlisten"),
+                b'h' => words.state |= at(b"hold"),
+                b't' => words.state |= at(b"temp"),
+                b'a' => words.state |= at(b"advisory"),
+                b'c' => words.commit |= at(b"commit"),
+                b'e' => words.commit |= at(b"end"),
+                _ => {}
+            }
+        }
+        in_run = alnum;
     }
-    (0..text.len()).any(|i| {
-        first[text[i].to_ascii_lowercase() as usize]
-            && words.iter().any(|w| {
-                text.get(i..i + w.len())
-                    .is_some_and(|t| t.eq_ignore_ascii_case(w))
-            })
-    })
+    words
+}
+
+/// `DO` as a word of its own (not `done`, `double`).
+fn is_do(rest: &[u8]) -> bool {
+    rest.len() >= 2
+        && rest[..2].eq_ignore_ascii_case(b"do")
+        && rest
+            .get(2)
+            .is_none_or(|b| !b.is_ascii_alphanumeric() && *b != b'_')
+}
+
+/// Whether `sql` holds a word that a tracked change needs
+/// ([`scan_words`]).
+pub fn might_change_state(sql: &str) -> bool {
+    scan_words(sql).state
 }
 
 /// What one statement does to session state.
@@ -459,6 +480,9 @@ fn classify(text: &str, tokens: &[Token<'_>]) -> Change {
         Some("discard") if is(1, "all") => Change::DiscardAll,
         Some("discard") if is(1, "temp") || is(1, "temporary") => Change::DiscardTemp,
         Some("load") => Change::Pin(Pin::Load),
+        // An anonymous code block may do anything (set_config, temporary
+        // tables) where the lexer cannot see it.
+        Some("do") => Change::Pin(Pin::Unparsed),
         Some("declare")
             if tokens
                 .windows(2)

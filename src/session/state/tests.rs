@@ -131,6 +131,11 @@ fn state_that_cannot_move_pins_the_session() {
             Pin::SetConfig,
         ),
         ("LOAD 'auto_explain'", Pin::Load),
+        (
+            "DO $$BEGIN PERFORM set_config('search_path', 'x', false); END$$",
+            Pin::Unparsed,
+        ),
+        ("select pg_try_advisory_lock(1)", Pin::AdvisoryLock),
         ("set search_path = 'unterminated", Pin::Unparsed),
     ];
     for (sql, pin) in cases {
