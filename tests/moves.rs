@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgpivot::config::AdminConfig;
+use pgpivot::config::{AdminConfig, TlsConfig, TlsMode};
 use pgpivot::localcluster::{LocalCluster, StopMode, MD5_USER, PASSWORD, SUPERUSER};
 use pgpivot::proxy::Proxy;
 use pgpivot::routing::Target;
@@ -167,14 +167,16 @@ impl Psql {
         let stdout = self.child.stdout.as_mut().unwrap();
         let mut out = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while out.iter().filter(|&&b| b == b'\n').count() < lines {
-            let mut chunk = [0u8; 4096];
+        let mut seen = 0;
+        while seen < lines {
+            let mut chunk = [0u8; 64 * 1024];
             let left = deadline.saturating_duration_since(Instant::now());
             let n = tokio::time::timeout(left, stdout.read(&mut chunk))
                 .await
                 .expect("psql answered in time")
                 .unwrap();
             assert!(n > 0, "psql ended: {}", String::from_utf8_lossy(&out));
+            seen += chunk[..n].iter().filter(|&&b| b == b'\n').count();
             out.extend_from_slice(&chunk[..n]);
         }
         String::from_utf8_lossy(&out)
@@ -187,7 +189,16 @@ impl Psql {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sessions_move_through_a_crash_with_their_state() {
     let cluster = new_cluster(1);
-    let proxy = start_proxy(config_for(&cluster)).await;
+    // TLS offered: psql (sslmode=prefer) takes it, tokio-postgres (NoTls)
+    // stays plaintext.
+    let tls = common::tls::TlsFiles::self_signed();
+    let mut config = config_for(&cluster);
+    config.tls = Some(TlsConfig {
+        cert: tls.cert.clone(),
+        key: tls.key.clone(),
+        mode: TlsMode::Prefer,
+    });
+    let proxy = start_proxy(config).await;
     let rw = proxy.addresses[0];
     let new_port = cluster.node(1).address().port();
     cluster
@@ -222,9 +233,15 @@ async fn idle_sessions_move_through_a_crash_with_their_state() {
     let refused = open(&conn_str(rw, "mover", "")).await;
     refused.client.batch_execute("select 1").await.unwrap();
     let mut psql = Psql::start(&cluster, rw);
-    psql.send("SET search_path TO from_psql; SELECT 'ready';\n")
+    psql.send("SET search_path TO from_psql; SELECT 'ready';\n\\conninfo\n")
         .await;
-    assert_eq!(psql.read_lines(1).await, ["ready"]);
+    // "ready", then \conninfo's two lines.
+    let hello = psql.read_lines(3).await;
+    assert_eq!(hello[0], "ready");
+    assert!(
+        hello[2].starts_with("SSL connection"),
+        "psql over TLS: {hello:?}"
+    );
     // Every session has its credential once its lookup is done.
     let looked_up = eventually(Duration::from_secs(10), || async {
         proxy.shared.metrics.moves.with_credential.get() >= 24
@@ -313,13 +330,20 @@ async fn idle_sessions_move_through_a_crash_with_their_state() {
         "{text}"
     );
 
-    // psql: the next command runs on the new primary with its setting.
+    // psql over TLS: the next command runs on the new primary with its
+    // setting, and 8 MB more go through the moved session.
     psql.send("SHOW search_path; SELECT inet_server_port();\n")
         .await;
     assert_eq!(
         psql.read_lines(2).await,
         ["from_psql".to_string(), new_port.to_string()]
     );
+    psql.send("COPY (select repeat('x', 1000) from generate_series(1, 8000)) TO STDOUT;\nSELECT 'done';\n")
+        .await;
+    let copied = psql.read_lines(8001).await;
+    assert_eq!(copied.len(), 8001);
+    assert!(copied[..8000].iter().all(|l| l.len() == 1000));
+    assert_eq!(copied[8000], "done");
 
     let moves = &proxy.shared.metrics.moves;
     assert!(moves.moved.total() >= 22, "{:?}", moves.moved.get());
