@@ -45,6 +45,14 @@ impl Gauge {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
 
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn sub(&self, n: u64) {
+        self.0.fetch_sub(n, Ordering::Relaxed);
+    }
+
     /// Counts one until the guard drops.
     pub fn track(&self) -> GaugeGuard<'_> {
         self.0.fetch_add(1, Ordering::Relaxed);
@@ -252,6 +260,9 @@ pub struct MoveMetrics {
     /// Work in flight at a crash answered by pgpivot, by SQLSTATE (40001:
     /// rolled back, retry; 08007: outcome unknown).
     pub in_flight_answered: LabelCounts,
+    /// Bytes of session state (SQL text, names) tracked for moves, over
+    /// every open session.
+    pub state_bytes: Gauge,
     /// Sessions that kept a credential to log in again.
     pub with_credential: Counter,
     /// Sessions whose role has no credential to log in again.

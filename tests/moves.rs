@@ -261,6 +261,9 @@ async fn idle_sessions_move_through_a_crash_with_their_state() {
     .await;
     assert!(replayed, "the standby never replayed the password change");
 
+    // 20 sessions × (3 SETs + LISTEN + a prepared statement), at least.
+    let tracked = proxy.shared.metrics.moves.state_bytes.get();
+    assert!(tracked > 20 * 100, "tracked state bytes: {tracked}");
     let crashed = Instant::now();
     blocking(|| {
         cluster.stop_node(0, StopMode::Immediate)?;

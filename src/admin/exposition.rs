@@ -50,6 +50,12 @@ fn move_metrics(out: &mut Exposition, m: &crate::metrics::MoveMetrics) {
         &m.in_flight_answered.get(),
     );
     out.single(
+        "pgpivot_session_state_bytes",
+        "gauge",
+        "Session state (SQL text, names) tracked for moves, over all open sessions.",
+        m.state_bytes.get(),
+    );
+    out.single(
         "pgpivot_sessions_with_credential_total",
         "counter",
         "Sessions that kept a credential to log in again (and so may move).",

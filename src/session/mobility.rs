@@ -8,10 +8,12 @@
 //! secret is looked up in the background, so the session does not wait for
 //! the auth query), through a slot that is written once.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use super::state::{Pin, Tracker};
 use crate::credentials::Credential;
+use crate::metrics::Metrics;
 
 /// Why a session cannot move.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,9 +55,44 @@ pub struct Mobility {
     // it for a message's worth of bookkeeping, never across an await.
     tracker: Mutex<Tracker>,
     credential: Arc<OnceLock<Option<Credential>>>,
+    /// Where the session's tracked bytes are summed, and its share.
+    metrics: Option<Arc<Metrics>>,
+    counted: AtomicUsize,
+}
+
+impl Drop for Mobility {
+    fn drop(&mut self) {
+        if let Some(m) = &self.metrics {
+            m.moves
+                .state_bytes
+                .sub(self.counted.load(Ordering::Relaxed) as u64);
+        }
+    }
 }
 
 impl Mobility {
+    /// A session's mobility, its tracked bytes counted in `metrics`.
+    pub fn counted_in(metrics: Arc<Metrics>) -> Mobility {
+        Mobility {
+            tracker: Mutex::default(),
+            credential: Arc::default(),
+            metrics: Some(metrics),
+            counted: AtomicUsize::new(0),
+        }
+    }
+
+    /// After a ReadyForQuery: brings the session's share of the tracked
+    /// bytes gauge up to date if its state changed (rare: SET, PREPARE).
+    pub fn recount(&self, tracker: &mut Tracker) {
+        let Some(m) = &self.metrics else { return };
+        if tracker.take_changed() {
+            let now = tracker.state_bytes();
+            let before = self.counted.swap(now, Ordering::Relaxed);
+            m.moves.state_bytes.add(now as u64);
+            m.moves.state_bytes.sub(before as u64);
+        }
+    }
+
     pub fn tracker(&self) -> MutexGuard<'_, Tracker> {
         self.tracker.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -385,7 +385,7 @@ fn mobility_for(
     login: Login,
 ) -> Option<Mobility> {
     let store = settings.secrets.clone()?;
-    let mobility = Mobility::default();
+    let mobility = Mobility::counted_in(shared.metrics.clone());
     let slot = mobility.credential_slot();
     let without = |role: &str| {
         shared.metrics.moves.no_credential(role);

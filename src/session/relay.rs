@@ -779,7 +779,9 @@ fn track_server(m: &Mobility, t: u8, body: &[u8]) {
         tag::ERROR_RESPONSE => m.tracker().server_error(),
         tag::READY_FOR_QUERY => {
             if let Some(status) = TxStatus::from_ready_for_query(body) {
-                m.tracker().server_ready(status);
+                let mut tracker = m.tracker();
+                tracker.server_ready(status);
+                m.recount(&mut tracker);
             }
         }
         _ => {}

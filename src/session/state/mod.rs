@@ -127,6 +127,8 @@ pub struct Tracker {
     in_block: Vec<Change>,
     /// A transaction block is open (BEGIN seen, or the server said so).
     block_open: bool,
+    /// What is kept changed since [`Tracker::take_changed`] last looked.
+    changed: bool,
 }
 
 impl Tracker {
@@ -224,6 +226,12 @@ impl Tracker {
     /// A client Close of a prepared statement (`'S'`) named `name`.
     pub fn client_close_statement(&mut self, name: &str) {
         self.prepared.retain(|(n, _)| n != name);
+        self.changed = true;
+    }
+
+    /// Whether what is kept changed since the last call.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
     }
 
     /// A CommandComplete: the oldest awaited statement succeeded.
@@ -327,6 +335,7 @@ impl Tracker {
     }
 
     fn apply(&mut self, change: Change) {
+        self.changed |= !matches!(change, Change::Nothing | Change::RollbackTo);
         match change {
             Change::Guc(statement) => {
                 self.gucs.push(statement);
@@ -361,6 +370,7 @@ impl Tracker {
     }
 
     fn remember_prepared(&mut self, name: String, replay: Replay) {
+        self.changed = true;
         self.prepared.retain(|(n, _)| *n != name);
         self.prepared.push((name, replay));
         self.check_size();
