@@ -280,6 +280,29 @@ async fn idle_sessions_move_through_a_crash_with_their_state() {
         crashed.elapsed()
     );
 
+    // The cancel key a moved session was given at login reaches its new
+    // backend.
+    let moved = &movers[0].0.client;
+    let pid: i32 = moved
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let sleeping = moved.batch_execute("select pg_sleep(30)");
+    let cancel = async {
+        wait_running(&cluster.node(1).conn_string(), pid).await;
+        moved
+            .cancel_token()
+            .cancel_query(tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    };
+    let started = Instant::now();
+    let (slept, ()) = tokio::join!(sleeping, cancel);
+    let e = slept.expect_err("the query was cancelled");
+    assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e:?}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+
     // The lost block: 40001, then ROLLBACK works, on the new primary.
     let e = in_block
         .client
@@ -356,6 +379,20 @@ async fn idle_sessions_move_through_a_crash_with_their_state() {
     for (w, _) in &movers {
         assert!(!w.ended.is_finished(), "a moved session's connection ended");
     }
+    // The promotion's record in /status sums its sessions up.
+    let changes = proxy.shared.topology.changes();
+    let promotion = changes
+        .iter()
+        .rev()
+        .find(|c| c.kind == "promotion")
+        .unwrap();
+    assert!(promotion.sessions_moved >= 22, "{promotion:?}");
+    let summaries: Vec<String> = changes.iter().map(|c| c.sessions_summary()).collect();
+    let all = summaries.join("; ");
+    assert!(
+        all.contains("temp_object 1") && all.contains("login 1"),
+        "{all}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
