@@ -8,22 +8,23 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_util::task::TaskTracker;
 
 use crate::config::ListenerSettings;
 use crate::session;
 use crate::shared::Shared;
+use crate::workers::Sessions;
 
 /// Accepts until shutdown. `index` is the listener's position in the
 /// config; its settings (target, budgets) are read afresh for every session,
 /// so a reload applies to the next one. Returning at shutdown drops the
 /// `TcpListener`, closing the socket at once: during the drain new clients
-/// are refused rather than left in the backlog.
+/// are refused rather than left in the backlog. Each session goes where
+/// `sessions` puts it (a worker thread, with `[runtime] flavor = "per-core"`).
 pub async fn accept_loop(
     listener: TcpListener,
     index: usize,
     shared: Arc<Shared>,
-    sessions: TaskTracker,
+    sessions: Sessions,
 ) {
     let settings = shared.settings();
     let first = &settings.listeners[index];
@@ -54,7 +55,7 @@ pub async fn accept_loop(
             .and_then(|l| Some((l, global.clone().try_acquire_owned().ok()?)));
         let config = Arc::new(current(&shared, index, address));
         let shared = shared.clone();
-        sessions.spawn(async move {
+        sessions.spawn(tcp, move |tcp| async move {
             let admitted = permits.is_some();
             let open = shared.clone();
             let _open = open.listener_sessions[index].track();
