@@ -4,12 +4,13 @@
 //! semaphores); a client over the limit still gets its session task, which
 //! reads its startup packet and answers 53300, as PostgreSQL does.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::config::ListenerSettings;
+use crate::config::{ListenerSettings, Settings};
 use crate::session;
 use crate::shared::Shared;
 use crate::workers::Sessions;
@@ -32,6 +33,7 @@ pub async fn accept_loop(
     let local = Arc::new(Semaphore::new(first.max_connections));
     let address = listener.local_addr().map_or(first.address, |a| a);
     tracing::info!(%address, target = %first.target, "listening");
+    let mut current = Current::new(settings.clone(), index, address);
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -53,7 +55,7 @@ pub async fn accept_loop(
             .try_acquire_owned()
             .ok()
             .and_then(|l| Some((l, global.clone().try_acquire_owned().ok()?)));
-        let config = Arc::new(current(&shared, index, address));
+        let config = current.get(&shared, index, address);
         let shared = shared.clone();
         sessions.spawn(tcp, move |tcp| async move {
             let admitted = permits.is_some();
@@ -65,9 +67,31 @@ pub async fn accept_loop(
     }
 }
 
-/// The listener's current settings, with its bound address.
-fn current(shared: &Shared, index: usize, address: std::net::SocketAddr) -> ListenerSettings {
-    let mut config = shared.settings().listeners[index].clone();
-    config.address = address;
-    config
+/// The listener's settings for new sessions, with its bound address: one
+/// copy shared by every session until a reload swaps the settings, rather
+/// than an allocation per connection.
+struct Current {
+    /// The snapshot `listener` was taken from.
+    from: Arc<Settings>,
+    listener: Arc<ListenerSettings>,
+}
+
+impl Current {
+    fn new(from: Arc<Settings>, index: usize, address: SocketAddr) -> Current {
+        let mut listener = from.listeners[index].clone();
+        listener.address = address;
+        Current {
+            from,
+            listener: Arc::new(listener),
+        }
+    }
+
+    /// The settings in force now (taken afresh after a reload).
+    fn get(&mut self, shared: &Shared, index: usize, address: SocketAddr) -> Arc<ListenerSettings> {
+        let now = shared.settings();
+        if !Arc::ptr_eq(&now, &self.from) {
+            *self = Current::new(now, index, address);
+        }
+        self.listener.clone()
+    }
 }

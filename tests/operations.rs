@@ -944,3 +944,31 @@ async fn runtime_flavor_round(proxy: Proxy, flavor: pgpivot::config::RuntimeFlav
         .unwrap();
     assert_eq!(left, 0, "{flavor:?}");
 }
+
+/// A listener's target changed by a reload applies to its next session (the
+/// accept loop keeps one copy of its settings per config snapshot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_listener_target_applies_to_the_next_session() {
+    let cluster = shared_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), cluster, "");
+    let proxy = start_from_file(&path).await;
+    let in_recovery = |proxy: &Proxy| {
+        let addr = proxy.addresses[1];
+        async move {
+            let c = connect(addr).await;
+            let row = c.query_one("select pg_is_in_recovery()", &[]).await;
+            row.unwrap().get::<_, bool>(0)
+        }
+    };
+    assert!(in_recovery(&proxy).await, "target standby");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replace("target = \"standby\"", "target = \"read-write\"");
+    std::fs::write(&path, text).unwrap();
+    let (status, body) = post(&proxy, "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !in_recovery(&proxy).await,
+        "target read-write after the reload"
+    );
+}
