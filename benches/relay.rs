@@ -77,8 +77,8 @@
 //! | `--no-syscalls` | | | cost case without the perf pass |
 //! | `--pgpivot` | | process | process, in-process or both |
 //!
-//! The default run takes about 4½ minutes on 2 cores (cost ≈ 3 min,
-//! callgrind ≈ 20 s).
+//! The default run takes about 6 minutes on 2 cores (cost ≈ 4 min with
+//! three runtimes, callgrind ≈ 20 s, memory ≈ 1 min).
 //!
 //! ```text
 //! cargo bench --bench relay
