@@ -21,14 +21,17 @@
 //! Targets, each reached through the same connection string shape:
 //!
 //! * `direct`: the primary itself, the baseline.
-//! * `pgpivot`: the `pgpivot` binary that cargo built next to this bench, as
-//!   a child process with a generated TOML config: a process of its own,
-//!   like PgBouncer and HAProxy.
-//! * `pgpivot (relay_timing off)`: the same with `[metrics] relay_timing =
-//!   false`, so the pair shows what the per-round-trip metrics cost.
-//! * `pgpivot (move_sessions off)`: the same with `[failover] move_sessions =
-//!   false`: no session state tracked, so the pair shows what tracking for
-//!   moves costs.
+//! * `pgpivot FLAVOR xN`: the `pgpivot` binary that cargo built next to this
+//!   bench, as a child process with a generated TOML config (a process of
+//!   its own, like PgBouncer and HAProxy), once per `--runtimes` entry
+//!   (`[runtime] flavor` and `workers`), so the runtimes are compared in one
+//!   run, in the same interleaved rounds.
+//! * `pgpivot (relay_timing off)`: the first runtime with `[metrics]
+//!   relay_timing = false`, so the pair shows what the per-round-trip
+//!   metrics cost.
+//! * `pgpivot (move_sessions off)`: the first runtime with `[failover]
+//!   move_sessions = false`: no session state tracked, so the pair shows
+//!   what tracking for moves costs.
 //! * `pgpivot (in-process)` (with `--pgpivot in-process|both`):
 //!   [`Proxy::start`] inside this bench's tokio runtime, sharing its worker
 //!   threads with the load generator; not comparable to the other proxies.
@@ -49,6 +52,9 @@
 //!   user-space instructions per transaction and per connection opened
 //!   (two pgbench `-t` windows of one process; see `common/callgrind.rs`).
 //!   Skipped with a note when valgrind is missing.
+//! * **memory**: resident memory (`VmRSS`) per idle session of a fresh
+//!   process of every target at 1,000 sessions, and after each of them ran a
+//!   1 MiB result and went idle again (see `common/memory.rs`).
 //!
 //! How to read the tables: `tps/direct` below 1 is the throughput a hop
 //! costs; `p50/direct` and `p99/direct` above 1 are the latency it adds.
@@ -68,12 +74,14 @@
 //! | `--cost-seconds` | `RELAY_BENCH_SECS` | 10 | cost case: pgbench `-T` per round |
 //! | `--rounds` | `RELAY_BENCH_ROUNDS` | 3 | cost case: interleaved rounds |
 //! | `--callgrind-tx` | `RELAY_BENCH_CALLGRIND_TX` | 2500 | callgrind: tx per client (2 clients) of the big window; 0 skips |
-//! | `--cases` | `RELAY_BENCH_CASES` | select,bulk,cost,callgrind | which cases run |
+//! | `--memory-sessions` | `RELAY_BENCH_MEMORY_SESSIONS` | 1000 | memory: sessions held open at once |
+//! | `--cases` | `RELAY_BENCH_CASES` | select,bulk,cost,callgrind,memory | which cases run |
+//! | `--runtimes` | `RELAY_BENCH_RUNTIMES` | per-core,multi-thread,per-core:1 | pgpivot `[runtime]`s, `flavor[:workers]`, one target each |
 //! | `--no-syscalls` | | | cost case without the perf pass |
 //! | `--pgpivot` | | process | process, in-process or both |
 //!
-//! The default run takes about 4½ minutes on 2 cores (cost ≈ 3 min,
-//! callgrind ≈ 20 s).
+//! The default run takes about 6 minutes on 2 cores (cost ≈ 4 min with
+//! three runtimes, callgrind ≈ 20 s, memory ≈ 1 min).
 //!
 //! ```text
 //! cargo bench --bench relay
@@ -91,6 +99,8 @@ mod cost;
 mod fleet;
 #[path = "common/knobs.rs"]
 mod knobs;
+#[path = "common/memory.rs"]
+mod memory;
 
 use std::path::Path;
 use std::pin::pin;
@@ -106,7 +116,8 @@ use pgpivot::localcluster::{ClusterOptions, LocalCluster};
 
 use callgrind::{callgrind_case, print_callgrind, CallgrindParams};
 use cost::{cost_case, pgbench_init, print_cost, CostParams};
-use fleet::{Fleet, PgpivotMode, Target};
+use fleet::{Fleet, PgpivotMode, RuntimeChoice, Target};
+use memory::{memory_case, print_memory, MemoryParams};
 
 /// Rows of `bench_kv`.
 const ROWS: i32 = 10_000;
@@ -121,6 +132,9 @@ const BULK_WIDTH: usize = 1_000;
 const BULK_RUNS: usize = 3;
 /// pgbench clients of the callgrind case.
 const CALLGRIND_CLIENTS: u32 = 2;
+/// pgpivot runtimes measured when none is asked for: the default, the
+/// previous default, and one worker thread.
+const DEFAULT_RUNTIMES: &str = "per-core,multi-thread,per-core:1";
 
 /// Command line, after `cargo bench --bench relay --`.
 #[derive(Parser, Debug)]
@@ -149,12 +163,21 @@ struct Options {
     /// Cases to run, comma-separated [env: RELAY_BENCH_CASES] [default: all].
     #[arg(long, value_enum, value_delimiter = ',')]
     cases: Vec<Case>,
+    /// Memory case: sessions held open at once
+    /// [env: RELAY_BENCH_MEMORY_SESSIONS] [default: 1000].
+    #[arg(long)]
+    memory_sessions: Option<usize>,
     /// Cost case without the perf pass for syscalls per transaction.
     #[arg(long)]
     no_syscalls: bool,
     /// Which pgpivot deployments to measure.
     #[arg(long, value_enum, default_value_t = PgpivotMode::Process)]
     pgpivot: PgpivotMode,
+    /// pgpivot `[runtime]`s to measure side by side, comma-separated
+    /// `flavor[:workers]` [env: RELAY_BENCH_RUNTIMES]
+    /// [default: per-core,multi-thread,per-core:1].
+    #[arg(long, value_delimiter = ',')]
+    runtimes: Vec<RuntimeChoice>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -171,6 +194,8 @@ enum Case {
     Cost,
     /// pgpivot's instructions per transaction under callgrind.
     Callgrind,
+    /// Resident memory per idle session at 1,000 sessions.
+    Memory,
 }
 
 /// The resolved run parameters.
@@ -179,9 +204,11 @@ struct Config {
     clients: usize,
     measured: Duration,
     pgpivot: PgpivotMode,
+    runtimes: Vec<RuntimeChoice>,
     cases: Vec<Case>,
     cost: CostParams,
     callgrind: CallgrindParams,
+    memory: MemoryParams,
 }
 
 impl Config {
@@ -194,6 +221,8 @@ impl Config {
         let cost_seconds = knobs::pick(opts.cost_seconds, "RELAY_BENCH_SECS", 10)?;
         let rounds = knobs::pick(opts.rounds, "RELAY_BENCH_ROUNDS", 3)?;
         let callgrind_tx = knobs::pick(opts.callgrind_tx, "RELAY_BENCH_CALLGRIND_TX", 2500)?;
+        let memory_sessions =
+            knobs::pick(opts.memory_sessions, "RELAY_BENCH_MEMORY_SESSIONS", 1000)?;
         if clients == 0 || seconds == 0 || rate == 0 || cost_seconds == 0 || rounds == 0 {
             bail!("clients, seconds, rate, cost seconds and rounds must be at least 1");
         }
@@ -207,8 +236,24 @@ impl Config {
                             .map_err(|e| anyhow!("RELAY_BENCH_CASES: {e}"))
                     })
                     .collect::<anyhow::Result<_>>()?,
-                Err(_) => vec![Case::Select, Case::Bulk, Case::Cost, Case::Callgrind],
+                Err(_) => vec![
+                    Case::Select,
+                    Case::Bulk,
+                    Case::Cost,
+                    Case::Callgrind,
+                    Case::Memory,
+                ],
             };
+        }
+        let mut runtimes = opts.runtimes;
+        if runtimes.is_empty() {
+            let list = std::env::var("RELAY_BENCH_RUNTIMES")
+                .unwrap_or_else(|_| DEFAULT_RUNTIMES.to_owned());
+            runtimes = list
+                .split(',')
+                .map(str::parse)
+                .collect::<anyhow::Result<_>>()
+                .context("RELAY_BENCH_RUNTIMES")?;
         }
         if callgrind_tx == 0 {
             cases.retain(|c| *c != Case::Callgrind);
@@ -217,6 +262,7 @@ impl Config {
             clients,
             measured: Duration::from_secs(seconds),
             pgpivot: opts.pgpivot,
+            runtimes,
             cases,
             cost: CostParams {
                 rate,
@@ -227,6 +273,9 @@ impl Config {
             callgrind: CallgrindParams {
                 tx_per_client: callgrind_tx,
                 clients: CALLGRIND_CLIENTS,
+            },
+            memory: MemoryParams {
+                sessions: memory_sessions.max(1),
             },
         })
     }
@@ -500,7 +549,7 @@ async fn bench(cluster: &LocalCluster, cfg: &Config) -> anyhow::Result<()> {
         pgbench_init(cluster).await?;
     }
     let mut notes = Vec::new();
-    let fleet = Fleet::start(cluster, cfg.pgpivot, cfg.clients, &mut notes).await?;
+    let fleet = Fleet::start(cluster, cfg.pgpivot, &cfg.runtimes, cfg.clients, &mut notes).await?;
     for note in &notes {
         eprintln!("note: {note}");
     }
@@ -535,6 +584,11 @@ async fn bench(cluster: &LocalCluster, cfg: &Config) -> anyhow::Result<()> {
             ));
         }
     }
+    let memory = if cfg.runs(Case::Memory) {
+        memory_case(cluster, binary, &cfg.runtimes, &cfg.memory, &mut notes).await?
+    } else {
+        Vec::new()
+    };
 
     if !select.is_empty() {
         println!();
@@ -559,12 +613,17 @@ async fn bench(cluster: &LocalCluster, cfg: &Config) -> anyhow::Result<()> {
             100.0 * (on.ir_per_tx / off.ir_per_tx - 1.0)
         );
     }
+    if !memory.is_empty() {
+        println!();
+        print_memory(&memory, &cfg.memory);
+    }
     for note in &notes {
         println!("note: {note}");
     }
     let failed = select.iter().filter(|r| r.is_err()).count()
         + bulk.iter().filter(|r| r.is_err()).count()
-        + cost.iter().filter(|r| r.is_err()).count();
+        + cost.iter().filter(|r| r.is_err()).count()
+        + memory.iter().filter(|(_, r)| r.is_err()).count();
     fleet.stop().await;
     if failed > 0 {
         bail!("{failed} run(s) failed");
@@ -579,8 +638,15 @@ fn main() -> anyhow::Result<()> {
     let cfg = Config::load()?;
     common::init_tracing("warn");
     eprintln!("starting a local PostgreSQL primary...");
+    // The memory case holds that many sessions, each with its backend.
+    let extra_conf = if cfg.runs(Case::Memory) {
+        vec![format!("max_connections = {}", cfg.memory.sessions + 100)]
+    } else {
+        Vec::new()
+    };
     let cluster = LocalCluster::start(ClusterOptions {
         standbys: 0,
+        extra_conf,
         ..ClusterOptions::default()
     })
     .context("a local PostgreSQL cluster (are the server binaries installed?)")?;

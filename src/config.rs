@@ -61,6 +61,7 @@ pub struct FileConfig {
     pub admin: Option<AdminConfig>,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
+    pub runtime: RuntimeConfig,
     /// On SIGTERM/SIGINT, how long sessions get to reach an idle point
     /// before the process exits anyway, in milliseconds.
     pub shutdown_timeout_ms: u64,
@@ -80,6 +81,7 @@ impl Default for FileConfig {
             admin: None,
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
+            runtime: RuntimeConfig::default(),
             shutdown_timeout_ms: 30_000,
         }
     }
@@ -342,6 +344,45 @@ impl Default for MetricsConfig {
     }
 }
 
+/// How the proxy lays out its threads (`[runtime]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// `per-core`: `workers` threads, each running its own single-threaded
+    /// runtime; every session lives on one of them for its whole life (both
+    /// relay directions and its control task on one thread), and the control
+    /// path (monitors, decider, admin, reloads, accept loops) has a thread
+    /// of its own. `multi-thread`: one work-stealing tokio runtime of
+    /// `workers` threads runs everything.
+    pub flavor: RuntimeFlavor,
+    /// Worker threads; 0 (the default) = the cores available to the process.
+    pub workers: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            flavor: RuntimeFlavor::PerCore,
+            workers: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuntimeFlavor {
+    PerCore,
+    MultiThread,
+}
+
+/// `[runtime]`, validated: the worker count resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuntimeSettings {
+    pub flavor: RuntimeFlavor,
+    /// At least 1.
+    pub workers: usize,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -387,6 +428,7 @@ pub struct Settings {
     pub admin: Option<AdminSettings>,
     pub log: LogConfig,
     pub relay_timing: bool,
+    pub runtime: RuntimeSettings,
     pub shutdown_timeout: Duration,
 }
 
@@ -559,6 +601,7 @@ impl FileConfig {
             admin: self.admin.as_ref().map(validate_admin).transpose()?,
             log: self.validate_log()?,
             relay_timing: self.metrics.relay_timing,
+            runtime: self.validate_runtime()?,
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
         })
     }
@@ -688,12 +731,32 @@ impl FileConfig {
         }))))
     }
 
+    fn validate_runtime(&self) -> Result<RuntimeSettings, ConfigError> {
+        let workers = match self.runtime.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n if n > MAX_WORKERS => {
+                return Err(ConfigError::new(
+                    "runtime.workers",
+                    format!("at most {MAX_WORKERS}"),
+                ))
+            }
+            n => n,
+        };
+        Ok(RuntimeSettings {
+            flavor: self.runtime.flavor,
+            workers,
+        })
+    }
+
     fn validate_log(&self) -> Result<LogConfig, ConfigError> {
         tracing_subscriber::EnvFilter::try_new(&self.log.filter)
             .map_err(|e| ConfigError::new("log.filter", e))?;
         Ok(self.log.clone())
     }
 }
+
+/// More worker threads than this is a typo, not a machine.
+const MAX_WORKERS: usize = 1024;
 
 fn validate_tls(tls: &TlsConfig) -> Result<TlsSettings, ConfigError> {
     let server = crate::tls::server_config(&tls.cert, &tls.key).map_err(|e| {
@@ -809,6 +872,23 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.key, "tls.cert", "{e}");
         assert!(!e.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn runtime_workers_default_to_the_cores() {
+        let s = check(MINIMAL).unwrap();
+        assert_eq!(s.runtime.flavor, RuntimeFlavor::PerCore);
+        assert!(s.runtime.workers >= 1);
+        let s = check(&format!(
+            "{MINIMAL}\n[runtime]\nflavor = 'multi-thread'\nworkers = 3"
+        ))
+        .unwrap();
+        assert_eq!(s.runtime.flavor, RuntimeFlavor::MultiThread);
+        assert_eq!(s.runtime.workers, 3);
+        let e = check(&format!("{MINIMAL}\n[runtime]\nworkers = 100000")).unwrap_err();
+        assert_eq!(e.key, "runtime.workers", "{e}");
+        let e = check(&format!("{MINIMAL}\n[runtime]\nflavor = 'one'")).unwrap_err();
+        assert_eq!(e.key, "runtime.flavor", "{e}");
     }
 
     #[test]

@@ -9,6 +9,9 @@
 //!
 //! Data path, one task per client session (see [`session`]):
 //! - [`listener`]: accept loops and connection limits.
+//! - [`workers`]: where sessions run (`[runtime]`): one worker thread per
+//!   core, each session on one thread for its life, or one multi-thread
+//!   runtime.
 //! - [`session`]: handshake → params → connect (route + hold) → auth
 //!   (pass-through) → relay → end, one module per stage, each with its own
 //!   error type (joined in [`session::error::SessionError`]) and in-memory
@@ -63,3 +66,4 @@ pub mod session;
 pub mod shared;
 pub mod tls;
 pub mod topology;
+pub mod workers;

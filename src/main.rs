@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use pgpivot::config::{self, LogConfig, LogFormat};
+use pgpivot::config::{self, LogConfig, LogFormat, RuntimeFlavor};
 
 #[derive(Parser)]
 #[command(name = "pgpivot", version, about = "A failover-aware PostgreSQL proxy")]
@@ -93,7 +93,23 @@ fn run_proxy(path: Option<PathBuf>, check_only: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&settings.log);
-    runtime(serve(settings, path))
+    let built = match settings.runtime.flavor {
+        // The control path on this thread; `Proxy::start` starts the
+        // session workers.
+        RuntimeFlavor::PerCore => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        RuntimeFlavor::MultiThread => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(settings.runtime.workers)
+            .enable_all()
+            .build(),
+    };
+    match built {
+        Ok(rt) => finish(rt.block_on(serve(settings, path))),
+        Err(e) => finish(Err(
+            anyhow::Error::new(e).context("cannot start a tokio runtime")
+        )),
+    }
 }
 
 async fn serve(settings: config::Settings, path: Option<PathBuf>) -> anyhow::Result<()> {
@@ -124,7 +140,11 @@ async fn serve(settings: config::Settings, path: Option<PathBuf>) -> anyhow::Res
 
 fn runtime(main: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
-    match rt.block_on(main) {
+    finish(rt.block_on(main))
+}
+
+fn finish(outcome: anyhow::Result<()>) -> ExitCode {
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pgpivot: {e:#}");

@@ -12,7 +12,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::{Settings, SettingsHandle};
 use crate::decider::Decider;
@@ -23,6 +22,7 @@ use crate::pause::Pause;
 use crate::reload::{self, ReloadHandle, Reloader};
 pub use crate::shared::Shared;
 use crate::topology::NodeSpec;
+use crate::workers::Sessions;
 
 /// Why the proxy did not start. The OS error is the `source`, not part of
 /// the message: `pgpivot` prints the error chain, which would repeat it.
@@ -38,6 +38,8 @@ pub enum StartError {
         address: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot start the worker threads")]
+    Workers(#[source] std::io::Error),
 }
 
 /// A started proxy.
@@ -47,12 +49,14 @@ pub struct Proxy {
     pub addresses: Vec<SocketAddr>,
     /// Bound admin address, when the endpoint is on.
     pub admin_address: Option<SocketAddr>,
-    sessions: TaskTracker,
+    sessions: Sessions,
 }
 
 impl Proxy {
     /// Binds every listener, starts the monitors and the decider, and begins
-    /// accepting.
+    /// accepting. The control path and the accept loops run on the calling
+    /// runtime; sessions too with `[runtime] flavor = "multi-thread"`, and on
+    /// worker threads of their own (started here) with `per-core`.
     pub async fn start(settings: Settings) -> Result<Proxy, StartError> {
         Self::start_with_path(settings, None).await
     }
@@ -86,13 +90,13 @@ impl Proxy {
             )),
             None => None,
         };
+        let sessions = Sessions::start(settings.runtime).map_err(StartError::Workers)?;
         let shared = start_control(settings, config_path, addresses.clone());
         let admin_address = admin.as_ref().and_then(|(l, _)| l.local_addr().ok());
         if let Some((listener, token)) = admin {
             let stop = shared.stop.clone();
             tokio::spawn(crate::admin::serve(listener, shared.clone(), token, stop));
         }
-        let sessions = TaskTracker::new();
         for (i, tcp) in bound.into_iter().enumerate() {
             tokio::spawn(listener::accept_loop(
                 tcp,
@@ -121,15 +125,29 @@ impl Proxy {
     }
 
     /// Graceful shutdown: stop accepting, end sessions at their next idle
-    /// point (57P01), wait for them up to `timeout`, then stop the monitors.
-    /// Returns the number of sessions still open at the deadline.
+    /// point (57P01), wait for them up to `timeout`, then stop the worker
+    /// threads and the monitors. Returns the number of sessions still open at
+    /// the deadline (with `per-core`, when every session ended: the tasks
+    /// still alive on the workers then, which a session should not leave).
     pub async fn shutdown(self, timeout: Duration) -> usize {
+        let deadline = std::time::Instant::now() + timeout;
         self.shared.shutdown.cancel();
         self.sessions.close();
-        let _ = tokio::time::timeout(timeout, self.sessions.wait()).await;
-        let left = self.sessions.len();
+        let _ = tokio::time::timeout_at(deadline.into(), self.sessions.wait()).await;
+        let open = self.sessions.len();
+        let stray = self.sessions.stop_workers(deadline).await;
         self.shared.stop.cancel();
-        left
+        if open > 0 {
+            open
+        } else {
+            stray
+        }
+    }
+
+    /// Sessions open on each worker thread now (`per-core`; empty for
+    /// `multi-thread`).
+    pub fn sessions_per_worker(&self) -> Vec<usize> {
+        self.sessions.per_worker()
     }
 }
 

@@ -4,9 +4,9 @@
 //! Applied: nodes added, removed or re-addressed, weights, lag budgets and
 //! targets of existing listeners, hold timeout, monitor timings and
 //! credentials, timeouts and message limits, TLS certificate and key.
-//! Listener addresses, the admin endpoint and connection caps need a restart
-//! (they stay as they are; the log says so). A config that does not validate
-//! changes nothing.
+//! Listener addresses, the admin endpoint, connection caps and `[runtime]`
+//! need a restart (they stay as they are; the log says so). A config that
+//! does not validate changes nothing.
 //!
 //! Node ids are positions in the node list and sessions hold them, so they
 //! never move: a removed node stays as a tombstone (`Status::Removed`) and
@@ -164,6 +164,9 @@ fn keep_listeners(old: &Settings, new: &mut Settings, report: &mut ReloadReport)
 fn note_restart_only(old: &Settings, new: &Settings, report: &mut ReloadReport) {
     if old.admin != new.admin {
         report.restart_needed.push("admin".into());
+    }
+    if old.runtime != new.runtime {
+        report.restart_needed.push("runtime".into());
     }
     let caps = |s: &Settings| {
         let per_listener: Vec<usize> = s.listeners.iter().map(|l| l.max_connections).collect();

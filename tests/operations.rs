@@ -852,3 +852,123 @@ async fn reload_swaps_the_tls_certificate() {
     let shown = served_certificate(proxy.addresses[0]).await;
     assert!(shown.contains("second.example"), "{shown}");
 }
+
+/// Both `[runtime]` flavors, in-process against the real cluster: sessions
+/// spread over the worker threads (`per-core`), a large result relayed
+/// whole, a pause that holds a query until the resume, and a graceful
+/// shutdown that waits for an open transaction and ends the idle sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_runtime_flavor_relays_pauses_and_shuts_down() {
+    use pgpivot::config::{RuntimeConfig, RuntimeFlavor};
+    for flavor in [RuntimeFlavor::PerCore, RuntimeFlavor::MultiThread] {
+        let mut config = with_admin(config_for(shared_cluster()), None);
+        config.runtime = RuntimeConfig { flavor, workers: 2 };
+        let proxy = start_proxy(config).await;
+        runtime_flavor_round(proxy, flavor).await;
+    }
+}
+
+async fn runtime_flavor_round(proxy: Proxy, flavor: pgpivot::config::RuntimeFlavor) {
+    let rw = proxy.addresses[0];
+    let mut watched = Vec::new();
+    for _ in 0..4 {
+        watched.push(connect_watched(&conn_str(rw, SUPERUSER, "")).await);
+    }
+    let expected = match flavor {
+        pgpivot::config::RuntimeFlavor::PerCore => vec![2, 2],
+        pgpivot::config::RuntimeFlavor::MultiThread => Vec::new(),
+    };
+    assert_eq!(proxy.sessions_per_worker(), expected, "{flavor:?}");
+
+    // 8 MiB in one DataRow, on every session at once.
+    let big = 8 << 20;
+    let sql = format!("select length(repeat('x', {big})), repeat('x', {big})");
+    let answers = watched.iter().map(|(c, _)| c.query_one(sql.as_str(), &[]));
+    for row in futures_util::future::join_all(answers).await {
+        let row = row.unwrap();
+        let (n, text): (i32, String) = (row.get(0), row.get(1));
+        assert_eq!((n as usize, text.len()), (big, big), "{flavor:?}");
+    }
+
+    let (status, body) = post(&proxy, "/pause?scope=all&timeout_ms=10000").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"parked\":true"), "{flavor:?}: {body}");
+    {
+        let mut held = std::pin::pin!(watched[0].0.simple_query("select 1"));
+        // Bounded look: the query must still be held by the pause.
+        let early = tokio::time::timeout(Duration::from_millis(200), &mut held).await;
+        assert!(early.is_err(), "{flavor:?}: a query went through a pause");
+        let (status, body) = post(&proxy, "/resume").await;
+        assert_eq!(status, 200, "{body}");
+        tokio::time::timeout(Duration::from_secs(10), held)
+            .await
+            .expect("the held query ran after the resume")
+            .unwrap();
+    }
+
+    // One session in a transaction keeps the shutdown waiting; the idle
+    // ones are ended at once with 57P01.
+    let (open, _) = watched.pop().unwrap();
+    open.batch_execute("begin").await.unwrap();
+    let shutdown = tokio::spawn(proxy.shutdown(Duration::from_secs(30)));
+    for (client, connection) in watched {
+        let ended = tokio::time::timeout(Duration::from_secs(10), connection)
+            .await
+            .expect("an idle session was ended by the shutdown")
+            .unwrap();
+        let err = ended.expect_err("ended with an error");
+        assert_eq!(
+            sqlstate(&err).as_deref(),
+            Some("57P01"),
+            "{flavor:?}: {err:?}"
+        );
+        drop(client);
+    }
+    let refused = eventually(Duration::from_secs(2), || async {
+        tokio::net::TcpStream::connect(rw).await.is_err()
+    })
+    .await;
+    assert!(
+        refused,
+        "{flavor:?}: the listener still accepts connections"
+    );
+    assert!(
+        !shutdown.is_finished(),
+        "{flavor:?}: the transaction was not waited for"
+    );
+    open.simple_query("select 1").await.unwrap();
+    open.batch_execute("commit").await.unwrap();
+    let left = tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .expect("the shutdown ended once the transaction did")
+        .unwrap();
+    assert_eq!(left, 0, "{flavor:?}");
+}
+
+/// A listener's target changed by a reload applies to its next session (the
+/// accept loop keeps one copy of its settings per config snapshot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_listener_target_applies_to_the_next_session() {
+    let cluster = shared_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), cluster, "");
+    let proxy = start_from_file(&path).await;
+    let in_recovery = |proxy: &Proxy| {
+        let addr = proxy.addresses[1];
+        async move {
+            let c = connect(addr).await;
+            let row = c.query_one("select pg_is_in_recovery()", &[]).await;
+            row.unwrap().get::<_, bool>(0)
+        }
+    };
+    assert!(in_recovery(&proxy).await, "target standby");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replace("target = \"standby\"", "target = \"read-write\"");
+    std::fs::write(&path, text).unwrap();
+    let (status, body) = post(&proxy, "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !in_recovery(&proxy).await,
+        "target read-write after the reload"
+    );
+}

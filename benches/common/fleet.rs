@@ -36,6 +36,50 @@ pub enum PgpivotMode {
     Both,
 }
 
+/// One `[runtime]` of pgpivot to measure: `flavor` or `flavor:workers`
+/// (`per-core`, `multi-thread:1`, ...); without a count, the cores.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuntimeChoice {
+    pub flavor: String,
+    pub workers: usize,
+}
+
+impl std::str::FromStr for RuntimeChoice {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<RuntimeChoice> {
+        let (flavor, workers) = match s.trim().split_once(':') {
+            Some((f, n)) => (f, n.parse().context("workers after ':'")?),
+            None => (
+                s.trim(),
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            ),
+        };
+        if !["per-core", "multi-thread"].contains(&flavor) || workers == 0 {
+            bail!("{s:?}: want per-core or multi-thread, optionally :WORKERS (at least 1)");
+        }
+        Ok(RuntimeChoice {
+            flavor: flavor.to_owned(),
+            workers,
+        })
+    }
+}
+
+impl RuntimeChoice {
+    /// The target's name in the tables.
+    pub fn name(&self) -> String {
+        format!("pgpivot {} x{}", self.flavor, self.workers)
+    }
+
+    /// The `[runtime]` section selecting it.
+    pub fn toml(&self) -> String {
+        format!(
+            "\n[runtime]\nflavor = \"{}\"\nworkers = {}\n",
+            self.flavor, self.workers
+        )
+    }
+}
+
 /// One endpoint the cases run against.
 pub struct Target {
     pub name: String,
@@ -155,9 +199,12 @@ pub struct Fleet {
 impl Fleet {
     /// Starts every target the config and the machine allow, in table
     /// order. Targets that cannot be had are explained in `notes`.
+    /// pgpivot runs once per entry of `runtimes` (the first one also with
+    /// relay timing off).
     pub async fn start(
         cluster: &LocalCluster,
         pgpivot: PgpivotMode,
+        runtimes: &[RuntimeChoice],
         clients: usize,
         notes: &mut Vec<String>,
     ) -> anyhow::Result<Fleet> {
@@ -170,16 +217,22 @@ impl Fleet {
         if pgpivot != PgpivotMode::InProcess {
             let binary = Path::new(env!("CARGO_BIN_EXE_pgpivot"));
             if binary.is_file() {
-                let started = start_pgpivot_process(binary, cluster, "");
-                fleet.add_peer("pgpivot", started).await?;
+                for runtime in runtimes {
+                    let started = start_pgpivot_process(binary, cluster, &runtime.toml());
+                    fleet.add_peer(&runtime.name(), started).await?;
+                }
                 // The cost of the relay's metrics: the same binary with
                 // round-trip timing and byte counting switched off.
-                let started = start_pgpivot_process(binary, cluster, METRICS_OFF);
+                let first = runtimes.first().map(RuntimeChoice::toml);
+                let extra = first.clone().unwrap_or_default() + METRICS_OFF;
+                let started = start_pgpivot_process(binary, cluster, &extra);
                 fleet
                     .add_peer("pgpivot (relay_timing off)", started)
                     .await?;
-                // The cost of tracking session state for moves.
-                let started = start_pgpivot_process(binary, cluster, MOVES_OFF);
+                // The cost of tracking session state for moves: the first
+                // runtime without it.
+                let extra = first.unwrap_or_default() + MOVES_OFF;
+                let started = start_pgpivot_process(binary, cluster, &extra);
                 fleet
                     .add_peer("pgpivot (move_sessions off)", started)
                     .await?;
@@ -328,7 +381,7 @@ async fn start_pgpivot_in_process(cluster: &LocalCluster) -> anyhow::Result<(Tar
 /// Runs PgBouncer in session mode in front of the primary, with SCRAM for
 /// clients (plain password in the auth file) and pools big enough for every
 /// select client.
-fn start_pgbouncer(
+pub fn start_pgbouncer(
     binary: &Path,
     cluster: &LocalCluster,
     clients: usize,
@@ -368,7 +421,7 @@ fn start_pgbouncer(
 }
 
 /// Runs HAProxy in TCP mode in the foreground, one backend: the primary.
-fn start_haproxy(binary: &Path, cluster: &LocalCluster) -> anyhow::Result<(u16, Peer)> {
+pub fn start_haproxy(binary: &Path, cluster: &LocalCluster) -> anyhow::Result<(u16, Peer)> {
     let port = free_port();
     let dir = TempDir::with_prefix("pgpivot-bench-haproxy-")?;
     let cfg = dir.path().join("haproxy.cfg");
