@@ -260,6 +260,9 @@ pub struct MoveMetrics {
     /// Work in flight at a crash answered by pgpivot, by SQLSTATE (40001:
     /// rolled back, retry; 08007: outcome unknown).
     pub in_flight_answered: LabelCounts,
+    /// Moved sessions that were LISTENing: notifications sent while they
+    /// were between nodes are lost.
+    pub moved_listening: Counter,
     /// Bytes of session state (SQL text, names) tracked for moves, over
     /// every open session.
     pub state_bytes: Gauge,

@@ -376,6 +376,7 @@ async fn idle_sessions_move_through_a_crash_with_their_state() {
     assert_eq!(moves.blocked.get(), [("temp_object", 1)]);
     assert_eq!(moves.failed.get(), [("login", 1)]);
     assert!(moves.move_time.snapshot().count >= 22);
+    assert_eq!(moves.moved_listening.get(), 20, "the 20 LISTENing sessions");
     for (w, _) in &movers {
         assert!(!w.ended.is_finished(), "a moved session's connection ended");
     }

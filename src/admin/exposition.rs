@@ -50,6 +50,12 @@ fn move_metrics(out: &mut Exposition, m: &crate::metrics::MoveMetrics) {
         &m.in_flight_answered.get(),
     );
     out.single(
+        "pgpivot_moved_listening_sessions_total",
+        "counter",
+        "Moved sessions that were LISTENing (notifications sent during the move are lost).",
+        m.moved_listening.get(),
+    );
+    out.single(
         "pgpivot_session_state_bytes",
         "gauge",
         "Session state (SQL text, names) tracked for moves, over all open sessions.",

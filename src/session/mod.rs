@@ -87,7 +87,7 @@ async fn run(
     crate::net::tune(&tcp, settings.tcp_keepalive);
     let deadline = Instant::now() + settings.startup_timeout;
     let (mut client, mut startup) =
-        match handshake::negotiate(tcp, settings.tls.as_ref(), deadline).await? {
+        match Box::pin(handshake::negotiate(tcp, settings.tls.as_ref(), deadline)).await? {
             Hello::Cancel(mut client, key) => {
                 shared.metrics.cancel_requests.inc();
                 shared.cancels.cancel(&key, settings.connect_timeout).await;
@@ -120,10 +120,18 @@ async fn run(
         entered = entered => entered.map_err(|_| ConnectError::Paused),
     };
     let starting = or_reply(&mut client, entered).await?;
-    let connected = connect::connect(routes(shared), &settings, &request, &startup).await;
+    // The stages before the relay are boxed: a session's task is sized by its
+    // largest future, and an idle session spends its life in the relay.
+    let connected = Box::pin(connect::connect(
+        routes(shared),
+        &settings,
+        &request,
+        &startup,
+    ))
+    .await;
     let mut connected = or_reply(&mut client, connected).await?;
     tracing::Span::current().record("node", connected.name.as_str());
-    let authenticated = authenticate(shared, &request, &mut connected, &mut client).await;
+    let authenticated = Box::pin(authenticate(shared, &request, &mut connected, &mut client)).await;
     let authenticated = or_reply(&mut client, authenticated).await?;
     let mobility = mobility_for(shared, &settings, &startup, authenticated.login);
     drop(starting);
@@ -227,18 +235,18 @@ impl Relayed<'_> {
                 relay::MoveCause::Ineligible(reason) => Some(reason.message()),
                 relay::MoveCause::Goodbye { .. } => None,
             };
-            let moved = moving::move_session(
-                &self.move_context(&connected, on_standby),
-                point,
-                &mut client,
-            )
-            .await;
+            // Boxed, like the stages before the relay: rare, and large.
+            let context = self.move_context(&connected, on_standby);
+            let moved = Box::pin(moving::move_session(&context, point, &mut client)).await;
             match moved {
                 Ok(moved) => {
                     let from = std::mem::replace(&mut connected, moved.connected);
                     let moves = &shared.metrics.moves;
                     moves.moved.inc(cause);
                     moves.move_time.record(started.elapsed());
+                    if self.mobility.is_some_and(|m| m.tracker().listens()) {
+                        moves.moved_listening.inc();
+                    }
                     tracing::Span::current().record("node", connected.name.as_str());
                     tracing::info!(from = %from.name, cause, move_ms = started.elapsed().as_millis() as u64, "session moved");
                     drop(from);

@@ -52,9 +52,11 @@ use crate::protocol::sqlstate;
 use crate::routing::Target;
 use crate::topology::NodeId;
 
-/// A direction's first buffer: enough for most messages, small enough that
-/// a thousand idle sessions hold little.
-const FIRST_CHUNK: usize = 8 * 1024;
+/// A direction's first buffer: enough for the common small query and its
+/// answer, small enough that a thousand idle sessions hold little (it
+/// doubles while reads fill it, so a large result soon reads 64 KiB at a
+/// time).
+const FIRST_CHUNK: usize = 1024;
 /// The most a direction reads at a time, reached while reads keep filling
 /// the buffer (bulk COPY, large results).
 const READ_CHUNK: usize = 64 * 1024;

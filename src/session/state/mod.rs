@@ -300,6 +300,12 @@ impl Tracker {
         self.in_block.clear();
     }
 
+    /// Whether the session LISTENs on any channel (a move may lose the
+    /// notifications sent while it is between nodes).
+    pub fn listens(&self) -> bool {
+        !self.listens.is_empty()
+    }
+
     /// Why the session cannot move, if it cannot (the first reason).
     pub fn pinned(&self) -> Option<Pin> {
         self.pins.iter().next().copied()
