@@ -1,18 +1,24 @@
 //! One client session, from accept to end.
 //!
 //! ```text
-//! handshake ──► params ──► connect ──────────► auth ──────────► relay ──► end
-//! SSLRequest    pgpivot.*  route + hold,       pass-through,    framed     Terminate, backend
-//! (rustls),     settings   backend TCP(+TLS),  proxy cancel     bulk       gone, node no longer
-//! startup/cancel           startup packet      key, in_hot_     copy       eligible, shutdown
-//!                                              standby check
-//! HandshakeError AdmitError ConnectError       AuthError        RelayEnd
+//! handshake ──► params ──► connect ──────────► auth ──────────► relay ─────────► end
+//! SSLRequest    pgpivot.*  route + hold,       pass-through,    framed bulk      Terminate, backend
+//! (rustls),     settings   backend TCP(+TLS),  proxy cancel     copy; state      gone, shutdown, a
+//! startup/cancel           startup packet      key, in_hot_     tracker fed      session that
+//!                                              standby check,        │  ▲        cannot move
+//!                                              login noted   MovePoint ▼  │ Moved
+//!                                                            moving: goodbye check, in-flight
+//!                                                            answers, pause gate, connect,
+//!                                                            re-login, replay
+//! HandshakeError AdmitError ConnectError       AuthError        RelayEnd / MoveError
 //! ```
 //!
 //! Each stage is a module with its own function and error type; this one
 //! runs them in order inside the session's tracing span, with one settings
 //! snapshot, turns a stage's error into the client's ErrorResponse, and
-//! closes the client's connection the way PostgreSQL does ([`close`]).
+//! closes the client's connection the way PostgreSQL does ([`close`]). After
+//! the login, [`Relayed`] alternates relay and move for as long as the
+//! session can move (`[failover] move_sessions`, see [`mobility`]).
 
 pub mod auth;
 pub mod connect;
