@@ -2,6 +2,7 @@
 //! it per test (started in-process on 127.0.0.1:0).
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod tls;
 
 use std::net::SocketAddr;
