@@ -20,6 +20,69 @@ use tokio_postgres::{AsyncMessage, Client, Notification};
 
 use common::*;
 
+/// Everything pgpivot logs in this binary, at debug level: the changed
+/// password test checks that no secret is in it. Installed by every test
+/// before anything else logs (the harness's own subscriber then stays out).
+static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct Captured;
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("pgpivot=debug")
+        .with_writer(|| Captured)
+        .with_ansi(false)
+        .try_init();
+}
+
+/// The SCRAM ClientKey of `password` under `verifier`
+/// (`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`), computed
+/// as a client does: HMAC(PBKDF2(password, salt, iterations), "Client Key").
+fn client_key(password: &str, verifier: &str) -> [u8; 32] {
+    use base64::Engine;
+    use pgpivot::credentials::scram::hmac_sha256;
+    let rest = verifier
+        .strip_prefix("SCRAM-SHA-256$")
+        .expect("a SCRAM verifier");
+    let (iterations_salt, _) = rest.split_once('$').unwrap();
+    let (iterations, salt) = iterations_salt.split_once(':').unwrap();
+    let salt = base64::engine::general_purpose::STANDARD
+        .decode(salt)
+        .unwrap();
+    let mut u = hmac_sha256(
+        password.as_bytes(),
+        &[salt.as_slice(), &[0, 0, 0, 1]].concat(),
+    );
+    let mut salted = u;
+    for _ in 1..iterations.parse::<u32>().unwrap() {
+        u = hmac_sha256(password.as_bytes(), &u);
+        salted.iter_mut().zip(u).for_each(|(s, b)| *s ^= b);
+    }
+    let key = hmac_sha256(&salted, b"Client Key");
+    // Checked against the verifier: StoredKey = H(ClientKey).
+    let stored = rest.split_once('$').unwrap().1.split_once(':').unwrap().0;
+    let stored = base64::engine::general_purpose::STANDARD
+        .decode(stored)
+        .unwrap();
+    assert_eq!(
+        pgpivot::credentials::scram::sha256(&key).as_slice(),
+        stored,
+        "the ClientKey"
+    );
+    key
+}
+
 /// Runs blocking cluster operations from async tests.
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
@@ -188,6 +251,7 @@ impl Psql {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sessions_move_through_a_crash_with_their_state() {
+    capture_logs();
     let cluster = new_cluster(1);
     // TLS offered: psql (sslmode=prefer) takes it, tokio-postgres (NoTls)
     // stays plaintext.
@@ -248,6 +312,13 @@ async fn idle_sessions_move_through_a_crash_with_their_state() {
     })
     .await;
     assert!(looked_up);
+    let verifier = cluster
+        .psql(
+            0,
+            "select rolpassword from pg_authid where rolname = 'mover'",
+        )
+        .unwrap();
+    let kept_key = client_key(PASSWORD, &verifier);
     cluster
         .psql(0, "alter role mover password 'changed'")
         .unwrap();
@@ -351,6 +422,26 @@ async fn idle_sessions_move_through_a_crash_with_their_state() {
     let e = ended.err().unwrap_or(e);
     assert_eq!(sqlstate(&e).as_deref(), Some("57P01"), "{e:?}");
     let text = message(&e);
+    // The kept ClientKey is nowhere: not in the error, the logs, /status or
+    // /metrics (in hex or base64).
+    let shown = [
+        text.clone(),
+        String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned(),
+        serde_json::to_string(&pgpivot::admin::status::report(&proxy.shared)).unwrap(),
+        pgpivot::admin::exposition::render(&proxy.shared),
+    ];
+    let hex: String = kept_key.iter().map(|b| format!("{b:02x}")).collect();
+    let b64 = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(kept_key)
+    };
+    for (what, text) in ["error", "logs", "/status", "/metrics"].iter().zip(&shown) {
+        assert!(
+            !text.contains(&hex) && !text.contains(&b64),
+            "the ClientKey is in {what}"
+        );
+    }
+    assert!(shown[1].contains("session moved"), "the logs were captured");
     assert!(
         text.contains("refused the login") && text.contains("28P01"),
         "{text}"
@@ -398,6 +489,7 @@ async fn idle_sessions_move_through_a_crash_with_their_state() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planned_switchover_gives_open_sessions_no_errors() {
+    capture_logs();
     let cluster = new_cluster(1);
     let mut config = config_for(&cluster);
     config.admin = Some(AdminConfig {
@@ -521,6 +613,7 @@ async fn a_planned_switchover_gives_open_sessions_no_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_sessions_on_a_lost_standby_move_to_another() {
+    capture_logs();
     let cluster = new_cluster(2);
     let mut config = config_for(&cluster);
     config.listeners = vec![listener(Target::Standby)];
@@ -567,6 +660,7 @@ async fn read_sessions_on_a_lost_standby_move_to_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_with_retries_survives_a_crash_failover() {
+    capture_logs();
     let cluster = new_cluster(1);
     let proxy = start_proxy(config_for(&cluster)).await;
     let rw = proxy.addresses[0];
@@ -660,6 +754,7 @@ async fn pgbench_with_retries_survives_a_crash_failover() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_session_past_its_lag_budget_moves_at_its_next_idle_point() {
+    capture_logs();
     let cluster = new_cluster(2);
     let mut config = config_for(&cluster);
     let mut reads = listener(Target::Standby);
