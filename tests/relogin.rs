@@ -249,3 +249,39 @@ async fn a_changed_password_is_refused_and_a_wrong_verifier_gives_no_key() {
     assert!(after.is_some() && after != before);
     assert!(credential_for(&relayed, after.as_ref()).is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_auth_query_is_not_rerun_for_every_session() {
+    let cluster = cluster();
+    let node = cluster.node(0).address().to_string();
+    // pg_shadow is for superusers only: the documented non-superuser role
+    // gets "permission denied".
+    let store = SecretStore::from_query(QuerySettings {
+        query: pgpivot::credentials::store::DEFAULT_QUERY.into(),
+        user: "pgpivot_auth".into(),
+        password: PASSWORD.into(),
+        database: "postgres".into(),
+    });
+    let tls = BackendTls::disabled();
+    let first = store.lookup(SUPERUSER, "pg1", &node, &tls).await;
+    let e = first.expect_err("pg_shadow is refused to pgpivot_auth");
+    assert!(
+        !e.is_repeat() && e.to_string().contains("permission denied"),
+        "{e}"
+    );
+    // The next sessions get the same answer at once, without a connection.
+    let connections = || {
+        cluster
+            .psql(
+                0,
+                "select count(*) from pg_stat_activity where usename = 'pgpivot_auth'",
+            )
+            .unwrap()
+    };
+    let before = tokio::task::block_in_place(connections);
+    for _ in 0..5 {
+        let again = store.lookup(SUPERUSER, "pg1", &node, &tls).await;
+        assert!(again.expect_err("still failing").is_repeat());
+    }
+    assert_eq!(tokio::task::block_in_place(connections), before);
+}

@@ -18,7 +18,22 @@ pub enum StoreError {
     File { line: usize, problem: &'static str },
     #[error("auth query on {node} failed: {reason}")]
     Query { node: String, reason: String },
+    /// The query failed less than [`RETRY_AFTER`] ago: not run again yet
+    /// (every new session of a role would otherwise open a connection to
+    /// the primary and log the same failure).
+    #[error("auth query failed {seconds} s ago, not retried yet: {reason}")]
+    RecentlyFailed { seconds: u64, reason: String },
 }
+
+impl StoreError {
+    /// Whether this failure was reported already (log it quietly).
+    pub fn is_repeat(&self) -> bool {
+        matches!(self, StoreError::RecentlyFailed { .. })
+    }
+}
+
+/// How long a failed auth query is not run again.
+pub const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How the auth query connects.
 #[derive(Debug, Clone)]
@@ -35,6 +50,8 @@ pub struct SecretStore {
     /// Looked-up secrets (`None`: the role has none usable). A std Mutex:
     /// held only to read or insert, never across the query.
     cache: Mutex<HashMap<String, Option<Secret>>>,
+    /// The last failed query: when, and why.
+    failed: Mutex<Option<(std::time::Instant, String)>>,
 }
 
 enum Source {
@@ -79,6 +96,7 @@ impl SecretStore {
         Ok(SecretStore {
             source: Source::File,
             cache: Mutex::new(cache),
+            failed: Mutex::default(),
         })
     }
 
@@ -87,6 +105,7 @@ impl SecretStore {
         SecretStore {
             source: Source::Query(settings),
             cache: Mutex::default(),
+            failed: Mutex::default(),
         }
     }
 
@@ -105,14 +124,21 @@ impl SecretStore {
         let Source::Query(settings) = &self.source else {
             return Ok(None);
         };
-        let found = query(settings, role, address, tls)
-            .await
-            .map_err(|reason| StoreError::Query {
-                node: node.to_string(),
-                reason,
-            })?;
-        self.lock().insert(role.to_string(), found.clone());
-        Ok(found)
+        if let Some(e) = self.recent_failure() {
+            return Err(e);
+        }
+        match query(settings, role, address, tls).await {
+            Ok(found) => {
+                self.lock().insert(role.to_string(), found.clone());
+                Ok(found)
+            }
+            Err(reason) => {
+                let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+                *failed = Some((std::time::Instant::now(), reason.clone()));
+                let node = node.to_string();
+                Err(StoreError::Query { node, reason })
+            }
+        }
     }
 
     /// Drops a cached secret (a re-login with it was refused: the password
@@ -121,6 +147,17 @@ impl SecretStore {
         if matches!(self.source, Source::Query(_)) {
             self.lock().remove(role);
         }
+    }
+
+    /// The last failure, while it is recent enough not to query again.
+    fn recent_failure(&self) -> Option<StoreError> {
+        let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        let (at, reason) = failed.as_ref()?;
+        let age = at.elapsed();
+        (age < RETRY_AFTER).then(|| StoreError::RecentlyFailed {
+            seconds: age.as_secs(),
+            reason: reason.clone(),
+        })
     }
 
     fn cached(&self, role: &str) -> Option<Option<Secret>> {
@@ -184,7 +221,11 @@ async fn query(
     let row = client
         .query_opt(settings.query.as_str(), &[&role])
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| match e.as_db_error() {
+            // The server's own words ("permission denied for view pg_shadow").
+            Some(db) => format!("SQLSTATE {}: {}", db.code().code(), db.message()),
+            None => e.to_string(),
+        })?;
     let secret: Option<String> = row.and_then(|r| r.get(1));
     Ok(secret.as_deref().and_then(Secret::parse))
 }

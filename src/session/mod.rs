@@ -428,8 +428,12 @@ fn mobility_for(
                         let lookup = store.lookup(&role, &name, &address, &tls);
                         match tokio::time::timeout(timeout, lookup).await {
                             Ok(Ok(secret)) => secret,
+                            Ok(Err(e)) if e.is_repeat() => {
+                                tracing::debug!(role, "{e}");
+                                None
+                            }
                             Ok(Err(e)) => {
-                                tracing::warn!(role, "{e}");
+                                tracing::warn!(role, "{e}; sessions of this role cannot move");
                                 None
                             }
                             Err(_) => None,
