@@ -85,7 +85,7 @@ async fn first_login(cluster: &LocalCluster, user: &str) -> Option<Credential> {
 
 /// The role's secret, as the auth query returns it now.
 async fn secret_of(cluster: &LocalCluster, user: &str) -> Option<Secret> {
-    let node = cluster.node(0).address().to_string();
+    let node = pgpivot::address::BackendAddress::Tcp(cluster.node(0).address().to_string());
     store()
         .lookup(user, "pg1", &node, &BackendTls::disabled())
         .await
@@ -94,8 +94,8 @@ async fn secret_of(cluster: &LocalCluster, user: &str) -> Option<Secret> {
 
 /// What pgpivot notes of a real login of `user` to node 0.
 async fn relayed_login(cluster: &LocalCluster, user: &str) -> Login {
-    let node = cluster.node(0).address().to_string();
-    let mut backend = TcpStream::connect(&node).await.unwrap();
+    let node = pgpivot::address::BackendAddress::Tcp(cluster.node(0).address().to_string());
+    let mut backend = TcpStream::connect(node.to_string()).await.unwrap();
     let (client_end, mut proxy_end) = tokio::io::duplex(64 * 1024);
     let conninfo = cluster.node(0).conn_string_as(user);
     let config: tokio_postgres::Config = conninfo.parse().unwrap();
