@@ -281,12 +281,13 @@ pub struct LimitsConfig {
     pub max_client_connections: usize,
     /// A client must finish its startup packet(s) within this many ms.
     pub startup_timeout_ms: u64,
-    /// Timeout for the TCP connect to a backend, in milliseconds.
+    /// Timeout for the connect to a backend (TCP or its Unix socket), in
+    /// milliseconds.
     pub connect_timeout_ms: u64,
     /// Largest message a client may send, in bytes (PostgreSQL's own limit
     /// is 1 GiB).
     pub max_message_bytes: usize,
-    /// TCP keepalive on client and backend sockets: seconds of silence
+    /// TCP keepalive on client and backend TCP sockets: seconds of silence
     /// before the first probe (0 = off). Frees sessions whose peer vanished
     /// behind a network partition; TCP_USER_TIMEOUT is set to the same
     /// total (idle + 4 probes), for a peer that vanished with data in flight.
