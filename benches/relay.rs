@@ -26,6 +26,9 @@
 //!   its own, like PgBouncer and HAProxy), once per `--runtimes` entry
 //!   (`[runtime] flavor` and `workers`), so the runtimes are compared in one
 //!   run, in the same interleaved rounds.
+//! * `pgpivot (unix)`: the first runtime with every node given as its Unix
+//!   socket (`<cluster>/sockets/.s.PGSQL.<port>`): the hop of a proxy on
+//!   the database host, next to the TCP one.
 //! * `pgpivot (relay_timing off)`: the first runtime with `[metrics]
 //!   relay_timing = false`, so the pair shows what the per-round-trip
 //!   metrics cost.

@@ -11,6 +11,9 @@
 //!
 //! Negotiation is PostgreSQL's: an SSLRequest, one byte of answer (`S` or
 //! `N`), then the TLS handshake on the same socket. rustls only; no OpenSSL.
+//! A node on a Unix socket has no TLS (PostgreSQL offers none there; the
+//! config refuses the modes that need it, and `prefer` means plaintext):
+//! nothing is negotiated on it.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -26,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::address::{BackendAddress, BackendSocket};
 use crate::maybe_tls::MaybeTls;
 
 /// libpq's `sslmode`, as far as a proxy's backend side needs it.
@@ -52,7 +56,7 @@ impl SslMode {
     }
 
     /// Whether a server that answers `N` must be refused.
-    fn needs_tls(self) -> bool {
+    pub fn needs_tls(self) -> bool {
         !matches!(self, SslMode::Disable | SslMode::Prefer)
     }
 }
@@ -144,22 +148,24 @@ impl BackendTls {
         })
     }
 
-    /// Negotiates encryption on a fresh connection to `host` (the node's
-    /// configured host name or address: what `verify-full` checks).
+    /// Negotiates encryption on a fresh TCP connection to `host` (the
+    /// node's configured host name or address: what `verify-full` checks).
     pub async fn negotiate(
         &self,
         mut tcp: TcpStream,
         host: &str,
     ) -> Result<BackendStream, BackendTlsError> {
         let Some(config) = &self.config else {
-            return Ok(BackendStream::Plain(tcp));
+            return Ok(BackendStream::Plain(BackendSocket::Tcp(tcp)));
         };
         tcp.write_all(&SSL_REQUEST).await?;
         let mut answer = [0u8; 1];
         tcp.read_exact(&mut answer).await?;
         match answer[0] {
             b'S' => {}
-            b'N' if !self.mode.needs_tls() => return Ok(BackendStream::Plain(tcp)),
+            b'N' if !self.mode.needs_tls() => {
+                return Ok(BackendStream::Plain(BackendSocket::Tcp(tcp)))
+            }
             b'N' => return Err(BackendTlsError::Refused(self.mode)),
             other => return Err(BackendTlsError::BadAnswer(other)),
         }
@@ -201,20 +207,30 @@ pub struct ControlLogin<'a> {
 }
 
 impl BackendTls {
-    /// A tokio-postgres client to the node at `address` (`host:port`), with
-    /// this node's TLS rules. The connection runs in a task of its own until
-    /// the client is dropped. The error is the reason, causes included.
+    /// A tokio-postgres client to the node at `address`, with this node's
+    /// TLS rules (none on a Unix socket: tokio-postgres is given the
+    /// socket's directory and port and builds `.s.PGSQL.<port>` itself). The
+    /// connection runs in a task of its own until the client is dropped. The
+    /// error is the reason, causes included.
     pub async fn control_client(
         &self,
-        address: &str,
+        address: &BackendAddress,
         login: &ControlLogin<'_>,
     ) -> Result<tokio_postgres::Client, String> {
-        let (host, port) = crate::config::split_host_port(address)
-            .ok_or_else(|| format!("bad address {address:?}"))?;
         let mut config = tokio_postgres::Config::new();
+        let host = match address {
+            BackendAddress::Tcp(a) => {
+                let (host, port) = crate::config::split_host_port(a)
+                    .ok_or_else(|| format!("bad address {a:?}"))?;
+                config.host(host).port(port);
+                host
+            }
+            BackendAddress::Unix { dir, port } => {
+                config.host_path(dir).port(*port);
+                "localhost"
+            }
+        };
         config
-            .host(host)
-            .port(port)
             .user(login.user)
             .password(login.password)
             .dbname(login.database)
@@ -339,15 +355,17 @@ impl ServerCertVerifier for NameUnchecked {
     }
 }
 
-/// A backend connection after encryption negotiation.
-pub type BackendStream = MaybeTls<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+/// A backend connection after encryption negotiation: plain TCP or Unix,
+/// or TLS over TCP.
+pub type BackendStream = MaybeTls<BackendSocket, tokio_rustls::client::TlsStream<TcpStream>>;
 
 impl BackendStream {
-    /// The TCP socket under any TLS.
-    pub fn tcp(&self) -> &TcpStream {
+    /// The TCP socket under any TLS; `None` on a Unix socket.
+    pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
-            MaybeTls::Plain(s) => s,
-            MaybeTls::Tls(s) => s.get_ref().0,
+            MaybeTls::Plain(BackendSocket::Tcp(s)) => Some(s),
+            MaybeTls::Plain(BackendSocket::Unix(_)) => None,
+            MaybeTls::Tls(s) => Some(s.get_ref().0),
         }
     }
 }

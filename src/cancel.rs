@@ -5,7 +5,8 @@
 //! secret key issued by the proxy. The registry maps (pid, proxy secret) to
 //! the backend's address and real key. A CancelRequest arrives on a fresh
 //! connection; if its key is known the proxy sends the real one to the
-//! backend, otherwise it drops it silently, as PostgreSQL does.
+//! backend (over TCP, or the node's Unix socket), otherwise it drops it
+//! silently, as PostgreSQL does.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,14 +15,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use rand::RngCore;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
+use crate::address::BackendAddress;
 use crate::protocol::startup::CancelKey;
 
 /// Where a cancel for one session must go.
 #[derive(Debug, Clone)]
 struct CancelTarget {
-    backend: String,
+    backend: BackendAddress,
     key: CancelKey,
 }
 
@@ -50,9 +51,9 @@ impl Drop for Registration {
 impl Registration {
     /// Points the client's key at another backend (its session moved): the
     /// client keeps the key it was given, cancels reach the new backend.
-    pub fn retarget(&self, backend: &str, real: CancelKey) {
+    pub fn retarget(&self, backend: &BackendAddress, real: CancelKey) {
         let target = CancelTarget {
-            backend: backend.to_string(),
+            backend: backend.clone(),
             key: real,
         };
         self.registry.lock().insert(self.issued.clone(), target);
@@ -68,7 +69,7 @@ impl CancelRegistry {
 
     /// Issues a proxy key (same pid, fresh secret of the backend key's
     /// length) for a backend's real key.
-    pub fn register(self: &Arc<Self>, backend: &str, real: CancelKey) -> Registration {
+    pub fn register(self: &Arc<Self>, backend: &BackendAddress, real: CancelKey) -> Registration {
         let mut secret = vec![0u8; real.secret.len()];
         let issued = loop {
             rand::rng().fill_bytes(&mut secret);
@@ -79,7 +80,7 @@ impl CancelRegistry {
             let mut keys = self.lock();
             if !keys.contains_key(&candidate) {
                 let target = CancelTarget {
-                    backend: backend.to_string(),
+                    backend: backend.clone(),
                     key: real.clone(),
                 };
                 keys.insert(candidate.clone(), target);
@@ -109,7 +110,7 @@ impl CancelRegistry {
             return false;
         };
         let send = async {
-            let mut stream = TcpStream::connect(&target.backend).await?;
+            let mut stream = target.backend.connect().await?;
             stream.write_all(&target.key.encode_request()).await?;
             stream.shutdown().await
         };
@@ -138,7 +139,7 @@ mod tests {
             pid: 4242,
             secret: Bytes::from_static(&[1, 2, 3, 4]),
         };
-        let reg = registry.register("127.0.0.1:1", real.clone());
+        let reg = registry.register(&BackendAddress::Tcp("127.0.0.1:1".into()), real.clone());
         assert_eq!(reg.issued.pid, 4242);
         assert_eq!(reg.issued.secret.len(), 4);
         assert_eq!(registry.len(), 1);

@@ -17,6 +17,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::address::{AddressError, BackendAddress};
 use crate::backend_tls::{BackendTls, SslMode};
 use crate::credentials::store::{QuerySettings, SecretStore, DEFAULT_QUERY};
 use crate::routing::{LagBudget, Target};
@@ -151,8 +152,15 @@ pub enum OnLag {
 pub struct NodeConfig {
     /// A short unique name used in logs, metrics and errors.
     pub name: String,
-    /// `host:port` of the server.
+    /// `host:port` of the server, or a Unix socket as libpq takes it: the
+    /// socket file (`/var/run/postgresql/.s.PGSQL.5432`) or its directory
+    /// (`/var/run/postgresql`, with `port`). Anything starting with `/` is a
+    /// socket.
     pub address: String,
+    /// The port of a socket directory address (default 5432): the socket is
+    /// `<address>/.s.PGSQL.<port>`. Not for `host:port` or a socket file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u64>,
     /// Relative share of read sessions (0 = never chosen for reads unless it
     /// is the primary).
     #[serde(default = "one")]
@@ -171,6 +179,7 @@ impl NodeConfig {
         NodeConfig {
             name: name.into(),
             address: address.into(),
+            port: None,
             weight: 1,
             sslmode: None,
             sslrootcert: None,
@@ -272,12 +281,13 @@ pub struct LimitsConfig {
     pub max_client_connections: usize,
     /// A client must finish its startup packet(s) within this many ms.
     pub startup_timeout_ms: u64,
-    /// Timeout for the TCP connect to a backend, in milliseconds.
+    /// Timeout for the connect to a backend (TCP or its Unix socket), in
+    /// milliseconds.
     pub connect_timeout_ms: u64,
     /// Largest message a client may send, in bytes (PostgreSQL's own limit
     /// is 1 GiB).
     pub max_message_bytes: usize,
-    /// TCP keepalive on client and backend sockets: seconds of silence
+    /// TCP keepalive on client and backend TCP sockets: seconds of silence
     /// before the first probe (0 = off). Frees sessions whose peer vanished
     /// behind a network partition; TCP_USER_TIMEOUT is set to the same
     /// total (idle + 4 probes), for a peer that vanished with data in flight.
@@ -479,8 +489,8 @@ impl Settings {
 #[derive(Debug, Clone)]
 pub struct NodeSettings {
     pub name: String,
-    /// As configured: `host:port`, a host name is resolved at each connect.
-    pub address: String,
+    /// `host:port` (a host name is resolved at each connect) or a socket.
+    pub address: BackendAddress,
     pub weight: u32,
     /// How sessions and the monitor reach this node.
     pub tls: Arc<BackendTls>,
@@ -664,8 +674,28 @@ impl FileConfig {
                     ));
                 }
                 names.push(&n.name);
-                host_port(&format!("{key}.address"), &n.address)?;
+                let address = BackendAddress::parse(&n.address, n.port).map_err(|e| match e {
+                    AddressError::Address(problem) => {
+                        ConfigError::new(format!("{key}.address"), problem)
+                    }
+                    AddressError::Port(problem) => ConfigError::new(format!("{key}.port"), problem),
+                })?;
                 let mode = n.sslmode.unwrap_or(self.backend_tls.sslmode);
+                if address.is_unix() {
+                    // PostgreSQL has no TLS on local sockets.
+                    if mode.needs_tls() {
+                        return Err(ConfigError::new(
+                            format!("{key}.sslmode"),
+                            format!("{mode} on a Unix socket: PostgreSQL has no TLS there (use disable or prefer)"),
+                        ));
+                    }
+                    return Ok(NodeSettings {
+                        name: n.name.clone(),
+                        address,
+                        weight: n.weight,
+                        tls: Arc::new(BackendTls::disabled()),
+                    });
+                }
                 let (root, root_key) = match &n.sslrootcert {
                     Some(path) => (Some(path), format!("{key}.sslrootcert")),
                     None => (
@@ -677,7 +707,7 @@ impl FileConfig {
                     .map_err(|e| ConfigError::new(root_key, e.to_string()))?;
                 Ok(NodeSettings {
                     name: n.name.clone(),
-                    address: n.address.clone(),
+                    address,
                     weight: n.weight,
                     tls: Arc::new(tls),
                 })
@@ -799,12 +829,6 @@ pub fn split_host_port(value: &str) -> Option<(&str, u16)> {
     (!host.is_empty()).then_some((host, port.parse().ok()?))
 }
 
-fn host_port(key: &str, value: &str) -> Result<(), ConfigError> {
-    split_host_port(value)
-        .map(|_| ())
-        .ok_or_else(|| ConfigError::new(key, format!("{value:?} is not a host:port address")))
-}
-
 fn millis(key: &str, ms: u64) -> Result<Duration, ConfigError> {
     positive(key, ms as usize).map(|_| Duration::from_millis(ms))
 }
@@ -846,6 +870,59 @@ mod tests {
         assert_eq!(file.listeners.len(), 2);
         assert_eq!(file.nodes.len(), 3);
         assert_eq!(file.listeners[1].target, Target::PreferStandby);
+    }
+
+    #[test]
+    fn unix_socket_nodes() {
+        let s = check(
+            "[[nodes]]\nname='a'\naddress='/run/pg/.s.PGSQL.5433'\n\
+             [[nodes]]\nname='b'\naddress='/run/pg'\nport=6000\n\
+             [[nodes]]\nname='c'\naddress='/run/pg'\nsslmode='prefer'\n\
+             [[nodes]]\nname='d'\naddress='127.0.0.1:5432'",
+        )
+        .unwrap();
+        let unix = |dir: &str, port| BackendAddress::Unix {
+            dir: dir.into(),
+            port,
+        };
+        assert_eq!(s.nodes[0].address, unix("/run/pg", 5433));
+        assert_eq!(s.nodes[1].address, unix("/run/pg", 6000));
+        assert_eq!(s.nodes[2].address, unix("/run/pg", 5432));
+        // prefer means plaintext on a socket: no SSLRequest is sent.
+        assert_eq!(s.nodes[2].tls.mode, SslMode::Disable);
+        assert_eq!(
+            s.nodes[3].address,
+            BackendAddress::Tcp("127.0.0.1:5432".into())
+        );
+        assert_eq!(s.nodes[3].tls.mode, SslMode::Prefer);
+    }
+
+    #[test]
+    fn unix_socket_errors_name_the_key() {
+        let node = "[[nodes]]\nname='a'\n";
+        for (extra, key) in [
+            ("address='/run/pg'\nsslmode='require'", "nodes[0].sslmode"),
+            (
+                "address='/run/pg'\nsslmode='verify-full'",
+                "nodes[0].sslmode",
+            ),
+            ("address='/run/pg'\nport=0", "nodes[0].port"),
+            ("address='/run/pg'\nport=70000", "nodes[0].port"),
+            (
+                "address='/run/pg/.s.PGSQL.5432'\nport=5432",
+                "nodes[0].port",
+            ),
+            ("address='127.0.0.1:5432'\nport=5432", "nodes[0].port"),
+            ("address='/run/pg/.s.PGSQL.abc'", "nodes[0].address"),
+        ] {
+            let e = check(&format!("{node}{extra}")).unwrap_err();
+            assert_eq!(e.key, key, "{extra}: {e}");
+        }
+        let e = check(&format!(
+            "[backend_tls]\nsslmode='verify-ca'\nsslrootcert='/x.pem'\n{node}address='/run/pg'"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "nodes[0].sslmode", "the default applies too: {e}");
     }
 
     #[test]

@@ -21,6 +21,8 @@
 //!   proxy reads or writes.
 //! - [`routing`]: target + lag budget + snapshot → node (pure).
 //! - [`cancel`]: proxy-issued cancel keys → real backends.
+//! - [`address`]: where a node is (`host:port` or a Unix socket) and the
+//!   plain connection to it.
 //! - [`tls`]: rustls server config (client side); [`backend_tls`]: TLS to
 //!   the nodes with libpq's `sslmode` meanings (sessions and monitor).
 //!
@@ -44,6 +46,7 @@
 //! options), [`localcluster`] (a real primary + standbys for tests, benches
 //! and the demo), [`demo`].
 
+pub mod address;
 pub mod admin;
 pub mod backend_tls;
 pub mod cancel;

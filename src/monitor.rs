@@ -9,6 +9,7 @@
 //! that notice a role change first (ParameterStatus `in_hot_standby`, SQLSTATE
 //! 25006) [`poke`](MonitorHandle::poke) the node's monitor to poll at once.
 
+use crate::address::BackendAddress;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -133,7 +134,7 @@ impl MonitorHandle {
 /// What one monitor polls: the node's address and how to reach it.
 #[derive(Debug, Clone)]
 pub struct MonitorTarget {
-    pub address: String,
+    pub address: BackendAddress,
     pub tls: Arc<BackendTls>,
 }
 
@@ -154,7 +155,7 @@ pub fn targets(specs: &[NodeSpec], settings: &Settings) -> Vec<Option<MonitorTar
 
 struct Poller {
     node: NodeId,
-    address: String,
+    address: BackendAddress,
     tls: Arc<BackendTls>,
     settings: MonitorSettings,
     /// The open connection and its prepared poll statement.

@@ -220,7 +220,7 @@ mod tests {
         let specs: Vec<NodeSpec> = (0..n)
             .map(|i| NodeSpec {
                 name: format!("pg{i}"),
-                address: String::new(),
+                address: crate::address::BackendAddress::Tcp(String::new()),
                 weight: 1,
                 stats: Arc::default(),
                 removed: false,

@@ -13,6 +13,7 @@
 //!   highest ever seen is a stale primary, never a write target again.
 //! - A node whose system identifier differs from the cluster's is excluded.
 
+use crate::address::BackendAddress;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -143,7 +144,7 @@ impl Drop for LoadGuard {
 pub struct NodeView {
     pub id: NodeId,
     pub name: String,
-    pub address: String,
+    pub address: BackendAddress,
     pub weight: u32,
     pub status: Status,
     pub timeline: Option<u32>,
@@ -182,7 +183,7 @@ pub struct Topology {
 #[derive(Debug, Clone)]
 pub struct NodeSpec {
     pub name: String,
-    pub address: String,
+    pub address: BackendAddress,
     pub weight: u32,
     pub stats: Arc<NodeStats>,
     /// Removed by a reload: kept as a tombstone so node ids stay stable.
@@ -191,10 +192,10 @@ pub struct NodeSpec {
 
 impl NodeSpec {
     /// A configured node with fresh figures.
-    pub fn new(name: &str, address: &str, weight: u32) -> NodeSpec {
+    pub fn new(name: &str, address: &BackendAddress, weight: u32) -> NodeSpec {
         NodeSpec {
             name: name.to_string(),
-            address: address.to_string(),
+            address: address.clone(),
             weight,
             stats: Arc::default(),
             removed: false,
@@ -238,14 +239,18 @@ impl Topology {
         let nodes = self
             .nodes
             .iter()
-            .map(|n| (n.name.as_str(), n.address.as_str(), n.status))
+            .map(|n| (n.name.as_str(), &n.address, n.status))
             .collect();
         (self.primary, self.fenced, nodes)
     }
 }
 
 /// Primary, fenced, and each node's (name, address, status).
-type RoutingShape<'a> = (Option<NodeId>, bool, Vec<(&'a str, &'a str, Status)>);
+type RoutingShape<'a> = (
+    Option<NodeId>,
+    bool,
+    Vec<(&'a str, &'a BackendAddress, Status)>,
+);
 
 /// Computes the next topology from the previous one and the current inputs
 /// (one per spec, same order).
@@ -417,7 +422,7 @@ mod tests {
         (0..n)
             .map(|i| NodeSpec {
                 name: format!("pg{}", i + 1),
-                address: format!("127.0.0.1:{}", 5432 + i),
+                address: BackendAddress::Tcp(format!("127.0.0.1:{}", 5432 + i)),
                 weight: 1,
                 stats: Arc::default(),
                 removed: false,

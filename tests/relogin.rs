@@ -85,7 +85,7 @@ async fn first_login(cluster: &LocalCluster, user: &str) -> Option<Credential> {
 
 /// The role's secret, as the auth query returns it now.
 async fn secret_of(cluster: &LocalCluster, user: &str) -> Option<Secret> {
-    let node = cluster.node(0).address().to_string();
+    let node = pgpivot::address::BackendAddress::Tcp(cluster.node(0).address().to_string());
     store()
         .lookup(user, "pg1", &node, &BackendTls::disabled())
         .await
@@ -94,8 +94,8 @@ async fn secret_of(cluster: &LocalCluster, user: &str) -> Option<Secret> {
 
 /// What pgpivot notes of a real login of `user` to node 0.
 async fn relayed_login(cluster: &LocalCluster, user: &str) -> Login {
-    let node = cluster.node(0).address().to_string();
-    let mut backend = TcpStream::connect(&node).await.unwrap();
+    let node = pgpivot::address::BackendAddress::Tcp(cluster.node(0).address().to_string());
+    let mut backend = TcpStream::connect(node.to_string()).await.unwrap();
     let (client_end, mut proxy_end) = tokio::io::duplex(64 * 1024);
     let conninfo = cluster.node(0).conn_string_as(user);
     let config: tokio_postgres::Config = conninfo.parse().unwrap();
@@ -253,7 +253,7 @@ async fn a_changed_password_is_refused_and_a_wrong_verifier_gives_no_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_auth_query_is_not_rerun_for_every_session() {
     let cluster = cluster();
-    let node = cluster.node(0).address().to_string();
+    let node = pgpivot::address::BackendAddress::Tcp(cluster.node(0).address().to_string());
     // pg_shadow is for superusers only: the documented non-superuser role
     // gets "permission denied".
     let store = SecretStore::from_query(QuerySettings {

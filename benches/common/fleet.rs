@@ -221,9 +221,23 @@ impl Fleet {
                     let started = start_pgpivot_process(binary, cluster, &runtime.toml());
                     fleet.add_peer(&runtime.name(), started).await?;
                 }
+                let first = runtimes.first().map(RuntimeChoice::toml);
+                // Unix-socket backends: the first runtime with every node
+                // given as its socket file, for a proxy on the database host.
+                let started = start_pgpivot_over(
+                    Backends::Unix,
+                    cluster,
+                    "",
+                    &first.clone().unwrap_or_default(),
+                    |config| {
+                        let mut cmd = Command::new(binary);
+                        cmd.arg("--config").arg(config);
+                        cmd
+                    },
+                );
+                fleet.add_peer("pgpivot (unix)", started).await?;
                 // The cost of the relay's metrics: the same binary with
                 // round-trip timing and byte counting switched off.
-                let first = runtimes.first().map(RuntimeChoice::toml);
                 let extra = first.clone().unwrap_or_default() + METRICS_OFF;
                 let started = start_pgpivot_process(binary, cluster, &extra);
                 fleet
@@ -302,20 +316,39 @@ impl Fleet {
     }
 }
 
+/// How pgpivot reaches the cluster's nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backends {
+    /// `127.0.0.1:port`.
+    Tcp,
+    /// Each node's Unix socket file in the cluster's socket directory.
+    Unix,
+}
+
 /// The pgpivot config used by both deployments, as TOML: one read-write
-/// listener on `address`, every cluster node, the superuser as monitor,
-/// quiet logs. Every other key keeps its default.
-pub fn pgpivot_toml(cluster: &LocalCluster, address: &str, monitor_extra: &str) -> String {
+/// listener on `address`, every cluster node (over TCP or its socket), the
+/// superuser as monitor, quiet logs. Every other key keeps its default.
+pub fn pgpivot_toml(
+    cluster: &LocalCluster,
+    backends: Backends,
+    address: &str,
+    monitor_extra: &str,
+) -> String {
     let mut text = format!(
         "[[listeners]]\naddress = \"{address}\"\ntarget = \"read-write\"\n\n\
          [monitor]\nuser = \"{SUPERUSER}\"\npassword = \"{PASSWORD}\"\n{monitor_extra}\n\
          [log]\nfilter = \"warn\"\n"
     );
     for node in cluster.nodes() {
+        let node_address = match backends {
+            Backends::Tcp => node.address().to_string(),
+            Backends::Unix => pgpivot::address::socket_path(&cluster.socket_dir(), node.port)
+                .display()
+                .to_string(),
+        };
         text += &format!(
-            "\n[[nodes]]\nname = \"{}\"\naddress = \"{}\"\n",
+            "\n[[nodes]]\nname = \"{}\"\naddress = \"{node_address}\"\n",
             node.name,
-            node.address()
         );
     }
     text
@@ -350,10 +383,22 @@ pub fn start_pgpivot_with(
     extra: &str,
     command: impl FnOnce(&Path) -> Command,
 ) -> anyhow::Result<(u16, Peer)> {
+    start_pgpivot_over(Backends::Tcp, cluster, monitor_extra, extra, command)
+}
+
+/// Like [`start_pgpivot_with`], reaching the nodes as `backends` says.
+pub fn start_pgpivot_over(
+    backends: Backends,
+    cluster: &LocalCluster,
+    monitor_extra: &str,
+    extra: &str,
+    command: impl FnOnce(&Path) -> Command,
+) -> anyhow::Result<(u16, Peer)> {
     let port = free_port();
     let dir = TempDir::with_prefix("pgpivot-bench-")?;
     let config = dir.path().join("pgpivot.toml");
-    let text = pgpivot_toml(cluster, &format!("127.0.0.1:{port}"), monitor_extra) + extra;
+    let listen = format!("127.0.0.1:{port}");
+    let text = pgpivot_toml(cluster, backends, &listen, monitor_extra) + extra;
     fs::write(&config, text)?;
     let mut cmd = command(&config);
     // pgpivot reads every PGPIVOT_* variable as a config key, and rejects
@@ -368,7 +413,8 @@ pub fn start_pgpivot_with(
 
 /// Starts pgpivot inside this runtime and waits until it knows the primary.
 async fn start_pgpivot_in_process(cluster: &LocalCluster) -> anyhow::Result<(Target, Proxy)> {
-    let file: FileConfig = toml::from_str(&pgpivot_toml(cluster, "127.0.0.1:0", ""))?;
+    let file: FileConfig =
+        toml::from_str(&pgpivot_toml(cluster, Backends::Tcp, "127.0.0.1:0", ""))?;
     let settings = file.validate()?;
     let proxy = Proxy::start(settings).await?;
     if !proxy.wait_for_primary(READY_TIMEOUT).await {

@@ -95,7 +95,7 @@ pub fn report(shared: &Shared) -> StatusReport {
         .iter()
         .map(|n| NodeReport {
             name: n.name.clone(),
-            address: n.address.clone(),
+            address: n.address.to_string(),
             status: n.status.name().into(),
             role: match n.status {
                 Status::Primary | Status::StalePrimary { .. } | Status::Fenced => {

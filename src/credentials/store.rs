@@ -2,6 +2,7 @@
 //! per role, dropped when a re-login with it is refused) or a PgBouncer-style
 //! auth file (`"role" "SCRAM-SHA-256$…"` or `"role" "md5…"`, one per line).
 
+use crate::address::BackendAddress;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -115,7 +116,7 @@ impl SecretStore {
         &self,
         role: &str,
         node: &str,
-        address: &str,
+        address: &BackendAddress,
         tls: &BackendTls,
     ) -> Result<Option<Secret>, StoreError> {
         if let Some(known) = self.cached(role) {
@@ -207,7 +208,7 @@ fn quoted_fields(line: &str) -> Option<impl Iterator<Item = String>> {
 async fn query(
     settings: &QuerySettings,
     role: &str,
-    address: &str,
+    address: &BackendAddress,
     tls: &BackendTls,
 ) -> Result<Option<Secret>, String> {
     let login = ControlLogin {

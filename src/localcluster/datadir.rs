@@ -22,7 +22,6 @@ const NODE_CONF_MARKER: &str = "# --- pgpivot localcluster: per-node settings --
 /// is cloned from it. `wal_log_hints` is what makes `pg_rewind` possible.
 const COMMON_CONF: &str = "
 listen_addresses = '127.0.0.1'
-unix_socket_directories = ''
 wal_level = replica
 max_wal_senders = 10
 wal_keep_size = 256MB
@@ -38,10 +37,13 @@ logging_collector = off
 log_min_messages = warning
 ";
 
-/// Replaces the `pg_hba.conf` written by initdb. The `local` line is inert
-/// (there is no unix socket) but keeps single-user tools working.
+/// Replaces the `pg_hba.conf` written by initdb. Over the Unix socket the
+/// roles log in as over TCP (with a password), so a proxy on a socket is
+/// tested with real authentication.
 const PG_HBA_CONF: &str = "\
-local all all trust
+local all md5user md5
+local all pwuser password
+local all all scram-sha-256
 host all md5user 127.0.0.1/32 md5
 host all pwuser 127.0.0.1/32 password
 host all all 127.0.0.1/32 scram-sha-256
@@ -81,6 +83,15 @@ impl LocalCluster {
 
         let mut conf = read_file(&data_dir.join("postgresql.conf"))?;
         conf.push_str(COMMON_CONF);
+        // One socket directory for the whole cluster: each node's socket is
+        // named after its port.
+        let sockets = self.socket_dir();
+        fs::create_dir(&sockets).map_err(io_err("cannot create the socket directory"))?;
+        self.give_to_owner(&sockets)?;
+        conf.push_str(&format!(
+            "unix_socket_directories = '{}'\n",
+            sockets.display()
+        ));
         for line in extra_conf {
             conf.push_str(line);
             conf.push('\n');

@@ -25,10 +25,11 @@
 //! `#[test]`s, benches and `main`s alike, and from async code it can run in
 //! `spawn_blocking`.
 //!
-//! All servers listen on `127.0.0.1` only, with no unix socket (which avoids
-//! needing a writable `/var/run/postgresql`). Every client (psql,
-//! `pg_basebackup`, walreceivers) therefore authenticates over TCP with
-//! [`SUPERUSER`] / [`PASSWORD`].
+//! All servers listen on `127.0.0.1` and on a Unix socket in the cluster's
+//! own directory ([`LocalCluster::socket_dir`], so no writable
+//! `/var/run/postgresql` is needed); `pg_hba.conf` asks for the same
+//! passwords on both. The cluster's own clients (psql, `pg_basebackup`,
+//! walreceivers) authenticate over TCP with [`SUPERUSER`] / [`PASSWORD`].
 //!
 //! # Layout
 //!
@@ -240,6 +241,12 @@ impl LocalCluster {
     /// Root temporary directory holding every data directory and log.
     pub fn dir(&self) -> &Path {
         &self.root
+    }
+
+    /// The directory of every node's Unix socket (`.s.PGSQL.<port>`, the
+    /// node's TCP port): `<dir>/sockets`.
+    pub fn socket_dir(&self) -> PathBuf {
+        self.root.join("sockets")
     }
 
     /// Directory of the PostgreSQL binaries in use.

@@ -39,7 +39,7 @@ pub struct Authenticated {
 pub struct AuthContext<'a> {
     /// The node's name, for errors.
     pub node: &'a str,
-    pub backend_address: &'a str,
+    pub backend_address: &'a crate::address::BackendAddress,
     pub cancels: &'a std::sync::Arc<CancelRegistry>,
     /// The session must be on a primary: abort if the backend is a standby.
     pub needs_primary: bool,

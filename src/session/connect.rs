@@ -12,14 +12,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use tokio::net::TcpStream;
-
+use crate::address::{BackendAddress, BackendSocket};
 use crate::backend_tls::BackendStream;
 use crate::config::Settings;
 use crate::decider::TopologyHandle;
 use crate::metrics::Metrics;
 use crate::monitor::MonitorHandle;
+use bytes::BytesMut;
 use tokio_util::sync::CancellationToken;
 
 use super::error::ConnectError;
@@ -47,7 +46,7 @@ pub struct Connected {
     pub backend: BackendStream,
     pub node: NodeId,
     pub name: String,
-    pub address: String,
+    pub address: BackendAddress,
     pub choice: Choice,
     /// Counts the session on its node while it lives.
     pub load: LoadGuard,
@@ -224,17 +223,25 @@ async fn try_once(
 }
 
 /// Opens a connection to the node `name` at `address`: TCP, then TLS as the
-/// node's `sslmode` says. The error is the reason, for the client and logs.
-async fn open(settings: &Settings, name: &str, address: &str) -> Result<BackendStream, String> {
-    let tcp = TcpStream::connect(address)
-        .await
-        .map_err(|e| e.to_string())?;
+/// node's `sslmode` says; or its Unix socket, where nothing is negotiated
+/// (PostgreSQL has no TLS there) and no TCP option applies. The error is the
+/// reason, for the client and logs.
+async fn open(
+    settings: &Settings,
+    name: &str,
+    address: &BackendAddress,
+) -> Result<BackendStream, String> {
+    let socket = address.connect().await.map_err(|e| e.to_string())?;
+    let tcp = match socket {
+        BackendSocket::Unix(_) => return Ok(BackendStream::Plain(socket)),
+        BackendSocket::Tcp(tcp) => tcp,
+    };
     crate::net::tune(&tcp, settings.tcp_keepalive);
     let Some(node) = settings.node(name) else {
         // Removed by a reload since this snapshot was taken.
         return Err("no longer configured".into());
     };
-    let host = crate::config::split_host_port(address).map_or(address, |(host, _)| host);
+    let host = address.tcp_host().unwrap_or_default();
     node.tls
         .negotiate(tcp, host)
         .await

@@ -151,7 +151,7 @@ mod tests {
         let specs: Vec<NodeSpec> = (0..roles.len())
             .map(|i| NodeSpec {
                 name: format!("pg{}", i + 1),
-                address: String::new(),
+                address: crate::address::BackendAddress::Tcp(String::new()),
                 weight: 1,
                 stats: Arc::default(),
                 removed: false,

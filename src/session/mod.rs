@@ -43,6 +43,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
+use crate::address::BackendSocket;
 use crate::backend_tls::BackendStream;
 use crate::config::{ListenerSettings, OnLag, Settings, TlsMode};
 use crate::credentials::{self, Login};
@@ -227,7 +228,9 @@ impl Relayed<'_> {
                 end => {
                     if let RelayEnd::Ended(reason) = &end {
                         if reason.abandons_node() {
-                            crate::net::discard_on_close(connected.backend.tcp());
+                            if let Some(tcp) = connected.backend.tcp() {
+                                crate::net::discard_on_close(tcp);
+                            }
                         }
                         self.count_blocked();
                     }
@@ -586,8 +589,12 @@ where
     CW: AsyncWrite + Unpin,
 {
     match backend {
-        BackendStream::Plain(tcp) => {
+        BackendStream::Plain(BackendSocket::Tcp(tcp)) => {
             let (mut br, mut bw) = tcp.split();
+            relay::relay(cr, cw, &mut br, &mut bw, ctx, held).await
+        }
+        BackendStream::Plain(BackendSocket::Unix(unix)) => {
+            let (mut br, mut bw) = unix.split();
             relay::relay(cr, cw, &mut br, &mut bw, ctx, held).await
         }
         BackendStream::Tls(tls) => {

@@ -51,9 +51,10 @@ where
     let cancels = Arc::new(CancelRegistry::default());
     let (client_end, mut proxy_client) = tokio::io::duplex(64 * 1024);
     let (backend_end, mut proxy_backend) = tokio::io::duplex(64 * 1024);
+    let address = crate::address::BackendAddress::Tcp("127.0.0.1:5432".into());
     let ctx = AuthContext {
         node: "pg1",
-        backend_address: "127.0.0.1:5432",
+        backend_address: &address,
         cancels: &cancels,
         needs_primary,
         received: BytesMut::from(&first[..]),
@@ -217,11 +218,14 @@ fn backend_messages_decide_the_next_step() {
     ));
 }
 
+static LOCAL: std::sync::LazyLock<crate::address::BackendAddress> =
+    std::sync::LazyLock::new(|| crate::address::BackendAddress::Tcp("127.0.0.1:5432".into()));
+
 /// A context for a backend that sent nothing yet.
 fn silent_ctx(cancels: &Arc<CancelRegistry>) -> AuthContext<'_> {
     AuthContext {
         node: "pg1",
-        backend_address: "127.0.0.1:5432",
+        backend_address: &LOCAL,
         cancels,
         needs_primary: true,
         received: BytesMut::from(&message(b'R', &3u32.to_be_bytes())[..]),
