@@ -21,6 +21,8 @@
 //! Targets, each reached through the same connection string shape:
 //!
 //! * `direct`: the primary itself, the baseline.
+//! * `direct (unix)`: the primary over its Unix socket (the baseline a
+//!   client on the database host has).
 //! * `pgpivot FLAVOR xN`: the `pgpivot` binary that cargo built next to this
 //!   bench, as a child process with a generated TOML config (a process of
 //!   its own, like PgBouncer and HAProxy), once per `--runtimes` entry

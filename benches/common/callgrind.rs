@@ -90,7 +90,7 @@ pub async fn callgrind_case(
             .split(' ')
             .map(str::to_owned)
             .collect();
-        let run = pgbench(cluster, port, &args).await?;
+        let run = pgbench(cluster, "127.0.0.1", port, &args).await?;
         let before = dumps(out_dir.path())?;
         callgrind_control(&control, "--dump", pid)?;
         windows.push((run.tx, new_total(out_dir.path(), &before)?));

@@ -55,6 +55,7 @@ pub struct PgbenchRun {
 /// database `postgres`, with `args` in front.
 pub async fn pgbench(
     cluster: &LocalCluster,
+    host: &str,
     port: u16,
     args: &[String],
 ) -> anyhow::Result<PgbenchRun> {
@@ -62,7 +63,7 @@ pub async fn pgbench(
     cmd.args(args)
         .args([
             "-h",
-            "127.0.0.1",
+            host,
             "-p",
             &port.to_string(),
             "-U",
@@ -231,7 +232,7 @@ async fn cost_run(
     hz: f64,
 ) -> anyhow::Result<CostResult> {
     let before = Counters::read(target.pid)?;
-    let run = pgbench(cluster, target.port, &rate_args(p, p.seconds)).await?;
+    let run = pgbench(cluster, &target.host, target.port, &rate_args(p, p.seconds)).await?;
     let after = Counters::read(target.pid)?;
     let tx = run.tx as f64;
     let per_tx_us = |a: u64, b: u64| (b - a) as f64 * 1e6 / hz / tx;
@@ -385,7 +386,13 @@ async fn count_syscalls(
         .spawn()
         .context("cannot run perf")?;
     tokio::time::sleep(PERF_ATTACH).await;
-    let run = pgbench(cluster, target.port, &rate_args(p, syscall_seconds(p))).await;
+    let run = pgbench(
+        cluster,
+        &target.host,
+        target.port,
+        &rate_args(p, syscall_seconds(p)),
+    )
+    .await;
     let perf_pid = perf_run.id().context("perf exited early")?;
     // perf stat prints its counts when interrupted.
     std::process::Command::new("kill")

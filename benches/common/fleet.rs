@@ -84,7 +84,9 @@ impl RuntimeChoice {
 pub struct Target {
     pub name: String,
     pub conn_string: String,
-    /// `127.0.0.1` port it listens on.
+    /// `127.0.0.1`, or the directory of a Unix socket (libpq's `host`).
+    pub host: String,
+    /// The port it listens on (over a socket: the one in its file name).
     pub port: u16,
     /// The proxy's own process, when it runs as a child of the bench.
     pub pid: Option<u32>,
@@ -93,12 +95,19 @@ pub struct Target {
 impl Target {
     /// A target on `127.0.0.1:port`, logging in as the cluster's superuser.
     pub fn local(name: &str, port: u16) -> Target {
+        Target::at(name, "127.0.0.1", port)
+    }
+
+    /// A target at libpq's `host` (an address or a socket directory) and
+    /// `port`.
+    fn at(name: &str, host: &str, port: u16) -> Target {
         Target {
             name: name.to_owned(),
+            host: host.to_owned(),
             port,
             pid: None,
             conn_string: format!(
-                "host=127.0.0.1 port={port} user={SUPERUSER} password={PASSWORD} dbname=postgres"
+                "host={host} port={port} user={SUPERUSER} password={PASSWORD} dbname=postgres"
             ),
         }
     }
@@ -106,6 +115,13 @@ impl Target {
     /// The primary itself.
     pub fn direct(cluster: &LocalCluster) -> Target {
         Target::local("direct", cluster.node(0).port)
+    }
+
+    /// The primary over its Unix socket: what a client on the database
+    /// host pays without a proxy (the baseline of `pgpivot (unix)`).
+    pub fn direct_unix(cluster: &LocalCluster) -> Target {
+        let dir = cluster.socket_dir().display().to_string();
+        Target::at("direct (unix)", &dir, cluster.node(0).port)
     }
 
     /// A new connection, its driver task spawned on the runtime.
@@ -209,7 +225,7 @@ impl Fleet {
         notes: &mut Vec<String>,
     ) -> anyhow::Result<Fleet> {
         let mut fleet = Fleet {
-            targets: vec![Target::direct(cluster)],
+            targets: vec![Target::direct(cluster), Target::direct_unix(cluster)],
             peers: Vec::new(),
             in_process: None,
         };
