@@ -13,11 +13,9 @@
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
+use tokio_util::either::Either;
 
 /// PostgreSQL's socket file name is this prefix and the port.
 const SOCKET_PREFIX: &str = ".s.PGSQL.";
@@ -102,10 +100,10 @@ impl BackendAddress {
     /// Opens a plain connection (no TLS, no socket options).
     pub async fn connect(&self) -> io::Result<BackendSocket> {
         match self {
-            BackendAddress::Tcp(a) => TcpStream::connect(a.as_str()).await.map(BackendSocket::Tcp),
+            BackendAddress::Tcp(a) => TcpStream::connect(a.as_str()).await.map(Either::Left),
             BackendAddress::Unix { dir, port } => UnixStream::connect(socket_path(dir, *port))
                 .await
-                .map(BackendSocket::Unix),
+                .map(Either::Right),
         }
     }
 }
@@ -128,51 +126,10 @@ impl fmt::Display for BackendAddress {
     }
 }
 
-/// A plain connection to a node, TCP or Unix.
-pub enum BackendSocket {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl AsyncRead for BackendSocket {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BackendSocket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            BackendSocket::Unix(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for BackendSocket {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            BackendSocket::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            BackendSocket::Unix(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BackendSocket::Tcp(s) => Pin::new(s).poll_flush(cx),
-            BackendSocket::Unix(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BackendSocket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            BackendSocket::Unix(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
+/// A plain connection to a node: `Left` over TCP, `Right` over a Unix
+/// socket. tokio-util's `Either` passes every read and write to the stream
+/// it holds.
+pub type BackendSocket = Either<TcpStream, UnixStream>;
 
 #[cfg(test)]
 mod tests {

@@ -31,6 +31,7 @@ use tokio::net::TcpStream;
 
 use crate::address::{BackendAddress, BackendSocket};
 use crate::maybe_tls::MaybeTls;
+use tokio_util::either::Either;
 
 /// libpq's `sslmode`, as far as a proxy's backend side needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -156,16 +157,14 @@ impl BackendTls {
         host: &str,
     ) -> Result<BackendStream, BackendTlsError> {
         let Some(config) = &self.config else {
-            return Ok(BackendStream::Plain(BackendSocket::Tcp(tcp)));
+            return Ok(BackendStream::Plain(Either::Left(tcp)));
         };
         tcp.write_all(&SSL_REQUEST).await?;
         let mut answer = [0u8; 1];
         tcp.read_exact(&mut answer).await?;
         match answer[0] {
             b'S' => {}
-            b'N' if !self.mode.needs_tls() => {
-                return Ok(BackendStream::Plain(BackendSocket::Tcp(tcp)))
-            }
+            b'N' if !self.mode.needs_tls() => return Ok(BackendStream::Plain(Either::Left(tcp))),
             b'N' => return Err(BackendTlsError::Refused(self.mode)),
             other => return Err(BackendTlsError::BadAnswer(other)),
         }
@@ -363,8 +362,8 @@ impl BackendStream {
     /// The TCP socket under any TLS; `None` on a Unix socket.
     pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
-            MaybeTls::Plain(BackendSocket::Tcp(s)) => Some(s),
-            MaybeTls::Plain(BackendSocket::Unix(_)) => None,
+            MaybeTls::Plain(Either::Left(s)) => Some(s),
+            MaybeTls::Plain(Either::Right(_)) => None,
             MaybeTls::Tls(s) => Some(s.get_ref().0),
         }
     }

@@ -354,25 +354,10 @@ async fn idle_sessions_move_through_a_crash_with_their_state() {
     // The cancel key a moved session was given at login reaches its new
     // backend.
     let moved = &movers[0].0.client;
-    let pid: i32 = moved
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let sleeping = moved.batch_execute("select pg_sleep(30)");
-    let cancel = async {
-        wait_running(&cluster.node(1).conn_string(), pid).await;
-        moved
-            .cancel_token()
-            .cancel_query(tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    };
-    let started = Instant::now();
-    let (slept, ()) = tokio::join!(sleeping, cancel);
+    let (slept, took) = cancel_a_sleep(moved, &cluster.node(1).conn_string()).await;
     let e = slept.expect_err("the query was cancelled");
     assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e:?}");
-    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(took < Duration::from_secs(20));
 
     // The lost block: 40001, then ROLLBACK works, on the new primary.
     let e = in_block

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::{SinkExt, TryStreamExt};
 use pgpivot::address::socket_path;
@@ -136,19 +136,10 @@ async fn a_cancel_request_reaches_a_node_on_a_socket() {
     let cluster = shared_cluster();
     let proxy = start_proxy(unix_config(cluster)).await;
     let client = connect(proxy.addresses[0]).await;
-    let pid: i32 = client
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let token = client.cancel_token();
-    let started = Instant::now();
-    let sleeper = tokio::spawn(async move { client.simple_query("select pg_sleep(30)").await });
-    wait_running(&cluster.node(0).conn_string(), pid).await;
-    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    let err = sleeper.await.unwrap().unwrap_err();
+    let (slept, took) = cancel_a_sleep(&client, &cluster.node(0).conn_string()).await;
+    let err = slept.unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(took < Duration::from_secs(5));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,13 +12,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::address::{BackendAddress, BackendSocket};
+use crate::address::BackendAddress;
 use crate::backend_tls::BackendStream;
 use crate::config::Settings;
 use crate::decider::TopologyHandle;
 use crate::metrics::Metrics;
 use crate::monitor::MonitorHandle;
 use bytes::BytesMut;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 use super::error::ConnectError;
@@ -233,8 +234,8 @@ async fn open(
 ) -> Result<BackendStream, String> {
     let socket = address.connect().await.map_err(|e| e.to_string())?;
     let tcp = match socket {
-        BackendSocket::Unix(_) => return Ok(BackendStream::Plain(socket)),
-        BackendSocket::Tcp(tcp) => tcp,
+        Either::Right(_) => return Ok(BackendStream::Plain(socket)),
+        Either::Left(tcp) => tcp,
     };
     crate::net::tune(&tcp, settings.tcp_keepalive);
     let Some(node) = settings.node(name) else {

@@ -43,7 +43,6 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use crate::address::BackendSocket;
 use crate::backend_tls::BackendStream;
 use crate::config::{ListenerSettings, OnLag, Settings, TlsMode};
 use crate::credentials::{self, Login};
@@ -57,6 +56,7 @@ use handshake::Hello;
 use mobility::Mobility;
 use relay::{ReadBuffer, RelayContext, RelayEnd};
 use stream::ClientStream;
+use tokio_util::either::Either;
 
 /// PostgreSQL's default `authentication_timeout`.
 pub(crate) const AUTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -589,11 +589,11 @@ where
     CW: AsyncWrite + Unpin,
 {
     match backend {
-        BackendStream::Plain(BackendSocket::Tcp(tcp)) => {
+        BackendStream::Plain(Either::Left(tcp)) => {
             let (mut br, mut bw) = tcp.split();
             relay::relay(cr, cw, &mut br, &mut bw, ctx, held).await
         }
-        BackendStream::Plain(BackendSocket::Unix(unix)) => {
+        BackendStream::Plain(Either::Right(unix)) => {
             let (mut br, mut bw) = unix.split();
             relay::relay(cr, cw, &mut br, &mut bw, ctx, held).await
         }

@@ -452,13 +452,12 @@ fn first_message(buf: &[u8], max_message_bytes: usize) -> Option<First> {
 /// `ROLLBACK`, `ABORT`, `COMMIT`, `END` (a block that failed ends either
 /// way).
 fn ends_block(sql: &str) -> bool {
-    let word: String = sql
-        .trim_start()
-        .chars()
-        .take_while(|c| c.is_ascii_alphabetic())
-        .collect::<String>()
-        .to_ascii_lowercase();
-    matches!(word.as_str(), "rollback" | "abort" | "commit" | "end")
+    let sql = sql.trim_start().as_bytes();
+    let word_len = sql.iter().take_while(|b| b.is_ascii_alphabetic()).count();
+    let word = &sql[..word_len];
+    ["rollback", "abort", "commit", "end"]
+        .iter()
+        .any(|w| word.eq_ignore_ascii_case(w.as_bytes()))
 }
 
 /// Consumes client messages up to and including the next Sync.

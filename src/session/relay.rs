@@ -601,10 +601,10 @@ where
                 Err(_) => return Outcome::BackendGone { said_why: false },
             };
             if let Frame::Message { tag: t, body } = frame {
-                if is_goodbye(t, body)
+                if ctx.mobility.is_some()
+                    && is_goodbye(t, body)
                     && ending.is_none()
                     && state.upstream_quiet()
-                    && ctx.mobility.is_some()
                 {
                     // The server is going (shutdown, crash): the signal to
                     // move, not something to relay (a session that cannot
@@ -795,8 +795,10 @@ fn track_server(m: &Mobility, t: u8, body: &[u8]) {
 /// or as the WARNING an immediate shutdown sends. Not 57P05 (this session's
 /// idle timeout) or other single-session ends.
 fn is_goodbye(t: u8, body: &[u8]) -> bool {
-    let going = matches!(messages::sqlstate(body), Some(b"57P01" | b"57P02"));
-    going && (t == tag::NOTICE_RESPONSE || (t == tag::ERROR_RESPONSE && is_fatal(body)))
+    // The type byte first: every ReadyForQuery and CommandComplete passes
+    // here, and only the rare error or notice is worth reading further.
+    let said = t == tag::NOTICE_RESPONSE || (t == tag::ERROR_RESPONSE && is_fatal(body));
+    said && matches!(messages::sqlstate(body), Some(b"57P01" | b"57P02"))
 }
 
 /// Whether an ErrorResponse body has severity FATAL or PANIC.

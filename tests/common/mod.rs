@@ -176,6 +176,29 @@ where
     }
 }
 
+/// Runs `select pg_sleep(30)` on `client` and, once its backend on the
+/// server at `node_conn` runs it, cancels it with the key the client was
+/// given. Returns the query's outcome and how long it took.
+pub async fn cancel_a_sleep(
+    client: &tokio_postgres::Client,
+    node_conn: &str,
+) -> (Result<(), tokio_postgres::Error>, Duration) {
+    let pid: i32 = client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let started = Instant::now();
+    let sleeping = client.batch_execute("select pg_sleep(30)");
+    let cancel = async {
+        wait_running(node_conn, pid).await;
+        let token = client.cancel_token();
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    };
+    let (slept, ()) = tokio::join!(sleeping, cancel);
+    (slept, started.elapsed())
+}
+
 /// Waits until backend `pid` on the server at `node_conn` runs a query, so a
 /// cancel sent next cannot arrive before it.
 pub async fn wait_running(node_conn: &str, pid: i32) {
