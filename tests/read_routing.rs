@@ -771,8 +771,12 @@ async fn on_lag_disconnect_ends_sessions_at_their_next_idle_point() {
     }
     in_tx.batch_execute("begin; select 1").await.unwrap();
     // Still running when the lag is noticed: it must complete first.
-    let query =
-        tokio::spawn(async move { busy.simple_query("select pg_sleep(2)").await.map(drop) });
+    // The task hands the client back: dropping it would close the session
+    // cleanly (Terminate) before pgpivot's 57P01 could arrive.
+    let query = tokio::spawn(async move {
+        let result = busy.simple_query("select pg_sleep(2)").await.map(drop);
+        (busy, result)
+    });
     let _paused = lag_behind(&proxy, cluster, &[1, 2]).await;
 
     let ended_idle = ended(idle_connection, Duration::from_secs(5)).await;
@@ -781,7 +785,8 @@ async fn on_lag_disconnect_ends_sessions_at_their_next_idle_point() {
         .expect_err("the idle session must be ended");
     assert!(message(err).contains("lag budget"), "{}", message(err));
     assert_ended_with(ended_idle, "57P01");
-    query.await.unwrap().expect("the running query completes");
+    let (_busy, result) = query.await.unwrap();
+    result.expect("the running query completes");
     assert_ended_with(
         ended(busy_connection, Duration::from_secs(5)).await,
         "57P01",
