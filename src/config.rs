@@ -360,7 +360,7 @@ impl Default for MetricsConfig {
 pub struct RuntimeConfig {
     /// `per-core`: `workers` threads, each running its own single-threaded
     /// runtime; every session lives on one of them for its whole life (both
-    /// relay directions and its control task on one thread), and the control
+    /// relay directions on one thread), and the control
     /// path (monitors, decider, admin, reloads, accept loops) has a thread
     /// of its own. `multi-thread`: one work-stealing tokio runtime of
     /// `workers` threads runs everything.

@@ -26,11 +26,13 @@
 //! - [`tls`]: rustls server config (client side); [`backend_tls`]: TLS to
 //!   the nodes with libpq's `sslmode` meanings (sessions and monitor).
 //!
-//! Control path, one task per node plus one decider:
+//! Control path, one task per node plus one decider and one fan-out:
 //! - [`monitor`]: tokio-postgres pollers, one per node.
 //! - [`decider`]: hysteresis, lag history, publishes [`topology::Topology`]
 //!   snapshots through arc-swap and announces generations on a watch channel.
 //! - [`topology`]: the snapshot types and the rules (pure).
+//! - [`fanout`]: tells every relaying session about topology changes,
+//!   shutdown and lag checks (one task, one registry entry per session).
 //!
 //! Operating surface:
 //! - [`admin`]: the HTTP endpoint (/metrics, /status, /health, /ready,
@@ -54,6 +56,7 @@ pub mod config;
 pub mod credentials;
 pub mod decider;
 pub mod demo;
+pub mod fanout;
 pub mod listener;
 pub mod localcluster;
 pub mod maybe_tls;

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Settings, SettingsHandle};
 use crate::decider::Decider;
+use crate::fanout::Fanout;
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::monitor::MonitorHandle;
@@ -202,17 +203,22 @@ fn start_control(
         config_path,
     };
     tokio::spawn(reload::serve(reloader, reloads_rx));
+    let shutdown = CancellationToken::new();
+    let fanout = Arc::new(Fanout::new(topology.clone(), shutdown.clone()));
+    let lag_check = settings.load().monitor.interval;
+    tokio::spawn(fanout.clone().run(lag_check, stop.clone()));
     Arc::new(Shared {
         settings,
         topology,
         monitor,
         cancels: Arc::default(),
+        fanout,
         metrics,
         pause: Pause::default(),
         connection_slots,
         listener_sessions,
         listener_addresses,
-        shutdown: CancellationToken::new(),
+        shutdown,
         stop,
         reloads: ReloadHandle::new(reloads),
         session_ids: Default::default(),

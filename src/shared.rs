@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cancel::CancelRegistry;
 use crate::config::{Settings, SettingsHandle};
 use crate::decider::TopologyHandle;
+use crate::fanout::Fanout;
 use crate::metrics::{Gauge, Metrics};
 use crate::monitor::MonitorHandle;
 use crate::pause::Pause;
@@ -25,6 +26,8 @@ pub struct Shared {
     pub topology: TopologyHandle,
     pub monitor: Arc<MonitorHandle>,
     pub cancels: Arc<CancelRegistry>,
+    /// Every relaying session's control watch (topology, shutdown, lag).
+    pub fanout: Arc<Fanout>,
     pub metrics: Arc<Metrics>,
     pub pause: Pause,
     /// Sessions open now per listener (config order).

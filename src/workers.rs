@@ -6,8 +6,8 @@
 //! control path (on the runtime that called [`crate::proxy::Proxy::start`])
 //! and hand each accepted socket to the worker with the fewest sessions
 //! (round-robin among equals), where the session lives until it ends: both
-//! relay directions and its control task share one thread, so one side's
-//! wake-up never crosses to another thread and no task is stolen away.
+//! relay directions share one thread and one task, so one side's wake-up
+//! never crosses to another thread and no task is stolen away.
 //! `multi-thread`: sessions are spawned on the caller's runtime, as
 //! everything else is (the binary then builds one work-stealing runtime of
 //! `workers` threads).
@@ -136,8 +136,8 @@ impl Sessions {
     }
 
     /// For `per-core`, after the sessions: waits until `deadline` for the
-    /// workers to run no task at all (a session's control task ends just
-    /// after it), then ends the worker threads and waits for them. Returns
+    /// workers to run no task at all (a session's background credential
+    /// lookup may outlive it briefly), then ends the worker threads and waits for them. Returns
     /// the tasks that were still alive, ended with their runtimes: nothing a
     /// session leaves behind outlives the proxy unseen.
     pub async fn stop_workers(&self, deadline: Instant) -> usize {

@@ -1,22 +1,19 @@
 //! A session's control signals: topology changes, shutdown and lag checks.
 //!
-//! One small task per session ([`spawn`]) waits on the shared sources (the
-//! topology watch channel, the shutdown token, a lag timer) and turns what
-//! concerns this session into a [`Signal`] on a session-local [`Signals`].
-//! It is a task of its own, not a branch of the relay's `select!`, so that
-//! the relay's hot loop never re-polls (and re-locks) structures that every
-//! session shares: it waits only on the session-local notifier.
+//! A relaying session registers a [`SessionWatch`] with the proxy's
+//! [fan-out](crate::fanout), whose one task calls it on every event. The
+//! watch turns what concerns this session into a [`Signal`] on its
+//! session-local [`Signals`], which is all the relay's hot loop waits on:
+//! it never re-polls (and re-locks) structures that every session shares.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use super::ending::{eligibility, EndReason};
-use crate::decider::TopologyHandle;
+use crate::fanout::{Event, Fanout, Watcher, Watching};
 use crate::routing::{LagBudget, Target};
-use crate::topology::NodeId;
+use crate::topology::{NodeId, Topology};
 
 /// What the relay must do.
 #[derive(Debug)]
@@ -59,69 +56,54 @@ impl Signals {
     }
 }
 
-/// What the control task watches, for one session.
+/// What one session's watch looks for.
 pub struct Watch {
-    pub topology: TopologyHandle,
-    pub shutdown: CancellationToken,
     pub node: NodeId,
     pub target: Target,
     /// The session was placed on a standby (not a fallback to the primary).
     pub placed_on_standby: bool,
     /// With `on_lag = "disconnect"` on a standby: the budget the node must
-    /// stay within, checked every `lag_check`.
+    /// stay within, checked at every lag check.
     pub lag_budget: Option<LagBudget>,
-    pub lag_check: Duration,
 }
 
-/// Aborts the control task when the session ends.
-pub struct ControlTask(tokio::task::JoinHandle<()>);
-
-impl Drop for ControlTask {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+/// A session's watcher: its [`Watch`] and the signals it raises.
+pub struct SessionWatch {
+    watch: Watch,
+    pub signals: Signals,
 }
 
-/// Starts the control task; the signals it raises arrive on the returned
-/// [`Signals`].
-pub fn spawn(watch: Watch) -> (Arc<Signals>, ControlTask) {
-    let signals = Arc::new(Signals::default());
-    let task = tokio::spawn(run(watch, signals.clone()));
-    (signals, ControlTask(task))
-}
-
-async fn run(w: Watch, signals: Arc<Signals>) {
-    let mut changes = w.topology.subscribe();
-    let mut lag_tick = tokio::time::interval(w.lag_check);
-    let mut shutting_down = false;
-    loop {
-        tokio::select! {
-            changed = changes.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                if let Some(r) = eligibility(&w.topology.load(), w.node, w.target, w.placed_on_standby) {
-                    signals.raise(Signal::EndNow(r));
-                }
+impl Watcher for SessionWatch {
+    fn notice(&self, topology: &Topology, event: Event) {
+        let w = &self.watch;
+        let signal = match event {
+            Event::Changed => {
+                eligibility(topology, w.node, w.target, w.placed_on_standby).map(Signal::EndNow)
             }
-            _ = w.shutdown.cancelled(), if !shutting_down => {
-                shutting_down = true;
-                signals.raise(Signal::EndAtIdle(EndReason::Shutdown));
-            }
-            _ = lag_tick.tick(), if w.lag_budget.is_some() => {
-                if let Some(r) = lagging(&w) {
-                    signals.raise(Signal::EndAtIdle(r));
-                }
-            }
+            Event::ShuttingDown => Some(Signal::EndAtIdle(EndReason::Shutdown)),
+            Event::LagCheck => lagging(w, topology).map(Signal::EndAtIdle),
+        };
+        if let Some(signal) = signal {
+            self.signals.raise(signal);
         }
     }
 }
 
+/// Registers a session's watch with the fan-out until the returned
+/// registration is dropped; its signals arrive on the returned watcher.
+pub fn watch(fanout: &Fanout, watch: Watch) -> (Arc<SessionWatch>, Watching<'_>) {
+    let watcher = Arc::new(SessionWatch {
+        watch,
+        signals: Signals::default(),
+    });
+    let registration = fanout.watch(watcher.clone());
+    (watcher, registration)
+}
+
 /// The end reason for a session whose standby is past its lag budget.
-fn lagging(w: &Watch) -> Option<EndReason> {
-    let topology = w.topology.load();
-    let node = topology.node(w.node)?;
+fn lagging(w: &Watch, topology: &Topology) -> Option<EndReason> {
     let budget = w.lag_budget?;
+    let node = topology.node(w.node)?;
     (node.is_standby() && !budget.admits(node)).then(|| EndReason::Lagging {
         node: node.name.clone(),
     })

@@ -189,17 +189,17 @@ impl Relayed<'_> {
         let mut held = ReadBuffer::new();
         let mut lost_block = false;
         loop {
-            let (signals, _control) = control::spawn(control::Watch {
-                topology: shared.topology.clone(),
-                shutdown: shared.shutdown.clone(),
-                node: connected.node,
-                target: self.request.target,
-                // The server's own word, now that it has spoken.
-                placed_on_standby: on_standby,
-                lag_budget: (self.listener.on_lag == OnLag::Disconnect && on_standby)
-                    .then_some(self.request.budget),
-                lag_check: self.settings.monitor.interval,
-            });
+            let (watcher, _watching) = control::watch(
+                &shared.fanout,
+                control::Watch {
+                    node: connected.node,
+                    target: self.request.target,
+                    // The server's own word, now that it has spoken.
+                    placed_on_standby: on_standby,
+                    lag_budget: (self.listener.on_lag == OnLag::Disconnect && on_standby)
+                        .then_some(self.request.budget),
+                },
+            );
             if std::mem::take(&mut lost_block) {
                 let max = self.settings.max_message_bytes;
                 if moving::answer_lost_block(&mut client, &mut held, max)
@@ -216,7 +216,7 @@ impl Relayed<'_> {
                 monitor: &shared.monitor,
                 max_message_bytes: self.settings.max_message_bytes,
                 metrics: &shared.metrics,
-                signals: &signals,
+                signals: &watcher.signals,
                 stats: &connected.stats,
                 pause: &shared.pause,
                 busy_gauge: self.busy_gauge,

@@ -14,7 +14,7 @@
 //! are where a session may be ended cleanly), ParameterStatus
 //! (`in_hot_standby` changes at promotion) and ErrorResponse (25006 on a
 //! session routed as read-write; FATAL before a close). It also listens to
-//! the session's [control task](super::control): a session whose node stops
+//! the session's [control signals](super::control): a session whose node stops
 //! being eligible is ended with an ErrorResponse at the next message
 //! boundary, and from that moment nothing more from the client reaches the
 //! backend; shutdown and lag end it at its next idle point.
@@ -82,7 +82,7 @@ pub struct RelayContext<'a> {
     pub monitor: &'a MonitorHandle,
     pub max_message_bytes: usize,
     pub metrics: &'a crate::metrics::Metrics,
-    /// Signals from the session's control task (node no longer eligible,
+    /// Signals from the session's control watch (node no longer eligible,
     /// shutdown, lag).
     pub signals: &'a Signals,
     /// The node's live figures (round-trip latency).
