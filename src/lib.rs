@@ -21,6 +21,8 @@
 //!   proxy reads or writes.
 //! - [`routing`]: target + lag budget + snapshot → node (pure).
 //! - [`cancel`]: proxy-issued cancel keys → real backends.
+//! - [`readable`]: waiting for bytes without holding a read buffer (TCP
+//!   and Unix sockets), so idle sessions hold none.
 //! - [`address`]: where a node is (`host:port` or a Unix socket) and the
 //!   plain connection to it.
 //! - [`tls`]: rustls server config (client side); [`backend_tls`]: TLS to
@@ -66,6 +68,7 @@ pub mod net;
 pub mod pause;
 pub mod protocol;
 pub mod proxy;
+pub mod readable;
 pub mod reload;
 pub mod routing;
 pub mod session;

@@ -64,8 +64,9 @@ impl Frame<'_> {
 pub struct Framer {
     /// Bytes of the current passed-through message not yet seen.
     in_message: usize,
-    /// Which type bytes to return whole.
-    inspect: [bool; 256],
+    /// Which type bytes to return whole: bit `tag % 64` of word `tag / 64`
+    /// (32 bytes, not a 256-byte table: every session holds two framers).
+    inspect: [u64; 4],
     /// Largest message accepted (the peer is cut off beyond it).
     max_len: usize,
     /// Inspected messages larger than this are passed through unread.
@@ -76,9 +77,9 @@ impl Framer {
     /// A framer that returns the message types in `inspect` whole and passes
     /// everything else through; messages over `max_len` bytes are an error.
     pub fn new(inspect: &[u8], max_len: usize) -> Self {
-        let mut table = [false; 256];
+        let mut table = [0u64; 4];
         for &tag in inspect {
-            table[tag as usize] = true;
+            table[tag as usize / 64] |= 1 << (tag % 64);
         }
         Framer {
             in_message: 0,
@@ -86,6 +87,10 @@ impl Framer {
             max_len,
             inspect_limit: MAX_INSPECTED_LEN,
         }
+    }
+
+    fn inspects(&self, tag: u8) -> bool {
+        self.inspect[tag as usize / 64] & (1 << (tag % 64)) != 0
     }
 
     /// Returns inspected messages whole up to `limit` bytes rather than
@@ -118,7 +123,7 @@ impl Framer {
         let Some((tag, total)) = self.header(buf)? else {
             return Ok(Frame::Incomplete);
         };
-        if self.inspect[tag as usize] && total <= self.inspect_limit {
+        if self.inspects(tag) && total <= self.inspect_limit {
             return Ok(match buf.get(HEADER_LEN..total) {
                 Some(body) => Frame::Message { tag, body },
                 None => Frame::Incomplete,

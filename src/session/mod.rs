@@ -585,7 +585,7 @@ async fn relay_to<CR, CW>(
     held: &mut ReadBuffer,
 ) -> RelayEnd
 where
-    CR: tokio::io::AsyncRead + Unpin,
+    CR: tokio::io::AsyncRead + crate::readable::WaitReadable + Unpin,
     CW: AsyncWrite + Unpin,
 {
     match backend {

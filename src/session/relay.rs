@@ -40,6 +40,8 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
+use crate::readable::{readable, WaitReadable};
+
 use super::control::{Signal, Signals};
 use super::ending::EndReason;
 use super::mobility::Mobility;
@@ -228,9 +230,9 @@ pub async fn relay<CR, CW, BR, BW>(
     from_client: &mut ReadBuffer,
 ) -> RelayEnd
 where
-    CR: AsyncRead + Unpin,
+    CR: AsyncRead + WaitReadable + Unpin,
     CW: AsyncWrite + Unpin,
-    BR: AsyncRead + Unpin,
+    BR: AsyncRead + WaitReadable + Unpin,
     BW: AsyncWrite + Unpin,
 {
     let state = SessionState {
@@ -304,11 +306,13 @@ async fn say<W: AsyncWrite + Unpin>(cw: &mut W, clean: bool, code: &str, message
 
 /// One direction's read buffer and how much it reads at a time.
 ///
-/// It starts at [`FIRST_CHUNK`], doubles (up to [`READ_CHUNK`]) while reads
-/// fill it, and goes back to the first size at idle points. Whenever all of
-/// it was relayed the next read lands at the start of the allocation again,
-/// so a session keeps resident only the pages its largest reads touched
-/// rather than walking every page of the buffer in turn.
+/// It reads [`FIRST_CHUNK`] at first, doubles (up to [`READ_CHUNK`]) while
+/// reads fill it, and goes back to the first size at idle points. Whenever
+/// all of it was relayed the next read lands at the start of the allocation
+/// again, so a session keeps resident only the pages its largest reads
+/// touched rather than walking every page of the buffer in turn. On a socket
+/// it holds no allocation at all while it waits with nothing pending (see
+/// [`crate::readable`]): an idle session holds no read buffers.
 pub struct ReadBuffer {
     bytes: BytesMut,
     chunk: usize,
@@ -327,10 +331,11 @@ impl Default for ReadBuffer {
 
 impl ReadBuffer {
     pub fn new() -> ReadBuffer {
+        // Allocated by the first read.
         ReadBuffer {
-            bytes: BytesMut::with_capacity(FIRST_CHUNK),
+            bytes: BytesMut::new(),
             chunk: FIRST_CHUNK,
-            whole: FIRST_CHUNK,
+            whole: 0,
             room: 0,
         }
     }
@@ -346,13 +351,28 @@ impl ReadBuffer {
     }
 
     /// Reads once more from `from` into the buffer; 0 at end of stream.
-    pub async fn read_from<R: AsyncRead + Unpin>(
+    /// With nothing pending, on a stream that can wait for readiness, the
+    /// allocation is given back for the wait and taken again once there is
+    /// something to read.
+    pub async fn read_from<R: AsyncRead + WaitReadable + Unpin>(
         &mut self,
         from: &mut R,
     ) -> std::io::Result<usize> {
+        if self.bytes.is_empty() && from.waits() {
+            self.release();
+            readable(from).await?;
+        }
         let n = from.read_buf(self.prepare()).await?;
         self.read(n);
         Ok(n)
+    }
+
+    /// Gives the allocation back (nothing is pending).
+    fn release(&mut self) {
+        if self.bytes.capacity() > 0 {
+            self.bytes = BytesMut::new();
+            self.whole = 0;
+        }
     }
 
     /// Makes room for the next read.
@@ -381,12 +401,11 @@ impl ReadBuffer {
     }
 
     /// At an idle point: a grown buffer with nothing left in it is given
-    /// back, so a session that once moved 100 MB holds 8 KiB again.
+    /// back, so a session that once moved 100 MB reads 1 KiB at a time again.
     fn idle(&mut self) {
         if self.chunk > FIRST_CHUNK && self.bytes.is_empty() {
-            self.bytes = BytesMut::with_capacity(FIRST_CHUNK);
+            self.release();
             self.chunk = FIRST_CHUNK;
-            self.whole = self.bytes.capacity();
         }
     }
 }
@@ -400,7 +419,7 @@ async fn client_to_backend<R, W>(
     reader: &mut ReadBuffer,
 ) -> Outcome
 where
-    R: AsyncRead + Unpin,
+    R: AsyncRead + WaitReadable + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut relayed = LocalCounter::new(&ctx.metrics.bytes_from_clients);
@@ -411,9 +430,9 @@ where
             reader.idle();
         }
         if !std::mem::take(&mut carried) {
-            match cr.read_buf(reader.prepare()).await {
+            match reader.read_from(cr).await {
                 Ok(0) | Err(_) => return Outcome::ClientGone,
-                Ok(n) => reader.read(n),
+                Ok(_) => {}
             }
         }
         if state.moving.load(Ordering::Relaxed) && state.quiet() && framer.at_boundary() {
@@ -500,7 +519,7 @@ async fn backend_to_client<R, W>(
     ctx: &RelayContext<'_>,
 ) -> Outcome
 where
-    R: AsyncRead + Unpin,
+    R: AsyncRead + WaitReadable + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut framer = match ctx.mobility {
@@ -540,10 +559,8 @@ where
             reader.idle();
         }
         let grace = ending.as_ref().or(moving.as_ref()).map(|(_, at)| *at);
-        let mut got = 0;
-        let spare = reader.prepare();
         tokio::select! {
-            read = br.read_buf(spare) => match read {
+            read = reader.read_from(br) => match read {
                 Ok(0) | Err(_) => {
                     let buf = &reader.bytes;
                     let repairable = buf.is_empty() && framer.at_boundary() && state.upstream_quiet();
@@ -562,7 +579,7 @@ where
                     }
                     return Outcome::BackendGone { said_why: last_fatal };
                 }
-                Ok(n) => got = n,
+                Ok(_) => {}
             },
             _ = &mut raised => {
                 raised.set(signals.raised());
@@ -590,7 +607,6 @@ where
                 ending = Some((reason, tokio::time::Instant::now() + END_GRACE));
             }
         }
-        reader.read(got);
         let buf = &mut reader.bytes;
         let mut pos = 0;
         loop {

@@ -422,3 +422,45 @@ async fn a_pinned_session_is_ended_as_before() {
         "{end:?}"
     );
 }
+
+/// A buffer that has relayed everything gives its allocation back while it
+/// waits on a socket, and keeps it on a stream that cannot wait without one.
+#[tokio::test]
+async fn an_idle_read_buffer_holds_no_allocation_on_a_socket() {
+    use super::ReadBuffer;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (mut server, _) = listener.accept().await.unwrap();
+    let (mut piped, mut pipe_end) = tokio::io::duplex(64);
+
+    let mut on_socket = ReadBuffer::new();
+    let mut on_pipe = ReadBuffer::new();
+    client.write_all(b"hello").await.unwrap();
+    pipe_end.write_all(b"hello").await.unwrap();
+    assert_eq!(on_socket.read_from(&mut server).await.unwrap(), 5);
+    assert_eq!(on_pipe.read_from(&mut piped).await.unwrap(), 5);
+    for buffer in [&mut on_socket, &mut on_pipe] {
+        assert_eq!(buffer.pending(), b"hello");
+        buffer.consume(5);
+    }
+
+    // Nothing more was sent: both reads wait.
+    let wait = Duration::from_millis(20);
+    let read = tokio::time::timeout(wait, on_socket.read_from(&mut server)).await;
+    assert!(read.is_err(), "nothing was sent: {read:?}");
+    assert_eq!(
+        on_socket.bytes.capacity(),
+        0,
+        "the socket wait held a buffer"
+    );
+    let read = tokio::time::timeout(wait, on_pipe.read_from(&mut piped)).await;
+    assert!(read.is_err(), "nothing was sent: {read:?}");
+    assert!(on_pipe.bytes.capacity() > 0);
+
+    // The next bytes are read once they arrive.
+    client.write_all(b"again").await.unwrap();
+    assert_eq!(on_socket.read_from(&mut server).await.unwrap(), 5);
+    assert_eq!(on_socket.pending(), b"again");
+}

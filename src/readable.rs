@@ -1,0 +1,96 @@
+//! Waiting for bytes to arrive without a buffer to read them into.
+//!
+//! An idle session spends its life waiting for its client's next query and
+//! its backend's next answer. A plain `read` needs its buffer for the whole
+//! wait; on a socket the wait can be for readiness instead, and the buffer
+//! taken only once there is something to read. That keeps a thousand idle
+//! sessions from holding a thousand pairs of read buffers (the relay's
+//! [`ReadBuffer`](crate::session::relay::ReadBuffer) gives its allocation
+//! back before such a wait).
+//!
+//! TCP and Unix sockets can wait this way. A TLS stream cannot (rustls may
+//! hold decrypted bytes already, or need to read a record to learn there
+//! are none), nor can the in-memory pipes of the stage tests: they keep a
+//! buffer in their pending read, as before.
+
+use std::io;
+use std::task::{Context, Poll};
+
+use tokio::net::{tcp, unix, TcpStream};
+
+use crate::maybe_tls::MaybeTls;
+
+/// A read side that may be able to wait for readiness without a buffer.
+pub trait WaitReadable {
+    /// Whether [`poll_readable`](Self::poll_readable) waits until bytes
+    /// (or the end of the stream, or an error) can be read.
+    fn waits(&self) -> bool {
+        false
+    }
+
+    /// Resolves once a read would not block. Only called when
+    /// [`waits`](Self::waits) says so.
+    fn poll_readable(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl WaitReadable for TcpStream {
+    fn waits(&self) -> bool {
+        true
+    }
+
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
+
+impl WaitReadable for tcp::ReadHalf<'_> {
+    fn waits(&self) -> bool {
+        true
+    }
+
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.as_ref().poll_read_ready(cx)
+    }
+}
+
+impl WaitReadable for unix::ReadHalf<'_> {
+    fn waits(&self) -> bool {
+        true
+    }
+
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.as_ref().poll_read_ready(cx)
+    }
+}
+
+/// The halves of a TLS stream (and of the stage tests' pipes).
+impl<T> WaitReadable for tokio::io::ReadHalf<T> {}
+
+impl WaitReadable for tokio::io::DuplexStream {}
+
+impl<P: WaitReadable, T> WaitReadable for MaybeTls<P, T> {
+    fn waits(&self) -> bool {
+        match self {
+            MaybeTls::Plain(p) => p.waits(),
+            MaybeTls::Tls(_) => false,
+        }
+    }
+
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            MaybeTls::Plain(p) => p.poll_readable(cx),
+            MaybeTls::Tls(_) => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// Waits until `from` is readable, if it can wait without a buffer.
+pub async fn readable<R: WaitReadable + ?Sized>(from: &R) -> io::Result<()> {
+    if from.waits() {
+        std::future::poll_fn(|cx| from.poll_readable(cx)).await
+    } else {
+        Ok(())
+    }
+}
