@@ -154,8 +154,8 @@ async fn run(
     };
     session
         .relay(
-            client,
-            connected,
+            &mut client,
+            &mut connected,
             authenticated.status,
             authenticated.in_hot_standby,
         )
@@ -179,8 +179,8 @@ struct Relayed<'a> {
 impl Relayed<'_> {
     async fn relay(
         &self,
-        mut client: ClientStream,
-        mut connected: connect::Connected,
+        client: &mut ClientStream,
+        connected: &mut connect::Connected,
         mut status: TxStatus,
         mut on_standby: bool,
     ) {
@@ -202,7 +202,7 @@ impl Relayed<'_> {
             );
             if std::mem::take(&mut lost_block) {
                 let max = self.settings.max_message_bytes;
-                if moving::answer_lost_block(&mut client, &mut held, max)
+                if moving::answer_lost_block(client, &mut held, max)
                     .await
                     .is_err()
                 {
@@ -222,7 +222,7 @@ impl Relayed<'_> {
                 busy_gauge: self.busy_gauge,
                 mobility: self.mobility,
             };
-            let end = relay_streams(&mut client, &mut connected.backend, &ctx, &mut held).await;
+            let end = relay_streams(client, &mut connected.backend, &ctx, &mut held).await;
             let point = match end {
                 RelayEnd::Move(point) => point,
                 end => {
@@ -245,11 +245,11 @@ impl Relayed<'_> {
                 relay::MoveCause::Goodbye { .. } => None,
             };
             // Boxed, like the stages before the relay: rare, and large.
-            let context = self.move_context(&connected, on_standby);
-            let moved = Box::pin(moving::move_session(&context, point, &mut client)).await;
+            let context = self.move_context(connected, on_standby);
+            let moved = Box::pin(moving::move_session(&context, point, client)).await;
             match moved {
                 Ok(moved) => {
-                    let from = std::mem::replace(&mut connected, moved.connected);
+                    let from = std::mem::replace(connected, moved.connected);
                     let moves = &shared.metrics.moves;
                     moves.moved.inc(cause);
                     moves.move_time.record(started.elapsed());
@@ -265,7 +265,7 @@ impl Relayed<'_> {
                 }
                 Err(e) => {
                     return self
-                        .end_unmoved(client, e, reason, &connected, on_standby)
+                        .end_unmoved(client, e, reason, connected, on_standby)
                         .await
                 }
             }
@@ -298,7 +298,7 @@ impl Relayed<'_> {
     /// server ended just this session, gets the server's own goodbye).
     async fn end_unmoved(
         &self,
-        mut client: ClientStream,
+        client: &mut ClientStream,
         e: moving::MoveError,
         reason: Option<String>,
         left: &connect::Connected,
@@ -310,11 +310,11 @@ impl Relayed<'_> {
                 let why = "pgpivot: connection to the server was lost";
                 let error =
                     messages::error_bytes(Severity::Fatal, sqlstate::CONNECTION_FAILURE, why);
-                let _ = stream::send(&mut client, &error).await;
+                let _ = stream::send(client, &error).await;
             } else {
-                let _ = stream::send(&mut client, said).await;
+                let _ = stream::send(client, said).await;
             }
-            close(&mut client).await;
+            close(client).await;
             tracing::debug!("session ended by the server");
             return;
         }
@@ -337,9 +337,9 @@ impl Relayed<'_> {
         tracing::info!(reason = e.as_label(), "session ended, not moved: {message}");
         if !matches!(e, moving::MoveError::ClientGone) {
             let error = messages::error_bytes(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, &message);
-            let _ = stream::send(&mut client, &error).await;
+            let _ = stream::send(client, &error).await;
         }
-        close(&mut client).await;
+        close(client).await;
     }
 
     /// The reason a session's node is no longer eligible, once the topology

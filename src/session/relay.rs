@@ -575,7 +575,7 @@ where
                         return Outcome::ClientGone;
                     }
                     if let Some((reason, _)) = ending.take() {
-                        return finish(cw, state, reason, framer.at_boundary() && buf.is_empty()).await;
+                        return Box::pin(finish(cw, state, reason, framer.at_boundary() && buf.is_empty())).await;
                     }
                     return Outcome::BackendGone { said_why: last_fatal };
                 }
@@ -598,7 +598,7 @@ where
             },
             _ = sleep_until(grace) => {
                 if let Some((reason, _)) = ending.take() {
-                    return finish(cw, state, reason, false).await;
+                    return Box::pin(finish(cw, state, reason, false)).await;
                 }
                 // The work in flight did not finish in time: end the session
                 // as one that cannot move.
@@ -656,7 +656,7 @@ where
         let at_boundary = framer.at_boundary();
         state.client_clean.store(at_boundary, Ordering::Relaxed);
         if let Some((reason, _)) = ending.take_if(|_| at_boundary) {
-            return finish(cw, state, reason, true).await;
+            return Box::pin(finish(cw, state, reason, true)).await;
         }
         let quiet = at_boundary && buf.is_empty() && state.quiet();
         if let Some((reason, _)) = moving.take_if(|_| quiet) {
@@ -669,19 +669,24 @@ where
                 return state.move_point(MoveCause::Ineligible(reason));
             }
             state.stop_forwarding.store(true, Ordering::Relaxed);
-            return finish(cw, state, reason, true).await;
+            return Box::pin(finish(cw, state, reason, true)).await;
         }
     }
 }
 
+/// Resolves at `at`; never without one. The timer is boxed: it is needed
+/// only while a session is being ended or moved, and inline it would add
+/// its size to every idle session's relay future.
 async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
-        Some(at) => tokio::time::sleep_until(at).await,
+        Some(at) => Box::pin(tokio::time::sleep_until(at)).await,
         None => std::future::pending().await,
     }
 }
 
 /// Ends the session with the reason's error, if the stream allows a message.
+/// Boxed by its callers: it runs once, and inline it would size every idle
+/// session's relay future.
 async fn finish<W: AsyncWrite + Unpin>(
     cw: &mut W,
     state: &SessionState,
