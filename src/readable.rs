@@ -10,13 +10,15 @@
 //!
 //! TCP and Unix sockets can wait this way. A TLS stream cannot (rustls may
 //! hold decrypted bytes already, or need to read a record to learn there
-//! are none), nor can the in-memory pipes of the stage tests: they keep a
-//! buffer in their pending read, as before.
+//! are none), nor can tokio's in-memory pipe: they keep a buffer in their
+//! pending read.
 
 use std::io;
 use std::task::{Context, Poll};
 
-use tokio::net::{tcp, unix, TcpStream};
+use tokio::io::DuplexStream;
+use tokio::net::{tcp, unix, TcpStream, UnixStream};
+use tokio_util::either::Either;
 
 use crate::maybe_tls::MaybeTls;
 
@@ -30,18 +32,8 @@ pub trait WaitReadable {
 
     /// Resolves once a read would not block. Only called when
     /// [`waits`](Self::waits) says so.
-    fn poll_readable(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_readable(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
-    }
-}
-
-impl WaitReadable for TcpStream {
-    fn waits(&self) -> bool {
-        true
-    }
-
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_read_ready(cx)
     }
 }
 
@@ -50,7 +42,7 @@ impl WaitReadable for tcp::ReadHalf<'_> {
         true
     }
 
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.as_ref().poll_read_ready(cx)
     }
 }
@@ -60,16 +52,48 @@ impl WaitReadable for unix::ReadHalf<'_> {
         true
     }
 
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.as_ref().poll_read_ready(cx)
     }
 }
 
-/// The halves of a TLS stream (and of the stage tests' pipes).
-impl<T> WaitReadable for tokio::io::ReadHalf<T> {}
+impl WaitReadable for TcpStream {
+    fn waits(&self) -> bool {
+        true
+    }
 
-impl WaitReadable for tokio::io::DuplexStream {}
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
 
+impl WaitReadable for UnixStream {
+    fn waits(&self) -> bool {
+        true
+    }
+
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
+
+impl<L: WaitReadable, R: WaitReadable> WaitReadable for Either<L, R> {
+    fn waits(&self) -> bool {
+        match self {
+            Either::Left(l) => l.waits(),
+            Either::Right(r) => r.waits(),
+        }
+    }
+
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Either::Left(l) => l.poll_readable(cx),
+            Either::Right(r) => r.poll_readable(cx),
+        }
+    }
+}
+
+/// Plain: as its transport. TLS: cannot wait without a buffer.
 impl<P: WaitReadable, T> WaitReadable for MaybeTls<P, T> {
     fn waits(&self) -> bool {
         match self {
@@ -78,7 +102,7 @@ impl<P: WaitReadable, T> WaitReadable for MaybeTls<P, T> {
         }
     }
 
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             MaybeTls::Plain(p) => p.poll_readable(cx),
             MaybeTls::Tls(_) => Poll::Ready(Ok(())),
@@ -86,8 +110,21 @@ impl<P: WaitReadable, T> WaitReadable for MaybeTls<P, T> {
     }
 }
 
+/// The halves `tokio::io::split` makes of a TLS stream (borrowed, as the
+/// session splits it, or owned): no waiting.
+impl<S> WaitReadable for tokio::io::ReadHalf<&mut tokio_rustls::server::TlsStream<S>> {}
+impl<S> WaitReadable for tokio::io::ReadHalf<&mut tokio_rustls::client::TlsStream<S>> {}
+impl<S> WaitReadable for tokio::io::ReadHalf<tokio_rustls::server::TlsStream<S>> {}
+impl<S> WaitReadable for tokio::io::ReadHalf<tokio_rustls::client::TlsStream<S>> {}
+
+/// tokio's in-memory pipe cannot: a zero-length read returns at once. (The
+/// stage tests wrap theirs in a one-byte lookahead that can,
+/// `session::test_support::Lookahead`.)
+impl WaitReadable for DuplexStream {}
+impl WaitReadable for tokio::io::ReadHalf<DuplexStream> {}
+
 /// Waits until `from` is readable, if it can wait without a buffer.
-pub async fn readable<R: WaitReadable + ?Sized>(from: &R) -> io::Result<()> {
+pub async fn readable<R: WaitReadable + ?Sized>(from: &mut R) -> io::Result<()> {
     if from.waits() {
         std::future::poll_fn(|cx| from.poll_readable(cx)).await
     } else {

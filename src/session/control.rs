@@ -54,6 +54,13 @@ impl Signals {
     pub async fn raised(&self) {
         self.notify.notified().await
     }
+
+    /// After a [`raised`](Self::raised) that only woke a waiting session:
+    /// leaves the wake-up for the relay's own `raised`, which then takes
+    /// the signal.
+    pub fn pass_on(&self) {
+        self.notify.notify_one();
+    }
 }
 
 /// What one session's watch looks for.

@@ -37,8 +37,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use bytes::Buf;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::readable::{readable, WaitReadable};
 
@@ -53,15 +53,6 @@ use crate::protocol::messages::{self, tag, Severity, TxStatus};
 use crate::protocol::sqlstate;
 use crate::routing::Target;
 use crate::topology::NodeId;
-
-/// A direction's first buffer: enough for the common small query and its
-/// answer, small enough that a thousand idle sessions hold little (it
-/// doubles while reads fill it, so a large result soon reads 64 KiB at a
-/// time).
-const FIRST_CHUNK: usize = 1024;
-/// The most a direction reads at a time, reached while reads keep filling
-/// the buffer (bulk COPY, large results).
-const READ_CHUNK: usize = 64 * 1024;
 
 /// Upper bound on finishing a half-relayed message before ending a session
 /// whose node was lost (the backend may be hung mid-message).
@@ -221,6 +212,13 @@ impl SessionState {
 /// Relays until either side ends or the proxy ends (or moves) the session.
 /// `from_client` is the client direction's buffer: bytes it holds (held at
 /// a move) are relayed first, and it keeps what a move holds.
+///
+/// Between transactions the session *parks* when both peers are sockets
+/// ([`WaitReadable`]): at an idle point with nothing pending either way, the
+/// running relay (its framers, buffers and both directions' futures, about
+/// 1.5 KiB, boxed for this) is dropped, and the session waits for either
+/// peer to become readable, or for a signal, holding nothing but its
+/// sockets. Then a new run starts where the last one stopped.
 pub async fn relay<CR, CW, BR, BW>(
     cr: &mut CR,
     cw: &mut CW,
@@ -235,9 +233,86 @@ where
     BR: AsyncRead + WaitReadable + Unpin,
     BW: AsyncWrite + Unpin,
 {
+    let mut run = Run {
+        status: ctx.status,
+        parks: cr.waits() && br.waits(),
+        tally: Tally {
+            to_backend: LocalCounter::new(&ctx.metrics.bytes_from_clients),
+            to_client: LocalCounter::new(&ctx.metrics.bytes_to_clients),
+            round_trips: LocalLatency::new(&ctx.stats.round_trip),
+        },
+    };
+    loop {
+        let ran = Box::pin(relay_once(cr, cw, br, bw, ctx, from_client, &mut run)).await;
+        match ran {
+            Ran::Parked(status) => run.status = status,
+            Ran::Ended(end) => return end,
+        }
+        // Bytes held (a paused query) go to the next run at once.
+        if from_client.pending().is_empty() {
+            wait_parked(cr, br, ctx.signals).await;
+        }
+    }
+}
+
+/// What carries over from one run of the relay to the next.
+struct Run<'a> {
+    /// The transaction status the next run starts in.
+    status: TxStatus,
+    /// Whether a run may park (both peers can wait without a buffer).
+    parks: bool,
+    tally: Tally<'a>,
+}
+
+/// The relay's metric batches, kept across runs so that they still flush
+/// in batches, not once per transaction.
+struct Tally<'a> {
+    to_backend: LocalCounter<'a>,
+    to_client: LocalCounter<'a>,
+    round_trips: LocalLatency<'a>,
+}
+
+/// How one run of the relay ended.
+enum Ran {
+    /// Idle with nothing pending: the session waits without a relay.
+    Parked(TxStatus),
+    Ended(RelayEnd),
+}
+
+/// A parked session waits here until either peer has something to read
+/// (or closed), or a signal was raised; the signal's wake-up is left for
+/// the next run to take.
+async fn wait_parked<CR, BR>(cr: &mut CR, br: &mut BR, signals: &Signals)
+where
+    CR: WaitReadable,
+    BR: WaitReadable,
+{
+    tokio::select! {
+        _ = readable(cr) => {}
+        _ = readable(br) => {}
+        _ = signals.raised() => signals.pass_on(),
+    }
+}
+
+/// One run of the relay: until the session ends, moves, or parks.
+async fn relay_once<CR, CW, BR, BW>(
+    cr: &mut CR,
+    cw: &mut CW,
+    br: &mut BR,
+    bw: &mut BW,
+    ctx: &RelayContext<'_>,
+    from_client: &mut ReadBuffer,
+    run: &mut Run<'_>,
+) -> Ran
+where
+    CR: AsyncRead + Unpin + WaitReadable,
+    CW: AsyncWrite + Unpin,
+    BR: AsyncRead + Unpin + WaitReadable,
+    BW: AsyncWrite + Unpin,
+{
     let state = SessionState {
         outstanding: AtomicU32::new(0),
-        status: AtomicU8::new(ctx.status as u8),
+        status: AtomicU8::new(run.status as u8),
         stop_forwarding: AtomicBool::new(false),
         client_clean: AtomicBool::new(true),
         busy: AtomicBool::new(false),
@@ -247,7 +322,7 @@ where
         unsynced: AtomicBool::new(false),
         upstream_clean: AtomicBool::new(true),
     };
-    if ctx.status != TxStatus::Idle {
+    if run.status != TxStatus::Idle {
         state.mark_busy(ctx.busy_gauge);
     }
     let mut upstream = match ctx.mobility {
@@ -255,9 +330,11 @@ where
             .inspecting_up_to(MAX_TRACKED_MESSAGE),
         None => Framer::new(&[], ctx.max_message_bytes),
     };
+    let tally = &mut run.tally;
+    let (to_backend, to_client) = (&mut tally.to_backend, &mut tally.to_client);
     let outcome = tokio::select! {
-        end = client_to_backend(cr, bw, &state, &mut upstream, ctx, from_client) => end,
-        end = backend_to_client(br, cw, &state, ctx.signals, ctx) => end,
+        end = client_to_backend(cr, bw, &state, &mut upstream, ctx, from_client, to_backend) => end,
+        end = backend_to_client(br, cw, &state, ctx, run.parks, to_client, &mut tally.round_trips) => end,
     };
     let clean = state.client_clean.load(Ordering::Relaxed);
     match &outcome {
@@ -274,139 +351,41 @@ where
             let why = "pgpivot: connection to the server was lost";
             say(cw, clean, sqlstate::CONNECTION_FAILURE, why).await;
         }
-        Outcome::BackendGone { said_why: true } | Outcome::Ended(_) | Outcome::Move(_) => {}
+        Outcome::BackendGone { said_why: true }
+        | Outcome::Ended(_)
+        | Outcome::Move(_)
+        | Outcome::Parked => {}
     }
-    if !matches!(outcome, Outcome::Move(_)) {
+    if !matches!(outcome, Outcome::Move(_) | Outcome::Parked) {
         super::close(cw).await;
     }
     state.mark_idle(ctx.busy_gauge);
-    match outcome {
+    Ran::Ended(match outcome {
+        Outcome::Parked => return Ran::Parked(state.status()),
         Outcome::ClientGone => RelayEnd::ClientGone,
         Outcome::ClientProtocol(e) => RelayEnd::ClientProtocol(e),
         Outcome::BackendGone { .. } => RelayEnd::BackendGone,
         Outcome::Ended(r) => RelayEnd::Ended(r),
         Outcome::Move(point) => RelayEnd::Move(point),
-    }
+    })
 }
 
 enum Outcome {
     ClientGone,
     ClientProtocol(FrameError),
-    BackendGone { said_why: bool },
+    BackendGone {
+        said_why: bool,
+    },
     Ended(EndReason),
     Move(MovePoint),
+    /// Idle, nothing pending either way: this run may stop (see [`relay`]).
+    Parked,
 }
 
 /// Writes a FATAL error to the client if the stream is at a boundary.
 async fn say<W: AsyncWrite + Unpin>(cw: &mut W, clean: bool, code: &str, message: &str) {
     if clean {
         let _ = send(cw, &messages::error_bytes(Severity::Fatal, code, message)).await;
-    }
-}
-
-/// One direction's read buffer and how much it reads at a time.
-///
-/// It reads [`FIRST_CHUNK`] at first, doubles (up to [`READ_CHUNK`]) while
-/// reads fill it, and goes back to the first size at idle points. Whenever
-/// all of it was relayed the next read lands at the start of the allocation
-/// again, so a session keeps resident only the pages its largest reads
-/// touched rather than walking every page of the buffer in turn. On a socket
-/// it holds no allocation at all while it waits with nothing pending (see
-/// [`crate::readable`]): an idle session holds no read buffers.
-pub struct ReadBuffer {
-    bytes: BytesMut,
-    chunk: usize,
-    /// The capacity of the whole allocation (the view's, when it starts at
-    /// the beginning): a smaller view means consumed bytes lie before it.
-    whole: usize,
-    /// Free space before the last read, to see whether it filled the buffer.
-    room: usize,
-}
-
-impl Default for ReadBuffer {
-    fn default() -> Self {
-        ReadBuffer::new()
-    }
-}
-
-impl ReadBuffer {
-    pub fn new() -> ReadBuffer {
-        // Allocated by the first read.
-        ReadBuffer {
-            bytes: BytesMut::new(),
-            chunk: FIRST_CHUNK,
-            whole: 0,
-            room: 0,
-        }
-    }
-
-    /// The bytes read and not yet relayed.
-    pub fn pending(&self) -> &[u8] {
-        &self.bytes
-    }
-
-    /// Drops the first `n` pending bytes (consumed by the proxy itself).
-    pub fn consume(&mut self, n: usize) {
-        self.bytes.advance(n);
-    }
-
-    /// Reads once more from `from` into the buffer; 0 at end of stream.
-    /// With nothing pending, on a stream that can wait for readiness, the
-    /// allocation is given back for the wait and taken again once there is
-    /// something to read.
-    pub async fn read_from<R: AsyncRead + WaitReadable + Unpin>(
-        &mut self,
-        from: &mut R,
-    ) -> std::io::Result<usize> {
-        if self.bytes.is_empty() && from.waits() {
-            self.release();
-            readable(from).await?;
-        }
-        let n = from.read_buf(self.prepare()).await?;
-        self.read(n);
-        Ok(n)
-    }
-
-    /// Gives the allocation back (nothing is pending).
-    fn release(&mut self) {
-        if self.bytes.capacity() > 0 {
-            self.bytes = BytesMut::new();
-            self.whole = 0;
-        }
-    }
-
-    /// Makes room for the next read.
-    fn prepare(&mut self) -> &mut BytesMut {
-        let buf = &mut self.bytes;
-        if buf.is_empty() && buf.capacity() < self.whole {
-            // All relayed, and the view starts after consumed bytes: move it
-            // back to the start of the allocation (no copy, no allocation).
-            let _ = buf.try_reclaim(self.whole);
-        }
-        if buf.capacity() - buf.len() < self.chunk / 4 {
-            buf.reserve(self.chunk);
-            // Reserving leaves the view at the start of its allocation.
-            self.whole = buf.capacity();
-        }
-        self.room = buf.capacity() - buf.len();
-        buf
-    }
-
-    /// After a read of `n` bytes: one that filled the buffer asks for more
-    /// next time.
-    fn read(&mut self, n: usize) {
-        if n == self.room && self.chunk < READ_CHUNK {
-            self.chunk *= 2;
-        }
-    }
-
-    /// At an idle point: a grown buffer with nothing left in it is given
-    /// back, so a session that once moved 100 MB reads 1 KiB at a time again.
-    fn idle(&mut self) {
-        if self.chunk > FIRST_CHUNK && self.bytes.is_empty() {
-            self.release();
-            self.chunk = FIRST_CHUNK;
-        }
     }
 }
 
@@ -417,12 +396,12 @@ async fn client_to_backend<R, W>(
     framer: &mut Framer,
     ctx: &RelayContext<'_>,
     reader: &mut ReadBuffer,
+    relayed: &mut LocalCounter<'_>,
 ) -> Outcome
 where
     R: AsyncRead + WaitReadable + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut relayed = LocalCounter::new(&ctx.metrics.bytes_from_clients);
     // Bytes held at a move are relayed before anything new is read.
     let mut carried = !reader.bytes.is_empty();
     loop {
@@ -515,8 +494,10 @@ async fn backend_to_client<R, W>(
     br: &mut R,
     cw: &mut W,
     state: &SessionState,
-    signals: &Signals,
     ctx: &RelayContext<'_>,
+    parks: bool,
+    relayed: &mut LocalCounter<'_>,
+    round_trips: &mut LocalLatency<'_>,
 ) -> Outcome
 where
     R: AsyncRead + WaitReadable + Unpin,
@@ -549,8 +530,7 @@ where
     // A move due once the session is quiet, and when to give up waiting.
     let mut moving: Option<(EndReason, tokio::time::Instant)> = None;
     let mut last_fatal = false;
-    let mut relayed = LocalCounter::new(&ctx.metrics.bytes_to_clients);
-    let mut round_trips = LocalLatency::new(&ctx.stats.round_trip);
+    let signals = ctx.signals;
     // Made once and renewed only after it fires: a fresh one per loop turn
     // would register (and then drop) a waiter on every read.
     let mut raised = std::pin::pin!(signals.raised());
@@ -634,7 +614,7 @@ where
                 if let Some(m) = ctx.mobility {
                     track_server(m, t, body);
                 }
-                last_fatal = observe(t, body, state, ctx, &mut round_trips);
+                last_fatal = observe(t, body, state, ctx, round_trips);
             } else if let Frame::Pass {
                 starts: Some(_), ..
             } = frame
@@ -670,6 +650,12 @@ where
             }
             state.stop_forwarding.store(true, Ordering::Relaxed);
             return Box::pin(finish(cw, state, reason, true)).await;
+        }
+        if parks && quiet && state.is_idle() {
+            // Between transactions, nothing pending or due: the session can
+            // wait without this run's state (an end or move due was taken
+            // above).
+            return Outcome::Parked;
         }
     }
 }
@@ -829,5 +815,8 @@ fn is_fatal(body: &[u8]) -> bool {
     })
 }
 
+mod read_buffer;
 #[cfg(test)]
 mod tests;
+
+pub use read_buffer::ReadBuffer;

@@ -92,3 +92,55 @@ impl AsyncWrite for Pipe {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
+
+/// A read half that can wait for readiness without a buffer, as a socket
+/// can ([`WaitReadable`](crate::readable::WaitReadable)): it reads one byte
+/// ahead and hands it to the next read. The relay tests wrap their pipes in
+/// it so that sessions park between transactions, as they do on sockets.
+pub struct Lookahead<R> {
+    inner: R,
+    ahead: Option<u8>,
+}
+
+impl<R> Lookahead<R> {
+    pub fn new(inner: R) -> Self {
+        Lookahead { inner, ahead: None }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Lookahead<R> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let Some(byte) = this.ahead.take() else {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        };
+        buf.put_slice(&[byte]);
+        // And whatever else is there, as a socket's read returns: the end
+        // of the stream or an error shows on the next read.
+        let _ = Pin::new(&mut this.inner).poll_read(cx, buf);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<R: AsyncRead + Unpin> crate::readable::WaitReadable for Lookahead<R> {
+    fn waits(&self) -> bool {
+        true
+    }
+
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.ahead.is_none() {
+            let mut one = [0u8; 1];
+            let mut read = ReadBuf::new(&mut one);
+            std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, &mut read))?;
+            // Nothing read: the end of the stream, which the next read sees.
+            if let [byte] = read.filled() {
+                self.ahead = Some(*byte);
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}

@@ -21,7 +21,7 @@ use crate::routing::Target;
 use crate::session::control::{Signal, Signals};
 use crate::session::ending::EndReason;
 use crate::session::mobility::Mobility;
-use crate::session::test_support::tls_configs;
+use crate::session::test_support::{tls_configs, Lookahead};
 use crate::topology::NodeStats;
 
 /// Everything a relay borrows, owned by the test.
@@ -174,8 +174,11 @@ where
 {
     let (client, proxy_client) = tokio::io::duplex(64 * 1024);
     let (backend, proxy_backend) = tokio::io::duplex(64 * 1024);
-    let (mut cr, mut cw) = tokio::io::split(proxy_client);
-    let (mut br, mut bw) = tokio::io::split(proxy_backend);
+    let (cr, mut cw) = tokio::io::split(proxy_client);
+    let (br, mut bw) = tokio::io::split(proxy_backend);
+    // Readable without a buffer, as sockets are: the session parks between
+    // transactions.
+    let (mut cr, mut br) = (Lookahead::new(cr), Lookahead::new(br));
     let ctx = fixture.ctx();
     let mut held = super::ReadBuffer::new();
     let (end, ()) = tokio::join!(
@@ -463,4 +466,42 @@ async fn an_idle_read_buffer_holds_no_allocation_on_a_socket() {
     client.write_all(b"again").await.unwrap();
     assert_eq!(on_socket.read_from(&mut server).await.unwrap(), 5);
     assert_eq!(on_socket.pending(), b"again");
+}
+
+/// Between transactions the session parks (no relay run, see `relay`):
+/// what the server sends unprompted still reaches the client, the next
+/// query is relayed, and a signal raised while parked is acted on.
+#[tokio::test(start_paused = true)]
+async fn a_parked_session_hears_both_peers_and_its_signals() {
+    let fixture = Fixture::default();
+    let query = message(b'Q', b"select 1\0");
+    let end = with_plain_relay(&fixture, async |mut c, mut b| {
+        round_trip(&mut c, &mut b, &query, &answer("SELECT 1", b'I')).await;
+        // A NOTIFY delivered while the session is idle.
+        let notification = message(b'A', b"\0\0\0\x07chan\0payload\0");
+        b.write_all(&notification).await.unwrap();
+        let mut got = vec![0u8; notification.len()];
+        c.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, notification);
+        round_trip(&mut c, &mut b, &query, &answer("SELECT 1", b'I')).await;
+        // Shutdown: ended at once, since the session is idle.
+        fixture
+            .signals
+            .raise(Signal::EndAtIdle(EndReason::Shutdown));
+        let mut said = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut said)).await;
+        ended
+            .expect("the parked session never took its signal")
+            .unwrap();
+        assert_eq!(said[0], b'E', "{said:?}");
+        assert_eq!(
+            messages::sqlstate(&said[5..]),
+            Some(crate::protocol::sqlstate::ADMIN_SHUTDOWN.as_bytes())
+        );
+    })
+    .await;
+    assert!(
+        matches!(end, RelayEnd::Ended(EndReason::Shutdown)),
+        "{end:?}"
+    );
 }
