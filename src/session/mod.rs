@@ -74,8 +74,15 @@ pub async fn serve(
     let span = tracing::info_span!("session", id, client = %peer, listener = %listener.address, node = tracing::field::Empty);
     async move {
         let _active = shared.metrics.sessions_active.track();
-        match run(&shared, &listener, tcp, admitted).await {
-            Ok(()) => {}
+        // Two steps one after the other, the first boxed: an idle
+        // session's task is sized by the relaying step alone (plus what
+        // the login handed it).
+        // Matched by reference: a binding by value would be a second copy
+        // in the task.
+        let mut logged_in = Box::pin(log_in(&shared, &listener, tcp, admitted)).await;
+        match &mut logged_in {
+            Ok(Some(session)) => session.relay(&shared, &listener).await,
+            Ok(None) => {}
             Err(e) if e.is_client_gone() => tracing::debug!("{e}"),
             Err(e) => tracing::info!(kind = e.as_label(), "session failed: {e}"),
         }
@@ -84,12 +91,51 @@ pub async fn serve(
     .await
 }
 
-async fn run(
+/// A session past its login, as the relay takes it over.
+struct LoggedIn {
+    settings: Arc<Settings>,
+    client: ClientStream,
+    connected: connect::Connected,
+    request: params::SessionRequest,
+    startup: StartupMessage,
+    status: TxStatus,
+    in_hot_standby: bool,
+    /// Kept alive for the session: dropping it forgets the cancel key.
+    cancel: Option<crate::cancel::Registration>,
+    mobility: Option<Mobility>,
+}
+
+impl LoggedIn {
+    /// Relays (and moves) the session until it ends.
+    async fn relay(&mut self, shared: &Shared, listener: &ListenerSettings) {
+        let session = Relayed {
+            shared,
+            settings: &self.settings,
+            listener,
+            request: &self.request,
+            startup: &self.startup,
+            busy_gauge: shared.metrics.busy(self.request.target.needs_primary()),
+            cancel: self.cancel.as_ref(),
+            mobility: self.mobility.as_ref(),
+        };
+        session
+            .relay(
+                &mut self.client,
+                &mut self.connected,
+                self.status,
+                self.in_hot_standby,
+            )
+            .await;
+    }
+}
+
+/// The stages up to the login: `None` for a cancel request (served here).
+async fn log_in(
     shared: &Shared,
     listener: &ListenerSettings,
     tcp: TcpStream,
     admitted: bool,
-) -> Result<(), SessionError> {
+) -> Result<Option<LoggedIn>, SessionError> {
     let settings = shared.settings();
     crate::net::tune(&tcp, settings.tcp_keepalive);
     let deadline = Instant::now() + settings.startup_timeout;
@@ -101,7 +147,7 @@ async fn run(
                 // As PostgreSQL does: close once the cancel is sent (libpq
                 // 17 waits for this close to count the cancel as done).
                 close(&mut client).await;
-                return Ok(());
+                return Ok(None);
             }
             Hello::Startup(client, startup) => (client, startup),
         };
@@ -142,25 +188,24 @@ async fn run(
     let authenticated = or_reply(&mut client, authenticated).await?;
     let mobility = mobility_for(shared, &settings, &startup, authenticated.login);
     drop(starting);
-    let session = Relayed {
-        shared,
-        settings: &settings,
-        listener,
-        request: &request,
-        startup: &startup,
-        busy_gauge,
-        cancel: authenticated.cancel.as_ref(),
-        mobility: mobility.as_ref(),
-    };
-    session
-        .relay(
-            &mut client,
-            &mut connected,
-            authenticated.status,
-            authenticated.in_hot_standby,
-        )
-        .await;
-    Ok(())
+    Ok(Some(LoggedIn {
+        settings,
+        client,
+        connected,
+        request,
+        startup,
+        status: authenticated.status,
+        in_hot_standby: authenticated.in_hot_standby,
+        cancel: authenticated.cancel,
+        mobility,
+    }))
+}
+
+/// Where the relay picks up after a move.
+struct AfterMove {
+    status: TxStatus,
+    lost_block: bool,
+    in_hot_standby: bool,
 }
 
 /// A session past its login: relays, and moves it when its node stops being
@@ -238,38 +283,57 @@ impl Relayed<'_> {
                     return;
                 }
             };
-            let started = Instant::now();
-            let cause = moving::cause_label(&point.cause);
-            let reason = match &point.cause {
-                relay::MoveCause::Ineligible(reason) => Some(reason.message()),
-                relay::MoveCause::Goodbye { .. } => None,
+            // Boxed: rare, and large (inline it would size every idle
+            // session's task).
+            let moved = Box::pin(self.move_or_end(point, client, connected, on_standby)).await;
+            let Some(moved) = moved else {
+                return;
             };
-            // Boxed, like the stages before the relay: rare, and large.
-            let context = self.move_context(connected, on_standby);
-            let moved = Box::pin(moving::move_session(&context, point, client)).await;
-            match moved {
-                Ok(moved) => {
-                    let from = std::mem::replace(connected, moved.connected);
-                    let moves = &shared.metrics.moves;
-                    moves.moved.inc(cause);
-                    moves.move_time.record(started.elapsed());
-                    if self.mobility.is_some_and(|m| m.tracker().listens()) {
-                        moves.moved_listening.inc();
-                    }
-                    tracing::Span::current().record("node", connected.name.as_str());
-                    tracing::info!(from = %from.name, cause, move_ms = started.elapsed().as_millis() as u64, "session moved");
-                    drop(from);
-                    status = moved.status;
-                    lost_block = moved.lost_block;
-                    on_standby = moved.in_hot_standby;
-                }
-                Err(e) => {
-                    return self
-                        .end_unmoved(client, e, reason, connected, on_standby)
-                        .await
-                }
-            }
+            status = moved.status;
+            lost_block = moved.lost_block;
+            on_standby = moved.in_hot_standby;
         }
+    }
+
+    /// Moves the session to a new backend (which replaces `connected`), or,
+    /// if it cannot move, ends it (`None`).
+    async fn move_or_end(
+        &self,
+        point: relay::MovePoint,
+        client: &mut ClientStream,
+        connected: &mut connect::Connected,
+        on_standby: bool,
+    ) -> Option<AfterMove> {
+        let shared = self.shared;
+        let started = Instant::now();
+        let cause = moving::cause_label(&point.cause);
+        let reason = match &point.cause {
+            relay::MoveCause::Ineligible(reason) => Some(reason.message()),
+            relay::MoveCause::Goodbye { .. } => None,
+        };
+        let context = self.move_context(connected, on_standby);
+        let moved = match moving::move_session(&context, point, client).await {
+            Ok(moved) => moved,
+            Err(e) => {
+                self.end_unmoved(client, e, reason, connected, on_standby)
+                    .await;
+                return None;
+            }
+        };
+        let from = std::mem::replace(connected, moved.connected);
+        let moves = &shared.metrics.moves;
+        moves.moved.inc(cause);
+        moves.move_time.record(started.elapsed());
+        if self.mobility.is_some_and(|m| m.tracker().listens()) {
+            moves.moved_listening.inc();
+        }
+        tracing::Span::current().record("node", connected.name.as_str());
+        tracing::info!(from = %from.name, cause, move_ms = started.elapsed().as_millis() as u64, "session moved");
+        Some(AfterMove {
+            status: moved.status,
+            lost_block: moved.lost_block,
+            in_hot_standby: moved.in_hot_standby,
+        })
     }
 
     fn move_context<'c>(
