@@ -29,6 +29,11 @@
 //! a point is kept from the client and returned too, as is a close with
 //! work in flight when both streams are at a message boundary.
 //!
+//! Between transactions the session parks (see [`relay`]): a run of the
+//! relay ends at an idle point with nothing pending, and the next starts
+//! when either peer has something to say, so an idle session holds no
+//! buffers and no run state.
+//!
 //! Pauses hold the client → backend direction at idle points, before a new
 //! unit of work is forwarded. With `[metrics] relay_timing`, the first
 //! request after an idle point starts a round-trip clock that the closing
