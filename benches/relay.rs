@@ -12,11 +12,9 @@
 //!   three rounds that interleave the targets) in a per-client HDR
 //!   histogram; the histograms are merged. `tps` is queries
 //!   started in the measured window divided by its length.
-//! * **bulk**: one client runs `COPY (select repeat('x', 1000) from
-//!   generate_series(1, 100000)) TO STDOUT` (100.1 MB of rows) and counts the
-//!   bytes; MB/s is bytes / 10^6 / seconds from the COPY request to its last
-//!   byte. Three runs per target, interleaved across targets; best and median
-//!   are reported.
+//! * **bulk**: one client moves 100 MB each way, `COPY … TO STDOUT` and
+//!   `COPY … FROM STDIN` (see `common/bulk.rs`); MB/s, best and median of
+//!   three interleaved runs per target.
 //!
 //! Targets, each reached through the same connection string shape:
 //!
@@ -95,6 +93,8 @@
 //! PGPIVOT_BENCH_CLIENTS=4 PGPIVOT_BENCH_SECONDS=3 RELAY_BENCH_CASES=cost,callgrind cargo bench --bench relay
 //! ```
 
+#[path = "common/bulk.rs"]
+mod bulk;
 #[path = "common/callgrind.rs"]
 mod callgrind;
 mod common;
@@ -108,17 +108,16 @@ mod knobs;
 mod memory;
 
 use std::path::Path;
-use std::pin::pin;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, ValueEnum};
-use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use tokio_postgres::{Client, Statement};
 
 use pgpivot::localcluster::{ClusterOptions, LocalCluster};
 
+use bulk::{bulk_case, print_bulk};
 use callgrind::{callgrind_case, print_callgrind, CallgrindParams};
 use cost::{cost_case, pgbench_init, print_cost, CostParams};
 use fleet::{Fleet, PgpivotMode, RuntimeChoice, Target};
@@ -130,11 +129,6 @@ const ROWS: i32 = 10_000;
 const SELECT_SQL: &str = "select v from bench_kv where id = $1";
 /// Time every select client runs before latencies are recorded.
 const WARMUP: Duration = Duration::from_secs(1);
-/// Rows and row width of the bulk case: 100,000 × (1,000 + newline) bytes.
-const BULK_ROWS: usize = 100_000;
-const BULK_WIDTH: usize = 1_000;
-/// Runs of the bulk case per target.
-const BULK_RUNS: usize = 3;
 /// pgbench clients of the callgrind case.
 const CALLGRIND_CLIENTS: u32 = 2;
 /// pgpivot runtimes measured when none is asked for: the default, the
@@ -300,6 +294,7 @@ async fn create_table(cluster: &LocalCluster) -> anyhow::Result<()> {
         ))
         .await?;
     client.batch_execute("vacuum analyze bench_kv").await?;
+    bulk::create_sink(&client).await?;
     Ok(())
 }
 
@@ -389,43 +384,6 @@ async fn select_loop(
     }
 }
 
-/// Runs the bulk COPY once against `target` on a new connection; returns
-/// MB/s (10^6 bytes per second).
-async fn run_bulk(target: &Target) -> anyhow::Result<f64> {
-    let client = target.connect().await?;
-    let sql = format!(
-        "copy (select repeat('x', {BULK_WIDTH}) from generate_series(1, {BULK_ROWS})) to stdout"
-    );
-    let started = Instant::now();
-    let mut stream = pin!(client.copy_out(&sql).await?);
-    let mut bytes = 0;
-    while let Some(chunk) = stream.next().await {
-        bytes += chunk?.len();
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    let expected = BULK_ROWS * (BULK_WIDTH + 1);
-    if bytes != expected {
-        bail!("COPY returned {bytes} bytes, expected {expected}");
-    }
-    Ok(bytes as f64 / 1e6 / seconds)
-}
-
-/// Outcome of the bulk case against one target.
-struct BulkResult {
-    best: f64,
-    median: f64,
-}
-
-impl BulkResult {
-    fn from_runs(mut runs: Vec<f64>) -> BulkResult {
-        runs.sort_by(f64::total_cmp);
-        BulkResult {
-            best: runs[runs.len() - 1],
-            median: runs[runs.len() / 2],
-        }
-    }
-}
-
 /// The select case against every target, in order.
 /// The select case: [`SELECT_ROUNDS`] rounds, each running every target
 /// for a share of the measured time, merged per target, so slow drift of
@@ -466,25 +424,6 @@ async fn select_case(targets: &[Target], cfg: &Config) -> Vec<anyhow::Result<Sel
 /// Rounds of the select case.
 const SELECT_ROUNDS: u32 = 3;
 
-/// The bulk case: [`BULK_RUNS`] rounds, each running every target once, so
-/// slow drift of the machine spreads over all targets.
-async fn bulk_case(targets: &[Target]) -> Vec<anyhow::Result<BulkResult>> {
-    let mut runs: Vec<anyhow::Result<Vec<f64>>> = targets.iter().map(|_| Ok(Vec::new())).collect();
-    for round in 1..=BULK_RUNS {
-        for (target, slot) in targets.iter().zip(&mut runs) {
-            let Ok(done) = slot else { continue };
-            eprintln!("bulk: {} run {round}/{BULK_RUNS} ...", target.name);
-            match run_bulk(target).await {
-                Ok(mb_s) => done.push(mb_s),
-                Err(err) => *slot = Err(err),
-            }
-        }
-    }
-    runs.into_iter()
-        .map(|r| r.map(BulkResult::from_runs))
-        .collect()
-}
-
 /// `value / baseline`, or a dash without a baseline.
 fn ratio(value: f64, baseline: Option<f64>) -> String {
     match baseline {
@@ -516,29 +455,6 @@ fn print_select(targets: &[Target], results: &[anyhow::Result<SelectResult>], cf
                 ratio(r.tps(), base.map(SelectResult::tps)),
                 ratio(r.ms(0.5), base.map(|b| b.ms(0.5))),
                 ratio(r.ms(0.99), base.map(|b| b.ms(0.99))),
-            ),
-            Err(err) => println!("{:<28} failed: {err:#}", target.name),
-        }
-    }
-}
-
-/// Prints the bulk table; the ratio is of medians, against direct.
-fn print_bulk(targets: &[Target], results: &[anyhow::Result<BulkResult>]) {
-    let mb = (BULK_ROWS * (BULK_WIDTH + 1)) as f64 / 1e6;
-    let title = format!("bulk COPY TO STDOUT {mb:.0} MB");
-    println!(
-        "{title:<28} {:>12} {:>14} {:>14}",
-        "MB/s (best)", "MB/s (median)", "median/direct"
-    );
-    let base = results[0].as_ref().ok().map(|b| b.median);
-    for (target, result) in targets.iter().zip(results) {
-        match result {
-            Ok(r) => println!(
-                "{:<28} {:>12.1} {:>14.1} {:>14}",
-                target.name,
-                r.best,
-                r.median,
-                ratio(r.median, base)
             ),
             Err(err) => println!("{:<28} failed: {err:#}", target.name),
         }
@@ -626,7 +542,7 @@ async fn bench(cluster: &LocalCluster, cfg: &Config) -> anyhow::Result<()> {
         println!("note: {note}");
     }
     let failed = select.iter().filter(|r| r.is_err()).count()
-        + bulk.iter().filter(|r| r.is_err()).count()
+        + bulk::failures(&bulk)
         + cost.iter().filter(|r| r.is_err()).count()
         + memory.iter().filter(|(_, r)| r.is_err()).count();
     fleet.stop().await;

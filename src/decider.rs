@@ -355,13 +355,6 @@ impl Decider {
         let s = &self.settings;
         let up = self.health[id].record(report.result.is_ok(), s.failures, s.successes);
         self.inputs[id].polled_at = Some(report.at);
-        self.specs[id]
-            .stats
-            .polls
-            .send_replace(crate::topology::PollMark {
-                started: Some(report.started),
-                ok: report.result.is_ok(),
-            });
         match &report.result {
             Ok(obs) => {
                 self.inputs[id].last = Some(*obs);

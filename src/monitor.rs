@@ -28,8 +28,7 @@ use crate::topology::{NodeId, NodeSpec, Observation, Role};
 #[derive(Debug)]
 pub struct Report {
     pub node: NodeId,
-    /// When the poll started, and when it ended.
-    pub started: Instant,
+    /// When the poll ended.
     pub at: Instant,
     pub result: Result<Observation, PollError>,
 }
@@ -172,12 +171,10 @@ impl Poller {
     ) {
         let mut failures = 0u32;
         loop {
-            let started = Instant::now();
             let result = self.poll().await;
             failures = if result.is_ok() { 0 } else { failures + 1 };
             let report = Report {
                 node: self.node,
-                started,
                 at: Instant::now(),
                 result,
             };

@@ -105,17 +105,6 @@ pub struct NodeStats {
     /// `/status` so that a node marked down says why (a TLS certificate for
     /// another name, say).
     pub last_error: arc_swap::ArcSwapOption<String>,
-    /// The latest poll: when it started and whether it succeeded. A session
-    /// whose server said goodbye waits here for a poll that started after
-    /// it, to tell a node going away from one backend ended on purpose.
-    pub polls: tokio::sync::watch::Sender<PollMark>,
-}
-
-/// One completed poll of a node.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PollMark {
-    pub started: Option<std::time::Instant>,
-    pub ok: bool,
 }
 
 impl NodeStats {

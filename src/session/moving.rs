@@ -16,8 +16,6 @@
 //! that sat idle in a lost block its 40001. A move that fails ends the
 //! session with 57P01 and the reason ([`MoveError`]).
 
-use std::time::Instant;
-
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -131,7 +129,7 @@ where
         // pg_terminate_backend of this one backend, and a silent close may
         // be anything: the node's own answer decides.
         let certain = said.first() == Some(&tag::NOTICE_RESPONSE);
-        if !certain && !node_gone(ctx, Instant::now()).await {
+        if !certain && !node_gone(ctx).await {
             let said = said.clone();
             return Err(MoveError::EndedByServer { said });
         }
@@ -149,43 +147,28 @@ where
 }
 
 /// After a server's goodbye: whether its node is going away (a shutdown, a
-/// crash), rather than one backend ended by an administrator. Asks the
-/// monitor for polls at once and waits for two that started after the
-/// goodbye (the first may still run on a monitor connection whose backend
-/// has not yet been told of the shutdown); a node that fails one, or does
-/// not answer in time, counts as gone.
-async fn node_gone(ctx: &MoveContext<'_>, mut since: Instant) -> bool {
-    let m = &ctx.settings.monitor;
-    let limit = m.timeout + 2 * m.interval;
-    let mut polls = ctx.stats.polls.subscribe();
+/// crash), rather than one backend ended by an administrator. The topology
+/// may already say so; otherwise the node's postmaster is asked whether it
+/// accepts a connection started now ([`ping`]): one shutting down does not.
+/// The monitor is asked for a poll too, so the topology catches up.
+async fn node_gone(ctx: &MoveContext<'_>) -> bool {
     ctx.routes.monitor.poke(ctx.node);
-    let verdict = async {
-        let mut answered = 0;
-        loop {
-            let topology = ctx.routes.topology.load();
-            let target = ctx.request.target;
-            if eligibility(&topology, ctx.node, target, ctx.placed_on_standby).is_some() {
-                return true;
-            }
-            let mark = *polls.borrow_and_update();
-            if mark.started.is_some_and(|t| t >= since) {
-                if !mark.ok {
-                    return true;
-                }
-                answered += 1;
-                if answered == 2 {
-                    return false;
-                }
-                // The next poll must start after this one ended.
-                since = Instant::now();
-                ctx.routes.monitor.poke(ctx.node);
-            }
-            if polls.changed().await.is_err() {
-                return true;
-            }
-        }
+    let topology = ctx.routes.topology.load();
+    if eligibility(
+        &topology,
+        ctx.node,
+        ctx.request.target,
+        ctx.placed_on_standby,
+    )
+    .is_some()
+    {
+        return true;
+    }
+    let Some(node) = ctx.settings.node(ctx.node_name) else {
+        return true;
     };
-    tokio::time::timeout(limit, verdict).await.unwrap_or(true)
+    let startup = ctx.startup.encode();
+    !ping::accepts_connections(&node.address, &startup, ctx.settings.connect_timeout).await
 }
 
 /// Answers the messages the old backend will not: each gets an error and
@@ -502,5 +485,6 @@ pub fn cause_label(point_cause: &MoveCause) -> &'static str {
     }
 }
 
+mod ping;
 #[cfg(test)]
 mod tests;
