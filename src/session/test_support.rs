@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, DuplexStream, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 
 use super::stream::Transport;
 
@@ -30,52 +30,24 @@ pub fn tls_configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
 }
 
 /// The proxy's end of an in-memory client connection: a duplex pipe that
-/// can peek, as a TCP socket can.
-pub struct Pipe {
-    inner: DuplexStream,
-    peeked: Option<u8>,
-}
+/// can peek, as a TCP socket can (through its one-byte lookahead).
+pub type Pipe = Lookahead<DuplexStream>;
 
 /// A connected client end and proxy end, with `capacity` bytes of buffer.
 pub fn pipe(capacity: usize) -> (DuplexStream, Pipe) {
     let (client, proxy) = tokio::io::duplex(capacity);
-    (
-        client,
-        Pipe {
-            inner: proxy,
-            peeked: None,
-        },
-    )
+    (client, Lookahead::new(proxy))
 }
 
 impl Transport for Pipe {
     async fn peek_first(&mut self) -> io::Result<Option<u8>> {
-        if self.peeked.is_none() {
-            let mut first = [0u8; 1];
-            if self.inner.read(&mut first).await? == 1 {
-                self.peeked = Some(first[0]);
-            }
-        }
-        Ok(self.peeked)
+        use crate::readable::WaitReadable;
+        std::future::poll_fn(|cx| self.poll_readable(cx)).await?;
+        Ok(self.ahead)
     }
 }
 
-impl AsyncRead for Pipe {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if let Some(first) = this.peeked.take() {
-            buf.put_slice(&[first]);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Pipe {
+impl<W: AsyncWrite + Unpin> AsyncWrite for Lookahead<W> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
