@@ -14,7 +14,7 @@
 //!   started in the measured window divided by its length.
 //! * **bulk**: one client moves 100 MB each way, `COPY … TO STDOUT` and
 //!   `COPY … FROM STDIN` (see `common/bulk.rs`); MB/s, best and median of
-//!   three interleaved runs per target.
+//!   seven interleaved runs per target.
 //!
 //! Targets, each reached through the same connection string shape:
 //!

@@ -6,7 +6,7 @@
 //!   chunks, into an unlogged one-column table (truncated before each run,
 //!   outside the timing); the server's row count is checked.
 //!
-//! MB/s is bytes / 10^6 / seconds from the COPY request to its end. Three
+//! MB/s is bytes / 10^6 / seconds from the COPY request to its end. Seven
 //! runs per target and direction, interleaved across targets so slow drift
 //! of the machine spreads over all of them; best and median are reported,
 //! and the median's ratio to the first target's (direct).
@@ -27,7 +27,7 @@ const WIDTH: usize = 1_000;
 /// Rows per chunk the client sends COPY FROM STDIN in (64 KiB).
 const ROWS_PER_CHUNK: usize = 64;
 /// Runs per target and direction.
-const RUNS: usize = 3;
+const RUNS: usize = 7;
 
 /// Which way the bytes go.
 #[derive(Debug, Clone, Copy)]
