@@ -4,7 +4,7 @@
 //!
 //! pgbench runs select-only at a fixed rate below every target's maximum
 //! (`-n -S -M extended -c 8 -j 2 -R RATE -T SECS`); around each run the case
-//! reads the proxy's utime+stime (`/proc/PID/stat`), the sum of voluntary
+//! reads the proxy's utime+stime (`/proc/PID/stat`; utime alone too), the sum of voluntary
 //! and nonvoluntary context switches over its threads
 //! (`/proc/PID/task/*/status`) and the whole machine's busy time
 //! (`/proc/stat`: user, nice, system, irq, softirq), and divides each by the
@@ -123,8 +123,8 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// utime + stime of process `pid`, in ticks, from `/proc/PID/stat`.
-fn proc_ticks(pid: u32) -> anyhow::Result<u64> {
+/// utime and stime of process `pid`, in ticks, from `/proc/PID/stat`.
+fn proc_ticks(pid: u32) -> anyhow::Result<CpuTicks> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the parenthesised command name start at field 3 (state);
     // utime and stime are fields 14 and 15.
@@ -136,7 +136,17 @@ fn proc_ticks(pid: u32) -> anyhow::Result<u64> {
             .ok_or_else(|| anyhow!("short /proc/{pid}/stat"))?;
         Ok(value.parse()?)
     };
-    Ok(field(11)? + field(12)?)
+    Ok(CpuTicks {
+        user: field(11)?,
+        system: field(12)?,
+    })
+}
+
+/// A process's CPU time so far, in clock ticks.
+#[derive(Clone, Copy)]
+struct CpuTicks {
+    user: u64,
+    system: u64,
 }
 
 /// Voluntary plus nonvoluntary context switches over every thread of `pid`.
@@ -180,7 +190,7 @@ fn machine_busy() -> anyhow::Result<u64> {
 /// Counters read before and after a run.
 #[derive(Clone, Copy)]
 struct Counters {
-    proxy_ticks: Option<u64>,
+    proxy_ticks: Option<CpuTicks>,
     proxy_csw: Option<u64>,
     machine_ticks: u64,
 }
@@ -201,6 +211,9 @@ impl Counters {
 pub struct CostResult {
     /// Proxy CPU µs per transaction (none for direct or in-process).
     pub proxy_us: Option<f64>,
+    /// The user-space part of it (utime; the rest is stime). Tick-sampled,
+    /// so a rough split.
+    pub proxy_user_us: Option<f64>,
     /// Machine busy CPU µs per transaction.
     pub machine_us: f64,
     /// Proxy context switches per transaction.
@@ -240,7 +253,11 @@ async fn cost_run(
         proxy_us: before
             .proxy_ticks
             .zip(after.proxy_ticks)
-            .map(|(a, b)| per_tx_us(a, b)),
+            .map(|(a, b)| per_tx_us(a.user + a.system, b.user + b.system)),
+        proxy_user_us: before
+            .proxy_ticks
+            .zip(after.proxy_ticks)
+            .map(|(a, b)| per_tx_us(a.user, b.user)),
         machine_us: per_tx_us(before.machine_ticks, after.machine_ticks),
         csw: before
             .proxy_csw
@@ -272,6 +289,7 @@ fn medians(rounds: &[CostResult]) -> CostResult {
     let all = |f: fn(&CostResult) -> f64| median(rounds.iter().map(f).collect());
     CostResult {
         proxy_us: opt(|r| r.proxy_us),
+        proxy_user_us: opt(|r| r.proxy_user_us),
         machine_us: all(|r| r.machine_us),
         csw: opt(|r| r.csw),
         syscalls: None,
@@ -436,10 +454,11 @@ pub fn print_cost(targets: &[Target], results: &[anyhow::Result<CostResult>], p:
         syscall_seconds(p)
     );
     println!(
-        "{:<28} {:>11} {:>5} {:>13} {:>5} {:>9} {:>7} {:>5} {:>11} {:>5} {:>7} {:>7}",
+        "{:<28} {:>11} {:>5} {:>7} {:>13} {:>5} {:>9} {:>7} {:>5} {:>11} {:>5} {:>7} {:>7}",
         "target",
         "proxy µs/tx",
         "/pgb",
+        "user µs",
         "machine µs/tx",
         "/pgb",
         "hop µs/tx",
@@ -465,10 +484,11 @@ pub fn print_cost(targets: &[Target], results: &[anyhow::Result<CostResult>], p:
             }
         };
         println!(
-            "{:<28} {:>11} {:>5} {:>13.2} {:>5} {:>9} {:>7} {:>5} {:>11} {:>5} {:>7.3} {:>7.2}",
+            "{:<28} {:>11} {:>5} {:>7} {:>13.2} {:>5} {:>9} {:>7} {:>5} {:>11} {:>5} {:>7.3} {:>7.2}",
             target.name,
             figure(r.proxy_us, 2),
             ratio(r.proxy_us, pgb.and_then(|b| b.proxy_us)),
+            figure(r.proxy_user_us, 2),
             r.machine_us,
             ratio(Some(r.machine_us), pgb.map(|b| b.machine_us)),
             figure(direct.map(|d| r.machine_us - d), 2),
