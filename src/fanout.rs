@@ -87,20 +87,18 @@ impl Fanout {
         };
         // After the insert: an event from here on reaches it through `run`
         // too, and a second notice of the same state changes nothing.
-        watcher.notice(&self.topology.load(), Event::Changed);
+        let topology = self.topology.load();
+        watcher.notice(&topology, Event::Changed);
         if self.shutdown.is_cancelled() {
-            watcher.notice(&self.topology.load(), Event::ShuttingDown);
+            watcher.notice(&topology, Event::ShuttingDown);
         }
         Watching { fanout: self, key }
     }
 
     /// Sessions registered now.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.lock().by_key.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// The fan-out task: until `stop`, passes every event to every watcher.

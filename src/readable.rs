@@ -16,9 +16,9 @@
 use std::io;
 use std::task::{Context, Poll};
 
+#[cfg(test)]
 use tokio::io::DuplexStream;
-use tokio::net::{tcp, unix, TcpStream, UnixStream};
-use tokio_util::either::Either;
+use tokio::net::{tcp, unix, TcpStream};
 
 use crate::maybe_tls::MaybeTls;
 
@@ -67,32 +67,6 @@ impl WaitReadable for TcpStream {
     }
 }
 
-impl WaitReadable for UnixStream {
-    fn waits(&self) -> bool {
-        true
-    }
-
-    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_read_ready(cx)
-    }
-}
-
-impl<L: WaitReadable, R: WaitReadable> WaitReadable for Either<L, R> {
-    fn waits(&self) -> bool {
-        match self {
-            Either::Left(l) => l.waits(),
-            Either::Right(r) => r.waits(),
-        }
-    }
-
-    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self {
-            Either::Left(l) => l.poll_readable(cx),
-            Either::Right(r) => r.poll_readable(cx),
-        }
-    }
-}
-
 /// Plain: as its transport. TLS: cannot wait without a buffer.
 impl<P: WaitReadable, T> WaitReadable for MaybeTls<P, T> {
     fn waits(&self) -> bool {
@@ -110,17 +84,19 @@ impl<P: WaitReadable, T> WaitReadable for MaybeTls<P, T> {
     }
 }
 
-/// The halves `tokio::io::split` makes of a TLS stream (borrowed, as the
-/// session splits it, or owned): no waiting.
+/// The halves `tokio::io::split` makes of a TLS stream, as the session
+/// splits it: no waiting.
 impl<S> WaitReadable for tokio::io::ReadHalf<&mut tokio_rustls::server::TlsStream<S>> {}
 impl<S> WaitReadable for tokio::io::ReadHalf<&mut tokio_rustls::client::TlsStream<S>> {}
-impl<S> WaitReadable for tokio::io::ReadHalf<tokio_rustls::server::TlsStream<S>> {}
-impl<S> WaitReadable for tokio::io::ReadHalf<tokio_rustls::client::TlsStream<S>> {}
 
-/// tokio's in-memory pipe cannot: a zero-length read returns at once. (The
-/// stage tests wrap theirs in a one-byte lookahead that can,
-/// `session::test_support::Lookahead`.)
+/// The stage tests' streams: an owned TLS half, and tokio's in-memory pipe,
+/// which cannot wait either (a zero-length read returns at once; the relay
+/// tests wrap theirs in `session::test_support::Lookahead`, which can).
+#[cfg(test)]
+impl<S> WaitReadable for tokio::io::ReadHalf<tokio_rustls::server::TlsStream<S>> {}
+#[cfg(test)]
 impl WaitReadable for DuplexStream {}
+#[cfg(test)]
 impl WaitReadable for tokio::io::ReadHalf<DuplexStream> {}
 
 /// Waits until `from` is readable, if it can wait without a buffer.

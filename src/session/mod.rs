@@ -76,9 +76,8 @@ pub async fn serve(
         let _active = shared.metrics.sessions_active.track();
         // Two steps one after the other, the first boxed: an idle
         // session's task is sized by the relaying step alone (plus what
-        // the login handed it).
-        // Matched by reference: a binding by value would be a second copy
-        // in the task.
+        // the login handed it). Matched by reference: a binding by value
+        // would be a second copy in the task.
         let mut logged_in = Box::pin(log_in(&shared, &listener, tcp, admitted)).await;
         match &mut logged_in {
             Ok(Some(session)) => session.relay(&shared, &listener).await,
@@ -353,7 +352,7 @@ impl Relayed<'_> {
             cancel: self.cancel,
             node: connected.node,
             node_name: &connected.name,
-            stats: &connected.stats,
+            node_address: &connected.address,
             placed_on_standby: on_standby,
         }
     }
@@ -468,13 +467,6 @@ fn mobility_for(
     let store = settings.secrets.clone()?;
     let mobility = Mobility::counted_in(shared.metrics.clone());
     let slot = mobility.credential_slot();
-    let without = |role: &str| {
-        shared.metrics.moves.no_credential(role);
-        tracing::info!(
-            role,
-            "no credential to log this role in again: its sessions cannot move"
-        );
-    };
     let role = startup.param("user").unwrap_or_default().to_string();
     match login {
         Login::Md5 | Login::Scram(_) => {
@@ -511,19 +503,13 @@ fn mobility_for(
                 let credential = credentials::credential_for(&login, secret.as_ref());
                 match &credential {
                     Some(_) => metrics.moves.with_credential.inc(),
-                    None => {
-                        metrics.moves.no_credential(&role);
-                        tracing::info!(
-                            role,
-                            "no credential to log this role in again: its sessions cannot move"
-                        );
-                    }
+                    None => no_credential(&metrics, &role),
                 }
                 let _ = slot.set(credential);
             });
         }
         Login::Other => {
-            without(&role);
+            no_credential(&shared.metrics, &role);
             let _ = slot.set(None);
         }
         login => {
@@ -532,6 +518,15 @@ fn mobility_for(
         }
     }
     Some(mobility)
+}
+
+/// Counts and logs a session whose role cannot log in again.
+fn no_credential(metrics: &crate::metrics::Metrics, role: &str) {
+    metrics.moves.no_credential(role);
+    tracing::info!(
+        role,
+        "no credential to log this role in again: its sessions cannot move"
+    );
 }
 
 /// The narrow handle the connect stage takes.

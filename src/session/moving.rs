@@ -27,6 +27,7 @@ use super::params::SessionRequest;
 use super::relay::{MoveCause, MovePoint, ReadBuffer};
 use super::state::Replay;
 use super::stream::send;
+use crate::address::BackendAddress;
 use crate::cancel::Registration;
 use crate::config::Settings;
 use crate::credentials::relogin::{self, ReloginError};
@@ -38,7 +39,7 @@ use crate::protocol::messages::{self, tag, Severity, TxStatus};
 use crate::protocol::sqlstate;
 use crate::protocol::startup::{CancelKey, StartupMessage};
 use crate::readable::WaitReadable;
-use crate::topology::{NodeId, NodeStats};
+use crate::topology::NodeId;
 
 /// Most a replayed statement's answer may be.
 const REPLAY_MESSAGE_LIMIT: usize = 1024 * 1024;
@@ -54,10 +55,11 @@ pub struct MoveContext<'a> {
     pub secrets: Option<&'a SecretStore>,
     pub mobility: &'a Mobility,
     pub cancel: Option<&'a Registration>,
-    /// The node the session leaves, and its live figures (its polls).
+    /// The node the session leaves, and where it is (asked, after a
+    /// goodbye, whether it still accepts connections).
     pub node: NodeId,
     pub node_name: &'a str,
-    pub stats: &'a NodeStats,
+    pub node_address: &'a BackendAddress,
     pub placed_on_standby: bool,
 }
 
@@ -164,11 +166,8 @@ async fn node_gone(ctx: &MoveContext<'_>) -> bool {
     {
         return true;
     }
-    let Some(node) = ctx.settings.node(ctx.node_name) else {
-        return true;
-    };
     let startup = ctx.startup.encode();
-    !ping::accepts_connections(&node.address, &startup, ctx.settings.connect_timeout).await
+    !ping::accepts_connections(ctx.node_address, &startup, ctx.settings.connect_timeout).await
 }
 
 /// Answers the messages the old backend will not: each gets an error and

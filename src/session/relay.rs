@@ -365,14 +365,15 @@ where
         super::close(cw).await;
     }
     state.mark_idle(ctx.busy_gauge);
-    Ran::Ended(match outcome {
+    let end = match outcome {
         Outcome::Parked => return Ran::Parked(state.status()),
         Outcome::ClientGone => RelayEnd::ClientGone,
         Outcome::ClientProtocol(e) => RelayEnd::ClientProtocol(e),
         Outcome::BackendGone { .. } => RelayEnd::BackendGone,
         Outcome::Ended(r) => RelayEnd::Ended(r),
         Outcome::Move(point) => RelayEnd::Move(point),
-    })
+    };
+    Ran::Ended(end)
 }
 
 enum Outcome {

@@ -85,7 +85,7 @@ impl ReadBuffer {
     }
 
     /// Makes room for the next read.
-    pub(super) fn prepare(&mut self) -> &mut BytesMut {
+    fn prepare(&mut self) -> &mut BytesMut {
         let buf = &mut self.bytes;
         if buf.is_empty() && buf.capacity() < self.whole {
             // All relayed, and the view starts after consumed bytes: move it
@@ -103,7 +103,7 @@ impl ReadBuffer {
 
     /// After a read of `n` bytes: one that filled the buffer asks for more
     /// next time.
-    pub(super) fn read(&mut self, n: usize) {
+    fn read(&mut self, n: usize) {
         if n == self.room && self.chunk < READ_CHUNK {
             self.chunk *= 2;
         }
