@@ -77,6 +77,7 @@
 //! | `--cost-seconds` | `RELAY_BENCH_SECS` | 10 | cost case: pgbench `-T` per round |
 //! | `--rounds` | `RELAY_BENCH_ROUNDS` | 3 | cost case: interleaved rounds |
 //! | `--callgrind-tx` | `RELAY_BENCH_CALLGRIND_TX` | 2500 | callgrind: tx per client (2 clients) of the big window; 0 skips |
+//! | `--callgrind-keep` | | | callgrind: copy the big window's dumps into this directory |
 //! | `--memory-sessions` | `RELAY_BENCH_MEMORY_SESSIONS` | 1000 | memory: sessions held open at once |
 //! | `--cases` | `RELAY_BENCH_CASES` | select,bulk,cost,callgrind,memory | which cases run |
 //! | `--runtimes` | `RELAY_BENCH_RUNTIMES` | per-core,multi-thread,per-core:1 | pgpivot `[runtime]`s, `flavor[:workers]`, one target each |
@@ -107,7 +108,7 @@ mod knobs;
 #[path = "common/memory.rs"]
 mod memory;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -159,6 +160,10 @@ struct Options {
     /// the case [env: RELAY_BENCH_CALLGRIND_TX] [default: 2500].
     #[arg(long)]
     callgrind_tx: Option<u64>,
+    /// Callgrind case: keep the big window's dumps in this directory, for
+    /// `callgrind_annotate`.
+    #[arg(long)]
+    callgrind_keep: Option<PathBuf>,
     /// Cases to run, comma-separated [env: RELAY_BENCH_CASES] [default: all].
     #[arg(long, value_enum, value_delimiter = ',')]
     cases: Vec<Case>,
@@ -272,6 +277,7 @@ impl Config {
             callgrind: CallgrindParams {
                 tx_per_client: callgrind_tx,
                 clients: CALLGRIND_CLIENTS,
+                keep: opts.callgrind_keep,
             },
             memory: MemoryParams {
                 sessions: memory_sessions.max(1),
@@ -501,7 +507,7 @@ async fn bench(cluster: &LocalCluster, cfg: &Config) -> anyhow::Result<()> {
         ] {
             callgrind.push((
                 label,
-                callgrind_case(cluster, binary, &cfg.callgrind, extra).await,
+                callgrind_case(cluster, binary, &cfg.callgrind, label, extra).await,
             ));
         }
     }

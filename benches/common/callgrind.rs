@@ -33,12 +33,15 @@ const MONITOR: &str = "interval_ms = 600000\ntimeout_ms = 30000\n";
 const READY: Duration = Duration::from_secs(120);
 
 /// Parameters of the callgrind case.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CallgrindParams {
     /// Transactions per client of the big window (the small one runs a fifth).
     pub tx_per_client: u64,
     /// pgbench clients (`-c`; one thread).
     pub clients: u32,
+    /// Where to copy the big window's dump for `callgrind_annotate`, if
+    /// anywhere.
+    pub keep: Option<PathBuf>,
 }
 
 /// What the callgrind case found.
@@ -57,6 +60,7 @@ pub async fn callgrind_case(
     cluster: &LocalCluster,
     binary: &Path,
     p: &CallgrindParams,
+    label: &str,
     extra: &str,
 ) -> anyhow::Result<CallgrindResult> {
     let valgrind = which("valgrind").context("valgrind not installed (Debian: valgrind)")?;
@@ -93,7 +97,11 @@ pub async fn callgrind_case(
         let run = pgbench(cluster, "127.0.0.1", port, &args).await?;
         let before = dumps(out_dir.path())?;
         callgrind_control(&control, "--dump", pid)?;
-        windows.push((run.tx, new_total(out_dir.path(), &before)?));
+        let dump = new_dump(out_dir.path(), &before)?;
+        windows.push((run.tx, total_ir(&dump)?));
+        if let (Some(keep), true) = (&p.keep, n == p.tx_per_client && flags.is_empty()) {
+            keep_dump(&dump, keep, label)?;
+        }
     }
     let [(tx1, ir1), (tx2, ir2), (tx3, ir3)] = windows[..] else {
         unreachable!("three windows")
@@ -132,17 +140,34 @@ fn dumps(dir: &Path) -> anyhow::Result<HashSet<PathBuf>> {
     fs::read_dir(dir)?.map(|e| Ok(e?.path())).collect()
 }
 
-/// The Ir count since the last zeroing (`summary:` line, else `totals:`)
-/// of the one dump in `dir`
-/// that is not in `before`.
-fn new_total(dir: &Path, before: &HashSet<PathBuf>) -> anyhow::Result<u64> {
-    let new: Vec<PathBuf> = dumps(dir)?
+/// The one dump in `dir` that is not in `before`.
+fn new_dump(dir: &Path, before: &HashSet<PathBuf>) -> anyhow::Result<PathBuf> {
+    let mut new: Vec<PathBuf> = dumps(dir)?
         .into_iter()
         .filter(|p| !before.contains(p))
         .collect();
-    let [path] = &new[..] else {
-        bail!("expected one new callgrind dump, found {new:?}");
-    };
+    match new.pop() {
+        Some(path) if new.is_empty() => Ok(path),
+        _ => bail!("expected one new callgrind dump, found {new:?}"),
+    }
+}
+
+/// Copies `dump` into the directory `keep` under a name made of `label`.
+fn keep_dump(dump: &Path, keep: &Path, label: &str) -> anyhow::Result<()> {
+    fs::create_dir_all(keep)?;
+    let name: String = label
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let to = keep.join(format!("callgrind.out.{name}"));
+    fs::copy(dump, &to).with_context(|| format!("cannot copy the dump to {}", to.display()))?;
+    eprintln!("callgrind: kept {} (callgrind_annotate it)", to.display());
+    Ok(())
+}
+
+/// The Ir count since the last zeroing (`summary:` line, else `totals:`)
+/// of `path`.
+fn total_ir(path: &Path) -> anyhow::Result<u64> {
     let text = fs::read_to_string(path)?;
     let count = |key: &str| {
         text.lines()

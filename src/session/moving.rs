@@ -38,7 +38,6 @@ use crate::protocol::frame::{read_message, Frame, Framer};
 use crate::protocol::messages::{self, tag, Severity, TxStatus};
 use crate::protocol::sqlstate;
 use crate::protocol::startup::{CancelKey, StartupMessage};
-use crate::readable::WaitReadable;
 use crate::topology::NodeId;
 
 /// Most a replayed statement's answer may be.
@@ -359,7 +358,7 @@ pub async fn answer_lost_block<C>(
     max_message_bytes: usize,
 ) -> std::io::Result<LostBlockAnswer>
 where
-    C: AsyncRead + AsyncWrite + WaitReadable + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin,
 {
     let first = loop {
         match first_message(held.pending(), max_message_bytes) {
@@ -444,7 +443,7 @@ fn ends_block(sql: &str) -> bool {
 }
 
 /// Consumes client messages up to and including the next Sync.
-async fn skip_to_sync<C: AsyncRead + WaitReadable + Unpin>(
+async fn skip_to_sync<C: AsyncRead + Unpin>(
     client: &mut C,
     held: &mut ReadBuffer,
     max_message_bytes: usize,

@@ -240,6 +240,7 @@ where
 {
     let mut run = Run {
         status: ctx.status,
+        epoch: Instant::now(),
         parks: cr.waits() && br.waits(),
         tally: Tally {
             to_backend: LocalCounter::new(&ctx.metrics.bytes_from_clients),
@@ -264,6 +265,9 @@ where
 struct Run<'a> {
     /// The transaction status the next run starts in.
     status: TxStatus,
+    /// What round-trip clocks count from (read once per session, not per
+    /// run).
+    epoch: Instant,
     /// Whether a run may park (both peers can wait without a buffer).
     parks: bool,
     tally: Tally<'a>,
@@ -292,7 +296,10 @@ where
     CR: WaitReadable,
     BR: WaitReadable,
 {
+    // `biased`: any order will do here, and an unbiased select draws a
+    // random number at every poll.
     tokio::select! {
+        biased;
         _ = readable(cr) => {}
         _ = readable(br) => {}
         _ = signals.raised() => signals.pass_on(),
@@ -322,7 +329,7 @@ where
         client_clean: AtomicBool::new(true),
         busy: AtomicBool::new(false),
         round_trip_start: AtomicU64::new(0),
-        epoch: Instant::now(),
+        epoch: run.epoch,
         moving: AtomicBool::new(false),
         unsynced: AtomicBool::new(false),
         upstream_clean: AtomicBool::new(true),
@@ -337,7 +344,10 @@ where
     };
     let tally = &mut run.tally;
     let (to_backend, to_client) = (&mut tally.to_backend, &mut tally.to_client);
+    // `biased` (no random draw per poll): each branch returns only when its
+    // direction ends, so the order decides nothing but who goes first.
     let outcome = tokio::select! {
+        biased;
         end = client_to_backend(cr, bw, &state, &mut upstream, ctx, from_client, to_backend) => end,
         end = backend_to_client(br, cw, &state, ctx, run.parks, to_client, &mut tally.round_trips) => end,
     };
@@ -405,7 +415,7 @@ async fn client_to_backend<R, W>(
     relayed: &mut LocalCounter<'_>,
 ) -> Outcome
 where
-    R: AsyncRead + WaitReadable + Unpin,
+    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     // Bytes held at a move are relayed before anything new is read.
@@ -506,7 +516,7 @@ async fn backend_to_client<R, W>(
     round_trips: &mut LocalLatency<'_>,
 ) -> Outcome
 where
-    R: AsyncRead + WaitReadable + Unpin,
+    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut framer = match ctx.mobility {
@@ -545,28 +555,11 @@ where
             reader.idle();
         }
         let grace = ending.as_ref().or(moving.as_ref()).map(|(_, at)| *at);
+        // `biased`, signals first: a backend streaming a large result is
+        // always readable, and must not keep a signal waiting (nor draw a
+        // random branch order at every poll).
         tokio::select! {
-            read = reader.read_from(br) => match read {
-                Ok(0) | Err(_) => {
-                    let buf = &reader.bytes;
-                    let repairable = buf.is_empty() && framer.at_boundary() && state.upstream_quiet();
-                    if repairable && ending.is_none() && !last_fatal && ctx.mobility.is_some() {
-                        // Closed at a boundary both ways: the session may move,
-                        // answering what was in flight itself (or, if it
-                        // cannot move, be told why).
-                        return state.move_point(MoveCause::Goodbye { said: Vec::new() });
-                    }
-                    // Deliver whatever was left before saying anything.
-                    if !buf.is_empty() && send(cw, buf).await.is_err() {
-                        return Outcome::ClientGone;
-                    }
-                    if let Some((reason, _)) = ending.take() {
-                        return Box::pin(finish(cw, state, reason, framer.at_boundary() && buf.is_empty())).await;
-                    }
-                    return Outcome::BackendGone { said_why: last_fatal };
-                }
-                Ok(_) => {}
-            },
+            biased;
             _ = &mut raised => {
                 raised.set(signals.raised());
                 match signals.take() {
@@ -592,6 +585,27 @@ where
                 state.stop_forwarding.store(true, Ordering::Relaxed);
                 ending = Some((reason, tokio::time::Instant::now() + END_GRACE));
             }
+            read = reader.read_from(br) => match read {
+                Ok(0) | Err(_) => {
+                    let buf = &reader.bytes;
+                    let repairable = buf.is_empty() && framer.at_boundary() && state.upstream_quiet();
+                    if repairable && ending.is_none() && !last_fatal && ctx.mobility.is_some() {
+                        // Closed at a boundary both ways: the session may move,
+                        // answering what was in flight itself (or, if it
+                        // cannot move, be told why).
+                        return state.move_point(MoveCause::Goodbye { said: Vec::new() });
+                    }
+                    // Deliver whatever was left before saying anything.
+                    if !buf.is_empty() && send(cw, buf).await.is_err() {
+                        return Outcome::ClientGone;
+                    }
+                    if let Some((reason, _)) = ending.take() {
+                        return Box::pin(finish(cw, state, reason, framer.at_boundary() && buf.is_empty())).await;
+                    }
+                    return Outcome::BackendGone { said_why: last_fatal };
+                }
+                Ok(_) => {}
+            },
         }
         let buf = &mut reader.bytes;
         let mut pos = 0;

@@ -1,9 +1,13 @@
 //! One relay direction's read buffer (see [`ReadBuffer`]).
 
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use std::future::poll_fn;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
-use crate::readable::{readable, WaitReadable};
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 /// A direction's first read: enough for the common small query and its
 /// answer, small enough to cost little (it doubles while reads fill it, so
@@ -19,9 +23,10 @@ const READ_CHUNK: usize = 64 * 1024;
 /// reads fill it, and goes back to the first size at idle points. Whenever
 /// all of it was relayed the next read lands at the start of the allocation
 /// again, so a session keeps resident only the pages its largest reads
-/// touched rather than walking every page of the buffer in turn. On a socket
-/// it holds no allocation at all while it waits with nothing pending (see
-/// [`crate::readable`]): an idle session holds no read buffers.
+/// touched rather than walking every page of the buffer in turn. With
+/// nothing pending and no grown buffer, a read goes to the stack first, and
+/// only the bytes that arrived are copied into a new allocation: waiting for
+/// the next query or answer holds no buffer, on any stream.
 pub struct ReadBuffer {
     pub(super) bytes: BytesMut,
     chunk: usize,
@@ -60,20 +65,42 @@ impl ReadBuffer {
     }
 
     /// Reads once more from `from` into the buffer; 0 at end of stream.
-    /// With nothing pending, on a stream that can wait for readiness, the
-    /// allocation is given back for the wait and taken again once there is
-    /// something to read.
-    pub async fn read_from<R: AsyncRead + WaitReadable + Unpin>(
-        &mut self,
-        from: &mut R,
-    ) -> std::io::Result<usize> {
-        if self.bytes.is_empty() && from.waits() {
-            self.release();
-            readable(from).await?;
+    /// With nothing pending and the first chunk size, the read waits
+    /// holding no allocation (see [`ReadBuffer::poll_first_read`]).
+    pub async fn read_from<R: AsyncRead + Unpin>(&mut self, from: &mut R) -> io::Result<usize> {
+        if self.bytes.is_empty() && self.chunk == FIRST_CHUNK {
+            return poll_fn(|cx| self.poll_first_read(from, cx)).await;
         }
         let n = from.read_buf(self.prepare()).await?;
         self.read(n);
         Ok(n)
+    }
+
+    /// A read into a stack buffer of the first chunk's size, whose bytes
+    /// are then copied into the allocation (made anew if it was given back).
+    /// This one poll both waits and reads: no readiness poll first, no
+    /// allocation held while pending, and cancel-safe (bytes read are in
+    /// `self` before it returns).
+    fn poll_first_read<R: AsyncRead + Unpin>(
+        &mut self,
+        from: &mut R,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        let mut stack = [MaybeUninit::<u8>::uninit(); FIRST_CHUNK];
+        let mut read = ReadBuf::uninit(&mut stack);
+        match Pin::new(from).poll_read(cx, &mut read) {
+            Poll::Pending => {
+                self.release();
+                return Poll::Pending;
+            }
+            Poll::Ready(result) => result?,
+        }
+        let got = read.filled();
+        if !got.is_empty() {
+            self.prepare().extend_from_slice(got);
+            self.read(got.len());
+        }
+        Poll::Ready(Ok(got.len()))
     }
 
     /// Gives the allocation back (nothing is pending).

@@ -427,16 +427,18 @@ async fn a_pinned_session_is_ended_as_before() {
 }
 
 /// A buffer that has relayed everything gives its allocation back while it
-/// waits on a socket, and keeps it on a stream that cannot wait without one.
+/// waits, on a socket and on a stream that cannot wait for readiness alike
+/// (the read with nothing pending goes to the stack); a read that fills the
+/// first chunk makes the next one larger.
 #[tokio::test]
-async fn an_idle_read_buffer_holds_no_allocation_on_a_socket() {
+async fn an_idle_read_buffer_holds_no_allocation_while_it_waits() {
     use super::ReadBuffer;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
         .await
         .unwrap();
     let (mut server, _) = listener.accept().await.unwrap();
-    let (mut piped, mut pipe_end) = tokio::io::duplex(64);
+    let (mut piped, mut pipe_end) = tokio::io::duplex(64 * 1024);
 
     let mut on_socket = ReadBuffer::new();
     let mut on_pipe = ReadBuffer::new();
@@ -449,23 +451,29 @@ async fn an_idle_read_buffer_holds_no_allocation_on_a_socket() {
         buffer.consume(5);
     }
 
-    // Nothing more was sent: both reads wait.
+    // Nothing more was sent: both reads wait, holding no buffer.
     let wait = Duration::from_millis(20);
     let read = tokio::time::timeout(wait, on_socket.read_from(&mut server)).await;
     assert!(read.is_err(), "nothing was sent: {read:?}");
-    assert_eq!(
-        on_socket.bytes.capacity(),
-        0,
-        "the socket wait held a buffer"
-    );
+    assert_eq!(on_socket.bytes.capacity(), 0, "the socket wait held a buffer");
     let read = tokio::time::timeout(wait, on_pipe.read_from(&mut piped)).await;
     assert!(read.is_err(), "nothing was sent: {read:?}");
-    assert!(on_pipe.bytes.capacity() > 0);
+    assert_eq!(on_pipe.bytes.capacity(), 0, "the pipe wait held a buffer");
 
-    // The next bytes are read once they arrive.
+    // The next bytes are read once they arrive; 5 KiB at once fill the
+    // first chunk, so the reads after it take more at a time.
     client.write_all(b"again").await.unwrap();
     assert_eq!(on_socket.read_from(&mut server).await.unwrap(), 5);
     assert_eq!(on_socket.pending(), b"again");
+    pipe_end.write_all(&[7; 5 * 1024]).await.unwrap();
+    let mut reads = Vec::new();
+    while reads.iter().sum::<usize>() < 5 * 1024 {
+        let n = on_pipe.read_from(&mut piped).await.unwrap();
+        on_pipe.consume(n);
+        reads.push(n);
+    }
+    assert_eq!(reads[0], 1024, "{reads:?}");
+    assert!(reads.iter().any(|&n| n > 1024), "{reads:?}");
 }
 
 /// Between transactions the session parks (no relay run, see `relay`):

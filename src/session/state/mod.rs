@@ -408,33 +408,69 @@ pub struct Words {
 /// finds at least what [`classify`] acts on. Case does not matter; a false
 /// positive only costs a lex.
 pub fn scan_words(sql: &str) -> Words {
-    let text = sql.as_bytes();
     let mut words = Words::default();
-    let mut in_run = false;
-    for (i, &b) in text.iter().enumerate() {
-        let alnum = b.is_ascii_alphanumeric();
-        if alnum && !in_run {
-            let rest = &text[i..];
-            let at = |w: &[u8]| rest.len() >= w.len() && rest[..w.len()].eq_ignore_ascii_case(w);
-            match b.to_ascii_lowercase() {
-                b's' => words.state |= at(b"set"),
-                b'r' => words.state |= at(b"reset") || at(b"rollback"),
-                b'p' => words.state |= at(b"prepare"),
-                b'd' => words.state |= at(b"deallocate") || at(b"discard") || is_do(rest),
-                b'l' => words.state |= at(b"listen") || at(b"load"),
-                b'u' => words.state |= at(b"unlisten"),
-                b'h' => words.state |= at(b"hold"),
-                b't' => words.state |= at(b"temp"),
-                b'a' => words.state |= at(b"advisory"),
-                b'c' => words.commit |= at(b"commit"),
-                b'e' => words.commit |= at(b"end"),
-                _ => {}
-            }
+    let mut rest = sql.as_bytes();
+    // Two tight loops, one over the gap before a run and one over the run,
+    // with a table lookup per byte: this scan runs over every statement a
+    // movable session sends, so it is kept to a few instructions a byte.
+    while let Some(start) = rest.iter().position(|&b| BYTE_CLASS[b as usize] != 0) {
+        rest = &rest[start..];
+        if BYTE_CLASS[rest[0] as usize] == FIRST_OF_WORD {
+            look_for_words(rest, &mut words);
         }
-        in_run = alnum;
+        let run = rest[1..]
+            .iter()
+            .position(|&b| BYTE_CLASS[b as usize] == 0)
+            .map_or(rest.len(), |n| n + 1);
+        rest = &rest[run..];
     }
     words
 }
+
+/// Compares the start of a run, `rest`, with the words its first letter
+/// may begin.
+fn look_for_words(rest: &[u8], words: &mut Words) {
+    let at = |w: &[u8]| rest.len() >= w.len() && rest[..w.len()].eq_ignore_ascii_case(w);
+    match rest[0].to_ascii_lowercase() {
+        b's' => words.state |= at(b"set"),
+        b'r' => words.state |= at(b"reset") || at(b"rollback"),
+        b'p' => words.state |= at(b"prepare"),
+        b'd' => words.state |= at(b"deallocate") || at(b"discard") || is_do(rest),
+        b'l' => words.state |= at(b"listen") || at(b"load"),
+        b'u' => words.state |= at(b"unlisten"),
+        b'h' => words.state |= at(b"hold"),
+        b't' => words.state |= at(b"temp"),
+        b'a' => words.state |= at(b"advisory"),
+        b'c' => words.commit |= at(b"commit"),
+        b'e' => words.commit |= at(b"end"),
+        _ => {}
+    }
+}
+
+/// [`BYTE_CLASS`]: an ASCII letter or digit that starts none of the words.
+const IN_RUN: u8 = 1;
+/// [`BYTE_CLASS`]: the first letter of a word [`scan_words`] looks for.
+const FIRST_OF_WORD: u8 = 2;
+
+/// Per byte: 0 between runs (everything but ASCII letters and digits),
+/// else [`IN_RUN`] or [`FIRST_OF_WORD`].
+static BYTE_CLASS: [u8; 256] = {
+    let mut class = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let byte = b as u8;
+        if byte.is_ascii_alphanumeric() {
+            class[b] = match byte.to_ascii_lowercase() {
+                b's' | b'r' | b'p' | b'd' | b'l' | b'u' | b'h' | b't' | b'a' | b'c' | b'e' => {
+                    FIRST_OF_WORD
+                }
+                _ => IN_RUN,
+            };
+        }
+        b += 1;
+    }
+    class
+};
 
 /// `DO` as a word of its own (not `done`, `double`).
 fn is_do(rest: &[u8]) -> bool {
