@@ -6,9 +6,10 @@
 //! session-local [`Signals`], which is all the relay's hot loop waits on:
 //! it never re-polls (and re-locks) structures that every session shares.
 
+use std::future::{poll_fn, Future};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-
-use tokio::sync::Notify;
+use std::task::{Context, Poll, Waker};
 
 use super::ending::{eligibility, EndReason};
 use crate::fanout::{Event, Fanout, Watcher, Watching};
@@ -26,41 +27,83 @@ pub enum Signal {
     EndAtIdle(EndReason),
 }
 
-/// The latest signal and a notifier, owned by one session.
+/// The latest signal and the one waiter it wakes, owned by one session.
+///
+/// Only the session's own task ever waits here, so this is a flag and a
+/// single waker rather than a [`tokio::sync::Notify`], whose waiter list
+/// (a registration and a removal per wait) the relay paid for twice per
+/// transaction.
 #[derive(Debug, Default)]
 pub struct Signals {
-    // A std Mutex: session-local, held for a swap.
+    // Std Mutexes: session-local, held for a swap.
     slot: Mutex<Option<Signal>>,
-    notify: Notify,
+    /// A raise that no wait has seen yet.
+    raised: AtomicBool,
+    /// The session task's waker, from its last wait that found no raise.
+    waker: Mutex<Option<Waker>>,
 }
 
 impl Signals {
     /// Records a signal; an `EndNow` is never replaced by an `EndAtIdle`.
     pub(crate) fn raise(&self, signal: Signal) {
-        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = lock(&self.slot);
         if !matches!(*slot, Some(Signal::EndNow(_))) {
             *slot = Some(signal);
         }
         drop(slot);
-        self.notify.notify_one();
+        self.wake();
     }
 
     /// Takes the pending signal, if any.
     pub fn take(&self) -> Option<Signal> {
-        self.slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+        lock(&self.slot).take()
     }
 
-    /// Resolves when a signal was raised (a raise before the wait counts).
-    pub async fn raised(&self) {
-        self.notify.notified().await
+    /// Resolves when a signal was raised (a raise before the wait counts),
+    /// and consumes that raise.
+    pub fn raised(&self) -> impl Future<Output = ()> + '_ {
+        poll_fn(|cx| self.poll_raised(cx))
+    }
+
+    fn poll_raised(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.raised.swap(false, Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        {
+            let mut waker = lock(&self.waker);
+            match &*waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => *waker = Some(cx.waker().clone()),
+            }
+        }
+        // A raise between the first look and the waker's registration
+        // found no waker to wake: look again.
+        if self.raised.swap(false, Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 
     /// After a [`raised`](Self::raised) that only woke a waiting session:
-    /// leaves the wake-up for the relay's own `raised`, which then takes
+    /// leaves the raise for the relay's own `raised`, which then takes
     /// the signal.
     pub fn pass_on(&self) {
-        self.notify.notify_one();
+        self.raised.store(true, Ordering::Release);
     }
+
+    fn wake(&self) {
+        self.raised.store(true, Ordering::Release);
+        if let Some(waker) = lock(&self.waker).take() {
+            waker.wake();
+        }
+    }
+}
+
+/// Locks a session-local mutex; a panic elsewhere while it was held leaves
+/// plain data, still usable.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What one session's watch looks for.
@@ -114,4 +157,60 @@ fn lagging(w: &Watch, topology: &Topology) -> Option<EndReason> {
     (node.is_standby() && !budget.admits(node)).then(|| EndReason::Lagging {
         node: node.name.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn end() -> Signal {
+        Signal::EndAtIdle(EndReason::Shutdown)
+    }
+
+    /// Whether `raised()` resolves within a short wait.
+    async fn fires(signals: &Signals) -> bool {
+        tokio::time::timeout(Duration::from_millis(20), signals.raised())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_raise_is_seen_once_whether_it_comes_before_or_during_the_wait() {
+        let signals = Arc::new(Signals::default());
+        signals.raise(end());
+        assert!(fires(&signals).await, "a raise before the wait");
+        assert!(!fires(&signals).await, "the raise was consumed");
+
+        let raiser = signals.clone();
+        let later = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            raiser.raise(end());
+        });
+        tokio::time::timeout(Duration::from_secs(5), signals.raised())
+            .await
+            .expect("a raise during the wait wakes it");
+        later.await.unwrap();
+        assert!(matches!(signals.take(), Some(Signal::EndAtIdle(_))));
+        assert!(signals.take().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_passed_on_raise_reaches_the_next_wait() {
+        let signals = Signals::default();
+        signals.raise(end());
+        assert!(fires(&signals).await);
+        signals.pass_on();
+        assert!(fires(&signals).await, "passed on");
+        assert!(!fires(&signals).await);
+    }
+
+    #[test]
+    fn an_end_now_is_not_replaced_by_an_end_at_idle() {
+        let signals = Signals::default();
+        signals.raise(Signal::EndNow(EndReason::Shutdown));
+        signals.raise(end());
+        assert!(matches!(signals.take(), Some(Signal::EndNow(_))));
+    }
 }

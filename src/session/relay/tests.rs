@@ -455,7 +455,11 @@ async fn an_idle_read_buffer_holds_no_allocation_while_it_waits() {
     let wait = Duration::from_millis(20);
     let read = tokio::time::timeout(wait, on_socket.read_from(&mut server)).await;
     assert!(read.is_err(), "nothing was sent: {read:?}");
-    assert_eq!(on_socket.bytes.capacity(), 0, "the socket wait held a buffer");
+    assert_eq!(
+        on_socket.bytes.capacity(),
+        0,
+        "the socket wait held a buffer"
+    );
     let read = tokio::time::timeout(wait, on_pipe.read_from(&mut piped)).await;
     assert!(read.is_err(), "nothing was sent: {read:?}");
     assert_eq!(on_pipe.bytes.capacity(), 0, "the pipe wait held a buffer");
