@@ -271,8 +271,9 @@ fn a_commit_in_flight_is_known() {
     assert!(t.commit_in_flight());
 }
 
-/// The scan as first written, one byte at a time: the fast [`scan_words`]
-/// must find exactly what it finds.
+/// The scan as first written, one byte at a time, finding where each run
+/// starts: the fast [`scan_words`] must find exactly what it finds (both
+/// compare a run's start with the words by [`look_for_words`]).
 fn scan_words_bytewise(sql: &str) -> Words {
     let text = sql.as_bytes();
     let mut words = Words::default();
@@ -280,22 +281,7 @@ fn scan_words_bytewise(sql: &str) -> Words {
     for (i, &b) in text.iter().enumerate() {
         let alnum = b.is_ascii_alphanumeric();
         if alnum && !in_run {
-            let rest = &text[i..];
-            let at = |w: &[u8]| rest.len() >= w.len() && rest[..w.len()].eq_ignore_ascii_case(w);
-            match b.to_ascii_lowercase() {
-                b's' => words.state |= at(b"set"),
-                b'r' => words.state |= at(b"reset") || at(b"rollback"),
-                b'p' => words.state |= at(b"prepare"),
-                b'd' => words.state |= at(b"deallocate") || at(b"discard") || is_do(rest),
-                b'l' => words.state |= at(b"listen") || at(b"load"),
-                b'u' => words.state |= at(b"unlisten"),
-                b'h' => words.state |= at(b"hold"),
-                b't' => words.state |= at(b"temp"),
-                b'a' => words.state |= at(b"advisory"),
-                b'c' => words.commit |= at(b"commit"),
-                b'e' => words.commit |= at(b"end"),
-                _ => {}
-            }
+            look_for_words(&text[i..], &mut words);
         }
         in_run = alnum;
     }
