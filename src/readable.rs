@@ -1,17 +1,17 @@
 //! Waiting for bytes to arrive without a buffer to read them into.
 //!
 //! An idle session spends its life waiting for its client's next query and
-//! its backend's next answer. A plain `read` needs its buffer for the whole
-//! wait; on a socket the wait can be for readiness instead, and the buffer
-//! taken only once there is something to read. That keeps a thousand idle
-//! sessions from holding a thousand pairs of read buffers (the relay's
-//! [`ReadBuffer`](crate::session::relay::ReadBuffer) gives its allocation
-//! back before such a wait).
+//! its backend's next answer. Between transactions it *parks* (see
+//! [`relay`](crate::session::relay)): it drops its relay run and waits here,
+//! for either socket to become readable, holding nothing but the sockets.
+//! (Within a run, a read with nothing pending goes to the stack first, see
+//! [`ReadBuffer`](crate::session::relay::ReadBuffer), so it holds no buffer
+//! either.)
 //!
 //! TCP and Unix sockets can wait this way. A TLS stream cannot (rustls may
 //! hold decrypted bytes already, or need to read a record to learn there
-//! are none), nor can tokio's in-memory pipe: they keep a buffer in their
-//! pending read.
+//! are none), nor can tokio's in-memory pipe: a session over one does not
+//! park.
 
 use std::io;
 use std::task::{Context, Poll};

@@ -66,7 +66,7 @@ impl ReadBuffer {
 
     /// Reads once more from `from` into the buffer; 0 at end of stream.
     /// With nothing pending and the first chunk size, the read waits
-    /// holding no allocation (see [`ReadBuffer::poll_first_read`]).
+    /// holding no allocation (see `poll_first_read`).
     pub async fn read_from<R: AsyncRead + Unpin>(&mut self, from: &mut R) -> io::Result<usize> {
         if self.bytes.is_empty() && self.chunk == FIRST_CHUNK {
             return poll_fn(|cx| self.poll_first_read(from, cx)).await;

@@ -408,27 +408,31 @@ pub struct Words {
 /// finds at least what [`classify`] acts on. Case does not matter; a false
 /// positive only costs a lex.
 pub fn scan_words(sql: &str) -> Words {
+    let text = sql.as_bytes();
     let mut words = Words::default();
-    let mut rest = sql.as_bytes();
+    let mut i = 0;
     // Two tight loops, one over the gap before a run and one over the run,
     // with a table lookup per byte: this scan runs over every statement a
     // movable session sends, so it is kept to a few instructions a byte.
-    while let Some(start) = rest.iter().position(|&b| BYTE_CLASS[b as usize] != 0) {
-        rest = &rest[start..];
-        if BYTE_CLASS[rest[0] as usize] == FIRST_OF_WORD {
-            look_for_words(rest, &mut words);
+    while i < text.len() {
+        while i < text.len() && BYTE_CLASS[text[i] as usize] == 0 {
+            i += 1;
         }
-        let run = rest[1..]
-            .iter()
-            .position(|&b| BYTE_CLASS[b as usize] == 0)
-            .map_or(rest.len(), |n| n + 1);
-        rest = &rest[run..];
+        let Some(&first) = text.get(i) else { break };
+        if BYTE_CLASS[first as usize] == FIRST_OF_WORD {
+            look_for_words(&text[i..], &mut words);
+        }
+        i += 1;
+        while i < text.len() && BYTE_CLASS[text[i] as usize] != 0 {
+            i += 1;
+        }
     }
     words
 }
 
 /// Compares the start of a run, `rest`, with the words its first letter
 /// may begin.
+#[inline]
 fn look_for_words(rest: &[u8], words: &mut Words) {
     let at = |w: &[u8]| rest.len() >= w.len() && rest[..w.len()].eq_ignore_ascii_case(w);
     match rest[0].to_ascii_lowercase() {
