@@ -21,13 +21,16 @@
 //!
 //! The hot path stays cheap: a statement is lexed only when its text holds
 //! one of the words that state changes need ([`scan_words`]); the
-//! common `SELECT …` is one byte scan and no allocation.
+//! common `SELECT …` is one byte scan and no allocation, and a text this
+//! thread saw lately is not scanned again (`recent`).
 
+mod recent;
 pub mod sql;
 
 use std::collections::{BTreeSet, VecDeque};
 
 use crate::protocol::messages::TxStatus;
+use recent::scan_words_recent;
 use sql::Token;
 
 /// Most bytes of SQL text and names one session may have tracked.
@@ -134,7 +137,7 @@ pub struct Tracker {
 impl Tracker {
     /// A client simple Query.
     pub fn client_query(&mut self, sql: &str) {
-        let words = scan_words(sql);
+        let words = scan_words_recent(sql);
         let may_commit = words.commit;
         if !words.state {
             self.awaiting.push_back(Unit {
@@ -185,7 +188,7 @@ impl Tracker {
     /// that itself changes session state pins (the extended protocol is not
     /// followed statement by statement).
     pub fn client_parse(&mut self, name: &str, query: &str, types: &[u32]) {
-        let words = scan_words(query);
+        let words = scan_words_recent(query);
         if words.commit {
             if name.is_empty() {
                 self.parsed_commit = true;
