@@ -85,6 +85,11 @@ impl Signals {
         }
     }
 
+    /// Consumes a raise without waiting: whether there was one.
+    pub fn take_raise(&self) -> bool {
+        self.raised.load(Ordering::Relaxed) && self.raised.swap(false, Ordering::Acquire)
+    }
+
     /// After a [`raised`](Self::raised) that only woke a waiting session:
     /// leaves the raise for the relay's own `raised`, which then takes
     /// the signal.

@@ -547,34 +547,18 @@ where
     let mut moving: Option<(EndReason, tokio::time::Instant)> = None;
     let mut last_fatal = false;
     let signals = ctx.signals;
-    // Made once and renewed only after it fires: a fresh one per loop turn
-    // would register (and then drop) a waiter on every read.
-    let mut raised = std::pin::pin!(signals.raised());
     loop {
         if state.is_idle() && framer.at_boundary() {
             reader.idle();
         }
         let grace = ending.as_ref().or(moving.as_ref()).map(|(_, at)| *at);
-        // `biased`, signals first: a backend streaming a large result is
-        // always readable, and must not keep a signal waiting (nor draw a
-        // random branch order at every poll).
+        // `biased` (no random draw per poll): an expired grace first, then
+        // bytes, then signals. A goodbye that has arrived is acted on before
+        // a topology signal raised about the same event (the goodbye says
+        // more); a backend that stays readable does not keep signals
+        // waiting, since they are also looked at after every read (below).
         tokio::select! {
             biased;
-            _ = &mut raised => {
-                raised.set(signals.raised());
-                match signals.take() {
-                    Some(Signal::EndNow(reason)) if ending.is_none() && moving.is_none() && ctx.movable() => {
-                        state.moving.store(true, Ordering::Relaxed);
-                        moving = Some((reason, tokio::time::Instant::now() + MOVE_GRACE));
-                    }
-                    Some(Signal::EndNow(reason)) if ending.is_none() => {
-                        state.stop_forwarding.store(true, Ordering::Relaxed);
-                        ending = Some((reason, tokio::time::Instant::now() + END_GRACE));
-                    }
-                    Some(Signal::EndAtIdle(reason)) => at_idle = Some(reason),
-                    _ => {}
-                }
-            },
             _ = sleep_until(grace) => {
                 if let Some((reason, _)) = ending.take() {
                     return Box::pin(finish(cw, state, reason, false)).await;
@@ -605,6 +589,9 @@ where
                     return Outcome::BackendGone { said_why: last_fatal };
                 }
                 Ok(_) => {}
+            },
+            _ = signals.raised() => {
+                on_signal(signals.take(), state, ctx, &mut ending, &mut moving, &mut at_idle);
             },
         }
         let buf = &mut reader.bytes;
@@ -655,6 +642,16 @@ where
         }
         let at_boundary = framer.at_boundary();
         state.client_clean.store(at_boundary, Ordering::Relaxed);
+        if signals.take_raise() {
+            on_signal(
+                signals.take(),
+                state,
+                ctx,
+                &mut ending,
+                &mut moving,
+                &mut at_idle,
+            );
+        }
         if let Some((reason, _)) = ending.take_if(|_| at_boundary) {
             return Box::pin(finish(cw, state, reason, true)).await;
         }
@@ -677,6 +674,30 @@ where
             // above).
             return Outcome::Parked;
         }
+    }
+}
+
+/// Acts on a signal the session's watch raised: an end or move due now, or
+/// at the next idle point.
+fn on_signal(
+    signal: Option<Signal>,
+    state: &SessionState,
+    ctx: &RelayContext<'_>,
+    ending: &mut Option<(EndReason, tokio::time::Instant)>,
+    moving: &mut Option<(EndReason, tokio::time::Instant)>,
+    at_idle: &mut Option<EndReason>,
+) {
+    match signal {
+        Some(Signal::EndNow(reason)) if ending.is_none() && moving.is_none() && ctx.movable() => {
+            state.moving.store(true, Ordering::Relaxed);
+            *moving = Some((reason, tokio::time::Instant::now() + MOVE_GRACE));
+        }
+        Some(Signal::EndNow(reason)) if ending.is_none() => {
+            state.stop_forwarding.store(true, Ordering::Relaxed);
+            *ending = Some((reason, tokio::time::Instant::now() + END_GRACE));
+        }
+        Some(Signal::EndAtIdle(reason)) => *at_idle = Some(reason),
+        _ => {}
     }
 }
 
