@@ -517,3 +517,64 @@ async fn a_parked_session_hears_both_peers_and_its_signals() {
         "{end:?}"
     );
 }
+
+/// A backend that always has the next DataRow ready: a read never waits.
+struct EndlessRows {
+    /// Bytes of the current row already handed out.
+    at: usize,
+}
+
+impl EndlessRows {
+    const ROW: &'static [u8] = b"D\0\0\0\x0a\0\x01\0\0\0\0";
+}
+
+impl AsyncRead for EndlessRows {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        while buf.remaining() > 0 {
+            let row = &Self::ROW[self.at..];
+            let n = row.len().min(buf.remaining());
+            buf.put_slice(&row[..n]);
+            self.at = (self.at + n) % Self::ROW.len();
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl crate::readable::WaitReadable for EndlessRows {}
+
+/// A backend that never pauses cannot keep a signal from the relay: the
+/// session is ended at a message boundary while rows still pour in.
+#[tokio::test]
+async fn a_signal_reaches_a_session_whose_backend_never_pauses() {
+    let fixture = Fixture::default();
+    let (mut client, proxy_client) = tokio::io::duplex(64 * 1024);
+    let (mut cr, mut cw) = tokio::io::split(proxy_client);
+    let mut br = EndlessRows { at: 0 };
+    let mut bw = tokio::io::sink();
+    let ctx = fixture.ctx();
+    let mut held = super::ReadBuffer::new();
+    let relaying = relay(&mut cr, &mut cw, &mut br, &mut bw, &ctx, &mut held);
+    let peer = async {
+        let mut got = vec![0u8; 256 * 1024];
+        client.read_exact(&mut got).await.unwrap();
+        fixture.signals.raise(lost());
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        rest
+    };
+    let (end, rest) = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::join!(relaying, peer)
+    })
+    .await
+    .expect("the signal was not acted on while the backend kept sending");
+    assert!(
+        matches!(end, RelayEnd::Ended(EndReason::NodeLost { .. })),
+        "{end:?}"
+    );
+    let error = String::from_utf8_lossy(&rest);
+    assert!(error.contains("08006"), "ended with pgpivot's error");
+}
