@@ -104,7 +104,11 @@ impl Fanout {
     /// The fan-out task: until `stop`, passes every event to every watcher.
     pub async fn run(self: Arc<Self>, lag_check: Duration, stop: CancellationToken) {
         let mut changes = self.topology.subscribe();
-        let mut lag_tick = tokio::time::interval(lag_check);
+        // The first lag check one period from now: a registration already
+        // checks the present, and an immediate tick would race the first
+        // registrations.
+        let mut lag_tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + lag_check, lag_check);
         lag_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut shutting_down = false;
         loop {
@@ -189,7 +193,7 @@ mod tests {
         let fanout = Arc::new(Fanout::new(handle, shutdown.clone()));
         // No lag check within the test.
         let task = tokio::spawn(fanout.clone().run(Duration::from_secs(3600), stop.clone()));
-        // The interval's first tick is immediate: let it pass first.
+        // Let the task start (it subscribes to the topology's changes).
         tokio::task::yield_now().await;
 
         let first = Arc::new(Recorder::default());
