@@ -18,9 +18,7 @@ use std::task::{Context, Poll};
 
 #[cfg(test)]
 use tokio::io::DuplexStream;
-use tokio::net::{tcp, unix, TcpStream};
-
-use crate::maybe_tls::MaybeTls;
+use tokio::net::{tcp, unix};
 
 /// A read side that may be able to wait for readiness without a buffer.
 pub trait WaitReadable {
@@ -54,33 +52,6 @@ impl WaitReadable for unix::ReadHalf<'_> {
 
     fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.as_ref().poll_read_ready(cx)
-    }
-}
-
-impl WaitReadable for TcpStream {
-    fn waits(&self) -> bool {
-        true
-    }
-
-    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_read_ready(cx)
-    }
-}
-
-/// Plain: as its transport. TLS: cannot wait without a buffer.
-impl<P: WaitReadable, T> WaitReadable for MaybeTls<P, T> {
-    fn waits(&self) -> bool {
-        match self {
-            MaybeTls::Plain(p) => p.waits(),
-            MaybeTls::Tls(_) => false,
-        }
-    }
-
-    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self {
-            MaybeTls::Plain(p) => p.poll_readable(cx),
-            MaybeTls::Tls(_) => Poll::Ready(Ok(())),
-        }
     }
 }
 

@@ -37,9 +37,10 @@ pub enum Signal {
 pub struct Signals {
     // Std Mutexes: session-local, held for a swap.
     slot: Mutex<Option<Signal>>,
-    /// A raise that no wait has seen yet.
-    raised: AtomicBool,
-    /// The session task's waker, from its last wait that found no raise.
+    /// Whether `slot` holds a signal: set and cleared under its lock, read
+    /// without it by every wait.
+    pending: AtomicBool,
+    /// The session task's waker, from its last wait that found no signal.
     waker: Mutex<Option<Waker>>,
 }
 
@@ -50,23 +51,33 @@ impl Signals {
         if !matches!(*slot, Some(Signal::EndNow(_))) {
             *slot = Some(signal);
         }
+        self.pending.store(true, Ordering::Release);
         drop(slot);
-        self.wake();
+        if let Some(waker) = lock(&self.waker).take() {
+            waker.wake();
+        }
     }
 
     /// Takes the pending signal, if any.
     pub fn take(&self) -> Option<Signal> {
-        lock(&self.slot).take()
+        let mut slot = lock(&self.slot);
+        self.pending.store(false, Ordering::Relaxed);
+        slot.take()
     }
 
-    /// Resolves when a signal was raised (a raise before the wait counts),
-    /// and consumes that raise.
+    /// Whether a signal waits to be taken.
+    pub fn pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Resolves while a signal waits to be taken (one raised before the
+    /// wait counts); it stays until [`take`](Self::take).
     pub fn raised(&self) -> impl Future<Output = ()> + '_ {
         poll_fn(|cx| self.poll_raised(cx))
     }
 
     fn poll_raised(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.raised.swap(false, Ordering::Acquire) {
+        if self.pending() {
             return Poll::Ready(());
         }
         {
@@ -78,29 +89,10 @@ impl Signals {
         }
         // A raise between the first look and the waker's registration
         // found no waker to wake: look again.
-        if self.raised.swap(false, Ordering::Acquire) {
+        if self.pending() {
             Poll::Ready(())
         } else {
             Poll::Pending
-        }
-    }
-
-    /// Consumes a raise without waiting: whether there was one.
-    pub fn take_raise(&self) -> bool {
-        self.raised.load(Ordering::Relaxed) && self.raised.swap(false, Ordering::Acquire)
-    }
-
-    /// After a [`raised`](Self::raised) that only woke a waiting session:
-    /// leaves the raise for the relay's own `raised`, which then takes
-    /// the signal.
-    pub fn pass_on(&self) {
-        self.raised.store(true, Ordering::Release);
-    }
-
-    fn wake(&self) {
-        self.raised.store(true, Ordering::Release);
-        if let Some(waker) = lock(&self.waker).take() {
-            waker.wake();
         }
     }
 }
@@ -182,11 +174,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_raise_is_seen_once_whether_it_comes_before_or_during_the_wait() {
+    async fn a_raise_is_seen_until_taken_whether_it_comes_before_or_during_the_wait() {
         let signals = Arc::new(Signals::default());
         signals.raise(end());
         assert!(fires(&signals).await, "a raise before the wait");
-        assert!(!fires(&signals).await, "the raise was consumed");
+        assert!(signals.take().is_some());
+        assert!(!fires(&signals).await, "the signal was taken");
+        assert!(!signals.pending());
 
         let raiser = signals.clone();
         let later = tokio::spawn(async move {
@@ -202,12 +196,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_passed_on_raise_reaches_the_next_wait() {
+    async fn a_wait_that_only_woke_leaves_the_signal_for_the_next() {
         let signals = Signals::default();
         signals.raise(end());
         assert!(fires(&signals).await);
-        signals.pass_on();
-        assert!(fires(&signals).await, "passed on");
+        assert!(signals.pending());
+        assert!(fires(&signals).await, "left for the next wait");
+        assert!(signals.take().is_some());
         assert!(!fires(&signals).await);
     }
 

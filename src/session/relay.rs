@@ -289,8 +289,8 @@ enum Ran {
 }
 
 /// A parked session waits here until either peer has something to read
-/// (or closed), or a signal was raised; the signal's wake-up is left for
-/// the next run to take.
+/// (or closed), or a signal was raised; the signal stays for the next run
+/// to take.
 async fn wait_parked<CR, BR>(cr: &mut CR, br: &mut BR, signals: &Signals)
 where
     CR: WaitReadable,
@@ -302,7 +302,7 @@ where
         biased;
         _ = readable(cr) => {}
         _ = readable(br) => {}
-        _ = signals.raised() => signals.pass_on(),
+        _ = signals.raised() => {}
     }
 }
 
@@ -642,7 +642,7 @@ where
         }
         let at_boundary = framer.at_boundary();
         state.client_clean.store(at_boundary, Ordering::Relaxed);
-        if signals.take_raise() {
+        if signals.pending() {
             on_signal(
                 signals.take(),
                 state,
