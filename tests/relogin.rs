@@ -151,10 +151,7 @@ async fn relogin_as(
     credential: &Credential,
 ) -> Result<String, ReloginError> {
     let mut tcp = TcpStream::connect(cluster.node(i).address()).await.unwrap();
-    let mut startup = StartupMessage {
-        version: 196_608,
-        params: Vec::new(),
-    };
+    let mut startup = StartupMessage::new(196_608);
     startup.set_param("user", Some(user));
     startup.set_param("database", Some("postgres"));
     let logged_in = login(&mut tcp, &startup, credential).await?;

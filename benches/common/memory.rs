@@ -14,7 +14,9 @@
 //!   again;
 //! * `closed`: after every client left.
 //!
-//! Per session is (reading − start) / N, in KiB. Sessions connect 16 at a
+//! Per session is (reading − start) / N, in KiB, of `VmRSS` and of its
+//! anonymous part `RssAnon` (heap and stacks: what sessions hold; the rest
+//! is the program's code pages, resident once a code path ran). Sessions connect 16 at a
 //! time. The cluster gets `max_connections` for N sessions (see the relay
 //! bench's `main`); after each target the case waits until its backends
 //! (its monitor's, PgBouncer's pool) are gone.
@@ -47,23 +49,40 @@ pub struct MemoryParams {
     pub sessions: usize,
 }
 
-/// The readings of one target, KiB of `VmRSS`.
+/// The readings of one target.
 #[derive(Debug, Clone, Copy)]
 pub struct MemoryResult {
-    pub start: u64,
-    pub idle: u64,
-    pub after: u64,
-    pub closed: u64,
+    pub start: Rss,
+    pub idle: Rss,
+    pub after: Rss,
+    pub closed: Rss,
 }
 
-/// `VmRSS` of `pid`, KiB.
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+/// One reading of a process's resident memory, KiB.
+#[derive(Debug, Clone, Copy)]
+pub struct Rss {
+    /// `VmRSS`: everything resident.
+    pub total: u64,
+    /// `RssAnon`: the anonymous part (heap, stacks), without the program's
+    /// own code and data pages, which a session's first use of a code path
+    /// makes resident once for all sessions.
+    pub anon: u64,
+}
+
+/// `VmRSS` and `RssAnon` of `pid`.
+fn rss_kib(pid: u32) -> anyhow::Result<Rss> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))
+    };
+    Ok(Rss {
+        total: field("VmRSS:")?,
+        anon: field("RssAnon:")?,
+    })
 }
 
 /// Backends on the primary other than the one asking.
@@ -199,25 +218,35 @@ pub async fn memory_case(
 pub fn print_memory(results: &[(String, anyhow::Result<MemoryResult>)], p: &MemoryParams) {
     let n = p.sessions as f64;
     println!(
-        "memory, {} sessions: VmRSS KiB of the proxy; per session = (reading - start) / {}",
+        "memory, {} sessions: VmRSS KiB of the proxy; per session = (reading - start) / {}; anon: the same of RssAnon",
         p.sessions, p.sessions
     );
     println!(
-        "{:<28} {:>9} {:>9} {:>11} {:>11} {:>11} {:>9}",
-        "target", "start", "idle", "KiB/session", "after 1 MiB", "KiB/session", "closed"
+        "{:<28} {:>9} {:>9} {:>11} {:>6} {:>11} {:>11} {:>6} {:>9}",
+        "target",
+        "start",
+        "idle",
+        "KiB/session",
+        "anon",
+        "after 1 MiB",
+        "KiB/session",
+        "anon",
+        "closed"
     );
     let per = |v: u64, start: u64| (v as f64 - start as f64) / n;
     for (name, result) in results {
         match result {
             Ok(r) => println!(
-                "{:<28} {:>9} {:>9} {:>11.2} {:>11} {:>11.2} {:>9}",
+                "{:<28} {:>9} {:>9} {:>11.2} {:>6.2} {:>11} {:>11.2} {:>6.2} {:>9}",
                 name,
-                r.start,
-                r.idle,
-                per(r.idle, r.start),
-                r.after,
-                per(r.after, r.start),
-                r.closed
+                r.start.total,
+                r.idle.total,
+                per(r.idle.total, r.start.total),
+                per(r.idle.anon, r.start.anon),
+                r.after.total,
+                per(r.after.total, r.start.total),
+                per(r.after.anon, r.start.anon),
+                r.closed.total
             ),
             Err(e) => println!("{name:<28} failed: {e:#}"),
         }

@@ -72,52 +72,77 @@ impl CancelKey {
 
 /// A StartupMessage: the protocol version and the parameters in the order the
 /// client sent them, as raw bytes, so what is forwarded is what was sent.
+///
+/// The parameters are kept as they arrived, `name\0value\0` pairs in one
+/// allocation (checked when parsed): a session holds its startup packet
+/// for its whole life (a move logs in again with it), and a list of pairs
+/// would cost an allocation per pair.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StartupMessage {
     pub version: u32,
-    pub params: Vec<(Bytes, Bytes)>,
+    /// `name\0value\0` pairs, without the list's final terminator.
+    pairs: Box<[u8]>,
 }
 
 impl StartupMessage {
+    /// A message of protocol `version` with no parameters yet.
+    pub fn new(version: u32) -> StartupMessage {
+        StartupMessage {
+            version,
+            pairs: Box::default(),
+        }
+    }
+
+    /// The parameters, names and values as raw bytes, in the client's order.
+    pub fn params(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        let mut fields = self.pairs.split(|&b| b == 0);
+        // `pairs` ends with a NUL, so `split` yields one empty piece last.
+        std::iter::from_fn(move || Some((fields.next()?, fields.next()?)))
+    }
+
     /// The value of parameter `name`, if present and valid UTF-8.
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(k, _)| k.as_ref() == name.as_bytes())
+        self.params()
+            .find(|(k, _)| *k == name.as_bytes())
             .and_then(|(_, v)| std::str::from_utf8(v).ok())
     }
 
-    /// Replaces (or with `None` removes) parameter `name`.
+    /// Replaces (or with `None` removes) parameter `name`, keeping the
+    /// others' order; a new one goes last.
     pub fn set_param(&mut self, name: &str, value: Option<&str>) {
-        let pos = self
-            .params
-            .iter()
-            .position(|(k, _)| k.as_ref() == name.as_bytes());
-        match (pos, value) {
-            (Some(i), Some(v)) => self.params[i].1 = Bytes::copy_from_slice(v.as_bytes()),
-            (Some(i), None) => {
-                self.params.remove(i);
+        let name = name.as_bytes();
+        let mut pairs = Vec::with_capacity(self.pairs.len() + name.len() + 2);
+        let mut put = |k: &[u8], v: &[u8]| {
+            pairs.extend_from_slice(k);
+            pairs.push(0);
+            pairs.extend_from_slice(v);
+            pairs.push(0);
+        };
+        // Only the first of a repeated name is replaced or removed.
+        let mut found = false;
+        for (k, v) in self.params() {
+            if k == name && !found {
+                found = true;
+                if let Some(value) = value {
+                    put(k, value.as_bytes());
+                }
+            } else {
+                put(k, v);
             }
-            (None, Some(v)) => self.params.push((
-                Bytes::copy_from_slice(name.as_bytes()),
-                Bytes::copy_from_slice(v.as_bytes()),
-            )),
-            (None, None) => {}
         }
+        if let (false, Some(value)) = (found, value) {
+            put(name, value.as_bytes());
+        }
+        self.pairs = pairs.into_boxed_slice();
     }
 
     /// The packet to send to the backend.
     pub fn encode(&self) -> BytesMut {
-        let body: usize = self.params.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
-        let mut buf = BytesMut::with_capacity(9 + body);
-        buf.put_u32((9 + body) as u32);
+        let len = 9 + self.pairs.len();
+        let mut buf = BytesMut::with_capacity(len);
+        buf.put_u32(len as u32);
         buf.put_u32(self.version);
-        for (k, v) in &self.params {
-            buf.put_slice(k);
-            buf.put_u8(0);
-            buf.put_slice(v);
-            buf.put_u8(0);
-        }
+        buf.put_slice(&self.pairs);
         buf.put_u8(0);
         buf
     }
@@ -162,7 +187,7 @@ pub fn parse_packet(body: Bytes) -> Result<StartupPacket, StartupError> {
         CANCEL_REQUEST_CODE => parse_cancel(rest).map(StartupPacket::Cancel),
         c if c >> 16 == PROTOCOL_MAJOR_3 => Ok(StartupPacket::Startup(StartupMessage {
             version: c,
-            params: parse_params(rest)?,
+            pairs: check_params(&rest)?.into(),
         })),
         c => Err(StartupError::UnsupportedCode(c)),
     }
@@ -179,31 +204,29 @@ fn parse_cancel(rest: Bytes) -> Result<CancelKey, StartupError> {
     })
 }
 
-/// `name\0value\0 ... \0`
-fn parse_params(mut rest: Bytes) -> Result<Vec<(Bytes, Bytes)>, StartupError> {
-    let mut params = Vec::new();
+/// Checks `name\0value\0 ... \0` and returns the pairs without the final
+/// terminator.
+fn check_params(rest: &[u8]) -> Result<&[u8], StartupError> {
+    let mut at = 0;
     loop {
-        let name = take_cstring(&mut rest)?;
-        if name.is_empty() {
+        let name = cstring_len(&rest[at..])?;
+        if name == 0 {
             break;
         }
-        let value = take_cstring(&mut rest)?;
-        params.push((name, value));
+        at += name + 1;
+        at += cstring_len(&rest[at..])? + 1;
     }
-    if !rest.is_empty() {
+    if at + 1 != rest.len() {
         return Err(StartupError::Malformed("bytes after the parameter list"));
     }
-    Ok(params)
+    Ok(&rest[..at])
 }
 
-fn take_cstring(buf: &mut Bytes) -> Result<Bytes, StartupError> {
-    let nul = buf
-        .iter()
+/// The length of the NUL-terminated string `buf` starts with.
+fn cstring_len(buf: &[u8]) -> Result<usize, StartupError> {
+    buf.iter()
         .position(|&b| b == 0)
-        .ok_or(StartupError::Malformed("unterminated parameter"))?;
-    let s = buf.split_to(nul);
-    let _ = buf.split_to(1);
-    Ok(s)
+        .ok_or(StartupError::Malformed("unterminated parameter"))
 }
 
 #[cfg(test)]
@@ -230,6 +253,28 @@ mod tests {
         assert_eq!(msg.param("user"), Some("bob"));
         assert_eq!(msg.param("options"), Some("-c x=1"));
         assert_eq!(&msg.encode()[..], &raw[..]);
+    }
+
+    #[test]
+    fn set_param_replaces_in_place_removes_and_appends() {
+        let mut msg = StartupMessage::new(196608);
+        msg.set_param("user", Some("bob"));
+        msg.set_param("database", Some("db"));
+        msg.set_param("options", Some("-c x=1"));
+        msg.set_param("user", Some("alice"));
+        let names: Vec<&[u8]> = msg.params().map(|(k, _)| k).collect();
+        assert_eq!(names, [&b"user"[..], b"database", b"options"]);
+        assert_eq!(msg.param("user"), Some("alice"));
+        msg.set_param("database", None);
+        msg.set_param("missing", None);
+        assert_eq!(msg.param("database"), None);
+        msg.set_param("application_name", Some(""));
+        assert_eq!(
+            &msg.encode()[8..],
+            b"user\0alice\0options\0-c x=1\0application_name\0\0\0"
+        );
+        let again = parse_packet(msg.encode().freeze().slice(4..)).unwrap();
+        assert_eq!(again, StartupPacket::Startup(msg));
     }
 
     #[tokio::test]

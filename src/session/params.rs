@@ -37,8 +37,7 @@ pub fn extract(
         startup.set_param("options", (!kept.is_empty()).then_some(kept.as_str()));
     }
     let direct: Vec<String> = startup
-        .params
-        .iter()
+        .params()
         .filter_map(|(k, _)| std::str::from_utf8(k).ok())
         .filter(|k| k.starts_with(PREFIX))
         .map(str::to_owned)
@@ -150,7 +149,6 @@ fn tokenize(s: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
     fn listener() -> ListenerSettings {
         ListenerSettings {
@@ -167,18 +165,11 @@ mod tests {
     }
 
     fn startup(params: &[(&str, &str)]) -> StartupMessage {
-        StartupMessage {
-            version: 196608,
-            params: params
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        Bytes::copy_from_slice(k.as_bytes()),
-                        Bytes::copy_from_slice(v.as_bytes()),
-                    )
-                })
-                .collect(),
+        let mut s = StartupMessage::new(196608);
+        for (k, v) in params {
+            s.set_param(k, Some(v));
         }
+        s
     }
 
     #[test]
@@ -210,7 +201,7 @@ mod tests {
         let mut s = startup(&[("pgpivot.target_session_attrs", "read-only")]);
         let r = extract(&mut s, &listener()).unwrap();
         assert_eq!(r.target, Target::ReadOnly);
-        assert!(s.params.is_empty());
+        assert_eq!(s.params().count(), 0);
     }
 
     #[test]

@@ -198,7 +198,7 @@ fn check_packet(packet: &StartupPacket, raw: &[u8]) {
         StartupPacket::Startup(msg) => {
             assert_eq!(msg.version >> 16, 3);
             assert_eq!(&msg.encode()[..], raw, "forwarded as sent");
-            for (k, v) in &msg.params {
+            for (k, v) in msg.params() {
                 assert!(!k.is_empty() && !k.contains(&0) && !v.contains(&0));
             }
             let mut forwarded = msg.clone();
@@ -208,7 +208,7 @@ fn check_packet(packet: &StartupPacket, raw: &[u8]) {
                     assert!(encoded.len() <= raw.len(), "extraction only removes");
                     let parsed = startup::parse_packet(Bytes::copy_from_slice(&encoded[4..]));
                     assert_eq!(parsed.ok(), Some(StartupPacket::Startup(forwarded.clone())));
-                    for (k, _) in &forwarded.params {
+                    for (k, _) in forwarded.params() {
                         let k = std::str::from_utf8(k).unwrap_or_default();
                         assert!(!k.starts_with("pgpivot."), "{k} forwarded");
                     }

@@ -118,10 +118,7 @@ impl Fixture {
             target,
             budget: LagBudget::default(),
         };
-        let startup = StartupMessage {
-            version: 196_608,
-            params: Vec::new(),
-        };
+        let startup = StartupMessage::new(196_608);
         connect(self.routes(), &self.settings, &request, &startup).await
     }
 }
