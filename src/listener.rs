@@ -56,13 +56,12 @@ pub async fn accept_loop(
             .ok()
             .and_then(|l| Some((l, global.clone().try_acquire_owned().ok()?)));
         let config = current.get(&shared, index, address);
-        let shared = shared.clone();
-        sessions.spawn(tcp, move |tcp| async move {
-            let admitted = permits.is_some();
-            let open = shared.clone();
-            let _open = open.listener_sessions[index].track();
-            session::serve(shared, config, tcp, peer, admitted).await;
-            drop(permits);
+        let admission = session::Admission {
+            listener_index: index,
+            slots: permits,
+        };
+        sessions.spawn(tcp, |accepted| {
+            session::serve(shared.clone(), config, accepted, peer, admission)
         });
     }
 }

@@ -73,16 +73,24 @@ impl Sessions {
         })
     }
 
-    /// Runs `session` on the accepted `tcp`, on this runtime or on the
-    /// least-loaded worker, tracked until it returns.
+    /// Runs the session `session` makes of the accepted `tcp`, on this
+    /// runtime or on the least-loaded worker, tracked until it returns.
+    ///
+    /// `session` is called here, at once: the future it returns is what the
+    /// task holds (no wrapper keeping the closure and the socket beside
+    /// it), and the session registers its socket where it runs, with
+    /// [`Accepted::into_stream`].
     pub fn spawn<F, Fut>(&self, tcp: TcpStream, session: F)
     where
-        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        F: FnOnce(Accepted) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let (workers, next) = match &*self.placement {
             Placement::Here => {
-                self.tracker.spawn(session(tcp));
+                self.tracker.spawn(session(Accepted {
+                    socket: Socket::Registered(tcp),
+                    load: None,
+                }));
                 return;
             }
             Placement::Workers(workers, next) => (workers, next),
@@ -95,14 +103,13 @@ impl Sessions {
             }
         };
         let worker = least_loaded(workers, next.fetch_add(1, Ordering::Relaxed));
-        let load = LoadGuard::new(worker.sessions.clone());
-        worker.handle.spawn(self.tracker.track_future(async move {
-            let _load = load;
-            match TcpStream::from_std(tcp) {
-                Ok(tcp) => session(tcp).await,
-                Err(e) => tracing::warn!(error = %e, "cannot register a connection on its worker"),
-            }
-        }));
+        let accepted = Accepted {
+            socket: Socket::Unregistered(tcp),
+            load: Some(LoadGuard::new(worker.sessions.clone())),
+        };
+        worker
+            .handle
+            .spawn(self.tracker.track_future(session(accepted)));
     }
 
     /// Sessions open on each worker now (empty for `multi-thread`).
@@ -211,6 +218,38 @@ impl Drop for Worker {
 }
 
 /// Counts one session on a worker until dropped.
+/// An accepted connection on its way to the thread its session runs on.
+pub struct Accepted {
+    socket: Socket,
+    load: Option<LoadGuard>,
+}
+
+enum Socket {
+    /// Registered with the runtime that accepted it (`multi-thread`).
+    Registered(TcpStream),
+    /// To be registered by the worker's runtime (a tokio socket is bound to
+    /// the reactor that registered it).
+    Unregistered(std::net::TcpStream),
+}
+
+impl Accepted {
+    /// The connection as a tokio stream of the runtime polling the caller,
+    /// and what counts the session on its worker while it lives.
+    pub fn into_stream(self) -> std::io::Result<(TcpStream, Placed)> {
+        let tcp = match self.socket {
+            Socket::Registered(tcp) => tcp,
+            Socket::Unregistered(tcp) => TcpStream::from_std(tcp)?,
+        };
+        Ok((tcp, Placed { _load: self.load }))
+    }
+}
+
+/// Held by a session for its life: it counts the session on its worker,
+/// which placement reads (see [`Sessions::spawn`]).
+pub struct Placed {
+    _load: Option<LoadGuard>,
+}
+
 struct LoadGuard(Arc<AtomicUsize>);
 
 impl LoadGuard {
@@ -255,8 +294,9 @@ mod tests {
             let (accepted, client) = pair(&listener).await;
             clients.push(client);
             let threads = threads.clone();
-            sessions.spawn(accepted, move |mut tcp| async move {
+            sessions.spawn(accepted, move |accepted| async move {
                 use tokio::io::AsyncReadExt;
+                let (mut tcp, _placed) = accepted.into_stream().unwrap();
                 let first = std::thread::current().id();
                 // Lives until its client hangs up, with a wake-up between.
                 let mut byte = [0u8; 1];
@@ -286,7 +326,8 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (accepted, _client) = pair(&listener).await;
         let (started, ready) = tokio::sync::oneshot::channel();
-        sessions.spawn(accepted, move |_tcp| async move {
+        sessions.spawn(accepted, move |accepted| async move {
+            let _placed = accepted.into_stream().unwrap();
             let _ = started.send(());
             std::future::pending::<()>().await
         });
@@ -310,7 +351,8 @@ mod tests {
         let (accepted, _client) = pair(&listener).await;
         let here = std::thread::current().id();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        sessions.spawn(accepted, move |_tcp| async move {
+        sessions.spawn(accepted, move |accepted| async move {
+            let _placed = accepted.into_stream().unwrap();
             let _ = tx.send(std::thread::current().id());
         });
         assert_eq!(rx.await.unwrap(), here);

@@ -161,7 +161,9 @@ impl SecretStore {
         })
     }
 
-    fn cached(&self, role: &str) -> Option<Option<Secret>> {
+    /// The secret of `role` if it is known without asking a node: cached,
+    /// or (secrets from a file) known to be absent.
+    pub fn cached(&self, role: &str) -> Option<Option<Secret>> {
         let cache = self.lock();
         match (&self.source, cache.get(role)) {
             (_, Some(known)) => Some(known.clone()),

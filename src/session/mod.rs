@@ -35,12 +35,14 @@ pub mod stream;
 #[cfg(test)]
 mod test_support;
 
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use crate::backend_tls::BackendStream;
@@ -51,6 +53,7 @@ use crate::protocol::messages::{Severity, TxStatus};
 use crate::protocol::sqlstate;
 use crate::protocol::startup::StartupMessage;
 use crate::shared::Shared;
+use crate::workers::Accepted;
 use error::{AdmitError, AuthError, ClientError, ConnectError, SessionError};
 use handshake::Hello;
 use mobility::Mobility;
@@ -61,33 +64,60 @@ use tokio_util::either::Either;
 /// PostgreSQL's default `authentication_timeout`.
 pub(crate) const AUTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Serves one accepted connection. `admitted` is false when a connection
-/// limit was hit: the client then gets 53300 after its startup packet.
-pub async fn serve(
+/// What an accepted client holds while its session lives.
+pub struct Admission {
+    /// The listener's position in the config (its sessions gauge).
+    pub listener_index: usize,
+    /// Its connection slots, the listener's and the global one; `None`
+    /// when a limit was hit: the client then gets 53300 after its startup
+    /// packet. Released when the session ends.
+    pub slots: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+}
+
+/// Serves one accepted connection, in the session's tracing span.
+///
+/// Not an `async fn`: the span is made here, and the session's future is
+/// the instrumented [`run`] alone, with no outer state machine keeping the
+/// arguments a second time (an idle session's task is sized by it).
+pub fn serve(
     shared: Arc<Shared>,
     listener: Arc<ListenerSettings>,
-    tcp: TcpStream,
+    accepted: Accepted,
     peer: SocketAddr,
-    admitted: bool,
-) {
+    admission: Admission,
+) -> impl Future<Output = ()> + Send + 'static {
     let id = shared.next_session_id();
     let span = tracing::info_span!("session", id, client = %peer, listener = %listener.address, node = tracing::field::Empty);
-    async move {
-        let _active = shared.metrics.sessions_active.track();
-        // Two steps one after the other, the first boxed: an idle
-        // session's task is sized by the relaying step alone (plus what
-        // the login handed it). Matched by reference: a binding by value
-        // would be a second copy in the task.
-        let mut logged_in = Box::pin(log_in(&shared, &listener, tcp, admitted)).await;
-        match &mut logged_in {
-            Ok(Some(session)) => session.relay(&shared, &listener).await,
-            Ok(None) => {}
-            Err(e) if e.is_client_gone() => tracing::debug!("{e}"),
-            Err(e) => tracing::info!(kind = e.as_label(), "session failed: {e}"),
+    run(shared, listener, accepted, admission).instrument(span)
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    listener: Arc<ListenerSettings>,
+    accepted: Accepted,
+    admission: Admission,
+) {
+    let _open = shared.listener_sessions[admission.listener_index].track();
+    let _active = shared.metrics.sessions_active.track();
+    let (tcp, _placed) = match accepted.into_stream() {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot register a connection on its worker");
+            return;
         }
+    };
+    let admitted = admission.slots.is_some();
+    // Two steps one after the other, the first boxed: an idle session's
+    // task is sized by the relaying step alone (plus what the login handed
+    // it). Matched by reference: a binding by value would be a second copy
+    // in the task.
+    let mut logged_in = Box::pin(log_in(&shared, &listener, tcp, admitted)).await;
+    match &mut logged_in {
+        Ok(Some(session)) => session.relay(&shared, &listener).await,
+        Ok(None) => {}
+        Err(e) if e.is_client_gone() => tracing::debug!("{e}"),
+        Err(e) => tracing::info!(kind = e.as_label(), "session failed: {e}"),
     }
-    .instrument(span)
-    .await
 }
 
 /// A session past its login, as the relay takes it over.
@@ -470,6 +500,12 @@ fn mobility_for(
     let role = startup.param("user").unwrap_or_default().to_string();
     match login {
         Login::Md5 | Login::Scram(_) => {
+            // Known already (a role's sessions come again and again): no
+            // task, whose few KiB would come and go in every login.
+            if let Some(secret) = store.cached(&role) {
+                settle(&shared.metrics, &slot, &role, &login, secret.as_ref());
+                return Some(mobility);
+            }
             let primary = shared
                 .topology
                 .load()
@@ -500,12 +536,7 @@ fn mobility_for(
                     }
                     _ => None,
                 };
-                let credential = credentials::credential_for(&login, secret.as_ref());
-                match &credential {
-                    Some(_) => metrics.moves.with_credential.inc(),
-                    None => no_credential(&metrics, &role),
-                }
-                let _ = slot.set(credential);
+                settle(&metrics, &slot, &role, &login, secret.as_ref());
             });
         }
         Login::Other => {
@@ -518,6 +549,23 @@ fn mobility_for(
         }
     }
     Some(mobility)
+}
+
+/// Derives the session's credential from its login and the role's
+/// `secret`, counts it, and makes it the session's.
+fn settle(
+    metrics: &crate::metrics::Metrics,
+    slot: &OnceLock<Option<credentials::Credential>>,
+    role: &str,
+    login: &Login,
+    secret: Option<&credentials::Secret>,
+) {
+    let credential = credentials::credential_for(login, secret);
+    match &credential {
+        Some(_) => metrics.moves.with_credential.inc(),
+        None => no_credential(metrics, role),
+    }
+    let _ = slot.set(credential);
 }
 
 /// Counts and logs a session whose role cannot log in again.
