@@ -100,10 +100,10 @@ impl Latency {
 
 impl Latency {
     /// Records a batch under one lock.
-    pub fn record_all(&self, micros: &[u64]) {
+    pub fn record_all(&self, micros: &[u32]) {
         let mut h = self.0.lock().unwrap_or_else(|e| e.into_inner());
         for &m in micros {
-            let _ = h.record(m.clamp(1, 3_600_000_000));
+            let _ = h.record(u64::from(m).clamp(1, 3_600_000_000));
         }
     }
 }
@@ -145,32 +145,41 @@ impl Drop for LocalCounter<'_> {
 
 /// A session's latency samples, recorded into a shared histogram in batches
 /// (one lock per batch rather than per round trip).
+///
+/// The batch is inline, not a `Vec`: it lives as long as the session, and
+/// a small allocation made while relaying would stay among the relay's
+/// buffers after they are freed, holding the heap apart.
 pub struct LocalLatency<'a> {
     shared: &'a Latency,
-    micros: Vec<u64>,
+    /// µs, saturated at `u32::MAX` (71 minutes; the histogram stops at 60).
+    micros: [u32; LATENCY_BATCH],
+    len: usize,
 }
 
-impl<'a> LocalLatency<'a> {
-    const BATCH: usize = 64;
+/// Round trips a session records before taking the histogram's lock.
+const LATENCY_BATCH: usize = 16;
 
+impl<'a> LocalLatency<'a> {
     pub fn new(shared: &'a Latency) -> Self {
         LocalLatency {
             shared,
-            micros: Vec::new(),
+            micros: [0; LATENCY_BATCH],
+            len: 0,
         }
     }
 
     pub fn record(&mut self, d: Duration) {
-        self.micros.push(d.as_micros() as u64);
-        if self.micros.len() >= Self::BATCH {
+        self.micros[self.len] = u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+        self.len += 1;
+        if self.len == LATENCY_BATCH {
             self.flush();
         }
     }
 
     fn flush(&mut self) {
-        if !self.micros.is_empty() {
-            self.shared.record_all(&self.micros);
-            self.micros.clear();
+        if self.len > 0 {
+            self.shared.record_all(&self.micros[..self.len]);
+            self.len = 0;
         }
     }
 }

@@ -249,14 +249,17 @@ where
         },
     };
     loop {
+        // A session starts parked too (after its login, or a move, it is at
+        // an idle point): a pooled connection that waits long for its first
+        // query holds no run meanwhile. Bytes held (a paused query, the
+        // query a move held) go to a run at once.
+        if from_client.pending().is_empty() {
+            wait_parked(cr, br, ctx.signals).await;
+        }
         let ran = Box::pin(relay_once(cr, cw, br, bw, ctx, from_client, &mut run)).await;
         match ran {
             Ran::Parked(status) => run.status = status,
             Ran::Ended(end) => return end,
-        }
-        // Bytes held (a paused query) go to the next run at once.
-        if from_client.pending().is_empty() {
-            wait_parked(cr, br, ctx.signals).await;
         }
     }
 }

@@ -24,12 +24,14 @@
 //! common `SELECT …` is one byte scan and no allocation, and a text this
 //! thread saw lately is not scanned again (`recent`).
 
+mod awaiting;
 mod recent;
 pub mod sql;
 
 use std::collections::{BTreeSet, VecDeque};
 
 use crate::protocol::messages::TxStatus;
+use awaiting::Awaiting;
 use recent::scan_words_recent;
 use sql::Token;
 
@@ -120,7 +122,7 @@ pub struct Tracker {
     /// Per message that a ReadyForQuery will close (Query, Sync,
     /// FunctionCall), in the order sent. Clients pipeline, so several may
     /// wait.
-    awaiting: VecDeque<Unit>,
+    awaiting: Awaiting<Unit>,
     /// The unnamed Parse messages since the last Sync may commit.
     parsed_commit: bool,
     /// Some named prepared statement may commit (so may any Sync unit that
