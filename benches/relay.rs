@@ -107,6 +107,8 @@ mod fleet;
 mod knobs;
 #[path = "common/memory.rs"]
 mod memory;
+#[path = "common/tls_client.rs"]
+mod tls_client;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -66,10 +66,14 @@ mod knobs;
 #[allow(dead_code)]
 #[path = "common/fleet.rs"]
 mod fleet;
+// The fleet's TLS targets need it; the soak runs plaintext.
 #[path = "common/soak_load.rs"]
 mod soak_load;
 #[path = "common/soak_probe.rs"]
 mod soak_probe;
+#[allow(dead_code)]
+#[path = "common/tls_client.rs"]
+mod tls_client;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -8,6 +8,7 @@ use std::os::unix::fs::chown;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -18,6 +19,8 @@ use tokio_postgres::{Client, NoTls};
 use pgpivot::config::FileConfig;
 use pgpivot::localcluster::{free_port, LocalCluster, PASSWORD, SUPERUSER};
 use pgpivot::proxy::Proxy;
+
+use super::tls_client::{RustlsConnect, SelfSigned};
 
 /// How long a started proxy gets to answer its first query.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -90,6 +93,9 @@ pub struct Target {
     pub port: u16,
     /// The proxy's own process, when it runs as a child of the bench.
     pub pid: Option<u32>,
+    /// Clients connect over TLS (`sslmode=require`) trusting this config's
+    /// roots; plaintext when `None`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Target {
@@ -106,10 +112,20 @@ impl Target {
             host: host.to_owned(),
             port,
             pid: None,
+            tls: None,
             conn_string: format!(
                 "host={host} port={port} user={SUPERUSER} password={PASSWORD} dbname=postgres"
             ),
         }
+    }
+
+    /// A target on `127.0.0.1:port` whose clients require TLS, trusting
+    /// `client`'s roots.
+    pub fn local_tls(name: &str, port: u16, client: Arc<rustls::ClientConfig>) -> Target {
+        let mut target = Target::local(name, port);
+        target.conn_string.push_str(" sslmode=require");
+        target.tls = Some(client);
+        target
     }
 
     /// The primary itself.
@@ -126,12 +142,24 @@ impl Target {
 
     /// A new connection, its driver task spawned on the runtime.
     pub async fn connect(&self) -> anyhow::Result<Client> {
-        let (client, connection) = tokio_postgres::connect(&self.conn_string, NoTls)
-            .await
-            .with_context(|| format!("cannot connect to {}", self.name))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        let context = || format!("cannot connect to {}", self.name);
+        let client = match &self.tls {
+            None => {
+                let (client, connection) = tokio_postgres::connect(&self.conn_string, NoTls)
+                    .await
+                    .with_context(context)?;
+                tokio::spawn(connection);
+                client
+            }
+            Some(config) => {
+                let tls = RustlsConnect(config.clone());
+                let (client, connection) = tokio_postgres::connect(&self.conn_string, tls)
+                    .await
+                    .with_context(context)?;
+                tokio::spawn(connection);
+                client
+            }
+        };
         Ok(client)
     }
 }
@@ -448,8 +476,34 @@ pub fn start_pgbouncer(
     cluster: &LocalCluster,
     clients: usize,
 ) -> anyhow::Result<(u16, Peer)> {
+    start_pgbouncer_tls(binary, cluster, clients, None)
+}
+
+/// Like [`start_pgbouncer`]; with `tls`, clients must use TLS
+/// (`client_tls_sslmode = require`) with that certificate.
+pub fn start_pgbouncer_tls(
+    binary: &Path,
+    cluster: &LocalCluster,
+    clients: usize,
+    tls: Option<&SelfSigned>,
+) -> anyhow::Result<(u16, Peer)> {
     let port = free_port();
     let dir = TempDir::with_prefix("pgpivot-bench-pgbouncer-")?;
+    // PgBouncer runs unprivileged: its copies of the files, in its own
+    // directory.
+    let tls_ini = match tls {
+        None => String::new(),
+        Some(tls) => {
+            let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+            fs::copy(&tls.cert, &cert)?;
+            fs::copy(&tls.key, &key)?;
+            format!(
+                "client_tls_sslmode = require\nclient_tls_cert_file = {}\nclient_tls_key_file = {}\n",
+                cert.display(),
+                key.display()
+            )
+        }
+    };
     let userlist = dir.path().join("userlist.txt");
     fs::write(&userlist, format!("\"{SUPERUSER}\" \"{PASSWORD}\"\n"))?;
     let ini = dir.path().join("pgbouncer.ini");
@@ -470,7 +524,8 @@ pub fn start_pgbouncer(
              pool_mode = session\n\
              max_client_conn = {max_client}\n\
              default_pool_size = {pool}\n\
-             ignore_startup_parameters = extra_float_digits,options\n",
+             ignore_startup_parameters = extra_float_digits,options\n\
+             {tls_ini}",
             primary = cluster.node(0).port,
             userlist = userlist.display(),
             max_client = pool * 2,

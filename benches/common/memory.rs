@@ -2,9 +2,10 @@
 //! memory, at 1,000 sessions.
 //!
 //! Each target is started afresh for this case (a pgpivot process per
-//! `--runtimes` entry, then HAProxy and PgBouncer when installed, PgBouncer
-//! last since it keeps its server connections), so no earlier case's peak
-//! stays in its heap. The case reads the proxy's `VmRSS` (`/proc/PID/status`):
+//! `--runtimes` entry, the first runtime again with `[tls]` and clients that
+//! require TLS, then HAProxy and PgBouncer when installed, PgBouncer last
+//! since it keeps its server connections, plaintext and with TLS for its
+//! clients), so no earlier case's peak stays in its heap. The case reads the proxy's `VmRSS` (`/proc/PID/status`):
 //!
 //! * `start`: once it has answered one `select 1` and that client left;
 //! * `idle`: with N sessions (default 1,000) open, each authenticated and
@@ -16,8 +17,8 @@
 //!
 //! Per session is (reading − start) / N, in KiB, of `VmRSS` and of its
 //! anonymous part `RssAnon` (heap and stacks: what sessions hold; the rest
-//! is the program's code pages, resident once a code path ran). Sessions connect 16 at a
-//! time. The cluster gets `max_connections` for N sessions (see the relay
+//! is the program's code pages, resident once a code path ran). Sessions
+//! connect 16 at a time. The cluster gets `max_connections` for N sessions (see the relay
 //! bench's `main`); after each target the case waits until its backends
 //! (its monitor's, PgBouncer's pool) are gone.
 
@@ -31,9 +32,10 @@ use tokio_postgres::Client;
 use pgpivot::localcluster::LocalCluster;
 
 use super::fleet::{
-    find_or_install, start_haproxy, start_pgbouncer, start_pgpivot_process, Peer, RuntimeChoice,
-    Target, READY_TIMEOUT,
+    find_or_install, start_haproxy, start_pgbouncer_tls, start_pgpivot_process, Peer,
+    RuntimeChoice, Target, READY_TIMEOUT,
 };
+use super::tls_client::SelfSigned;
 
 /// Sessions connecting (and querying) at once.
 const PARALLEL: usize = 16;
@@ -166,13 +168,17 @@ async fn measure(target: &Target, pid: u32, p: &MemoryParams) -> anyhow::Result<
 async fn run_target(
     name: String,
     started: anyhow::Result<(u16, Peer)>,
+    tls: Option<&SelfSigned>,
     direct: &Client,
     base: i64,
     p: &MemoryParams,
 ) -> (String, anyhow::Result<MemoryResult>) {
     let outcome = async {
         let (port, mut peer) = started?;
-        let target = Target::local(&name, port);
+        let target = match tls {
+            None => Target::local(&name, port),
+            Some(tls) => Target::local_tls(&name, port, tls.client.clone()),
+        };
         peer.wait_ready(&target, READY_TIMEOUT).await?;
         let result = measure(&target, peer.child.id(), p).await;
         drop(peer);
@@ -196,20 +202,34 @@ pub async fn memory_case(
 ) -> anyhow::Result<Vec<(String, anyhow::Result<MemoryResult>)>> {
     let direct = Target::direct(cluster).connect().await?;
     let base = backends(&direct).await?;
+    let tls = SelfSigned::new()?;
     let mut results = Vec::new();
     for runtime in runtimes {
         let started = start_pgpivot_process(binary, cluster, &runtime.toml());
-        results.push(run_target(runtime.name(), started, &direct, base, p).await);
+        results.push(run_target(runtime.name(), started, None, &direct, base, p).await);
+    }
+    // Most drivers use TLS whenever the server offers it.
+    if let Some(runtime) = runtimes.first() {
+        let name = format!("{}, TLS", runtime.name());
+        let config = runtime.toml() + &tls.pgpivot_toml();
+        let started = start_pgpivot_process(binary, cluster, &config);
+        results.push(run_target(name, started, Some(&tls), &direct, base, p).await);
     }
     let tools = find_or_install(&["pgbouncer", "haproxy"], notes);
     if let Some(bin) = &tools[1] {
         let started = start_haproxy(bin, cluster);
-        results.push(run_target("haproxy (tcp)".into(), started, &direct, base, p).await);
+        results.push(run_target("haproxy (tcp)".into(), started, None, &direct, base, p).await);
     }
     if let Some(bin) = &tools[0] {
         // Last: in session mode it keeps its server connections.
-        let started = start_pgbouncer(bin, cluster, p.sessions);
-        results.push(run_target("pgbouncer (session)".into(), started, &direct, base, p).await);
+        for tls in [None, Some(&tls)] {
+            let name = match tls {
+                None => "pgbouncer (session)",
+                Some(_) => "pgbouncer (session), TLS",
+            };
+            let started = start_pgbouncer_tls(bin, cluster, p.sessions, tls);
+            results.push(run_target(name.into(), started, tls, &direct, base, p).await);
+        }
     }
     Ok(results)
 }
