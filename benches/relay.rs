@@ -55,9 +55,10 @@
 //!   user-space instructions per transaction and per connection opened
 //!   (two pgbench `-t` windows of one process; see `common/callgrind.rs`).
 //!   Skipped with a note when valgrind is missing.
-//! * **memory**: resident memory (`VmRSS`) per idle session of a fresh
-//!   process of every target at 1,000 sessions, and after each of them ran a
-//!   1 MiB result and went idle again (see `common/memory.rs`).
+//! * **memory**: resident memory (`VmRSS`, and its anonymous part) per idle
+//!   session of a fresh process of every target at 1,000 sessions, and after
+//!   each of them ran a 1 MiB result and went idle again; pgpivot and
+//!   PgBouncer also with TLS clients (see `common/memory.rs`).
 //!
 //! How to read the tables: `tps/direct` below 1 is the throughput a hop
 //! costs; `p50/direct` and `p99/direct` above 1 are the latency it adds.
