@@ -217,7 +217,6 @@ impl Drop for Worker {
     }
 }
 
-/// Counts one session on a worker until dropped.
 /// An accepted connection on its way to the thread its session runs on.
 pub struct Accepted {
     socket: Socket,
@@ -250,6 +249,7 @@ pub struct Placed {
     _load: Option<LoadGuard>,
 }
 
+/// Counts one session on a worker until dropped.
 struct LoadGuard(Arc<AtomicUsize>);
 
 impl LoadGuard {

@@ -91,6 +91,7 @@ pub fn serve(
     run(shared, listener, accepted, admission).instrument(span)
 }
 
+/// The session itself, from registering its socket to its end.
 async fn run(
     shared: Arc<Shared>,
     listener: Arc<ListenerSettings>,
