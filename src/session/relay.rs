@@ -544,17 +544,17 @@ where
     };
     let mut reader = ReadBuffer::new();
     // An immediate end waiting for the current message to finish.
-    let mut ending: Option<(EndReason, tokio::time::Instant)> = None;
-    let mut at_idle: Option<EndReason> = None;
+    let mut ending: Option<Due> = None;
+    let mut at_idle: Option<Box<EndReason>> = None;
     // A move due once the session is quiet, and when to give up waiting.
-    let mut moving: Option<(EndReason, tokio::time::Instant)> = None;
+    let mut moving: Option<Due> = None;
     let mut last_fatal = false;
     let signals = ctx.signals;
     loop {
         if state.is_idle() && framer.at_boundary() {
             reader.idle();
         }
-        let grace = ending.as_ref().or(moving.as_ref()).map(|(_, at)| *at);
+        let grace = ending.as_ref().or(moving.as_ref()).map(|due| due.1);
         // `biased` (no random draw per poll): an expired grace first, then
         // bytes, then signals. A goodbye that has arrived is acted on before
         // a topology signal raised about the same event (the goodbye says
@@ -563,14 +563,15 @@ where
         tokio::select! {
             biased;
             _ = sleep_until(grace) => {
-                if let Some((reason, _)) = ending.take() {
-                    return Box::pin(finish(cw, state, reason, false)).await;
+                if let Some(due) = ending.take() {
+                    return Box::pin(finish(cw, state, due.0, false)).await;
                 }
                 // The work in flight did not finish in time: end the session
                 // as one that cannot move.
-                let (reason, _) = moving.take().expect("grace only while ending or moving");
+                let mut due = moving.take().expect("grace only while ending or moving");
                 state.stop_forwarding.store(true, Ordering::Relaxed);
-                ending = Some((reason, tokio::time::Instant::now() + END_GRACE));
+                due.1 = tokio::time::Instant::now() + END_GRACE;
+                ending = Some(due);
             }
             read = reader.read_from(br) => match read {
                 Ok(0) | Err(_) => {
@@ -586,8 +587,8 @@ where
                     if !buf.is_empty() && send(cw, buf).await.is_err() {
                         return Outcome::ClientGone;
                     }
-                    if let Some((reason, _)) = ending.take() {
-                        return Box::pin(finish(cw, state, reason, framer.at_boundary() && buf.is_empty())).await;
+                    if let Some(due) = ending.take() {
+                        return Box::pin(finish(cw, state, due.0, framer.at_boundary() && buf.is_empty())).await;
                     }
                     return Outcome::BackendGone { said_why: last_fatal };
                 }
@@ -655,21 +656,21 @@ where
                 &mut at_idle,
             );
         }
-        if let Some((reason, _)) = ending.take_if(|_| at_boundary) {
-            return Box::pin(finish(cw, state, reason, true)).await;
+        if let Some(due) = ending.take_if(|_| at_boundary) {
+            return Box::pin(finish(cw, state, due.0, true)).await;
         }
         let quiet = at_boundary && buf.is_empty() && state.quiet();
-        if let Some((reason, _)) = moving.take_if(|_| quiet) {
-            return state.move_point(MoveCause::Ineligible(reason));
+        if let Some(due) = moving.take_if(|_| quiet) {
+            return state.move_point(MoveCause::Ineligible(due.0));
         }
         if let Some(reason) = at_idle.take_if(|_| at_boundary && state.is_idle()) {
-            if matches!(reason, EndReason::Lagging { .. }) && quiet && ctx.movable() {
+            if matches!(*reason, EndReason::Lagging { .. }) && quiet && ctx.movable() {
                 // Past its lag budget: a read session moves to a standby
                 // within it.
-                return state.move_point(MoveCause::Ineligible(reason));
+                return state.move_point(MoveCause::Ineligible(*reason));
             }
             state.stop_forwarding.store(true, Ordering::Relaxed);
-            return Box::pin(finish(cw, state, reason, true)).await;
+            return Box::pin(finish(cw, state, *reason, true)).await;
         }
         if parks && quiet && state.is_idle() {
             // Between transactions, nothing pending or due: the session can
@@ -680,26 +681,32 @@ where
     }
 }
 
+/// An end or move due, and the deadline of its grace. Boxed, as is an end
+/// due at idle: they are rare, and inline their reasons would add 150 bytes
+/// to the run, which is allocated anew for every transaction (boxed, the
+/// run stays within the size glibc serves from its per-thread cache).
+type Due = Box<(EndReason, tokio::time::Instant)>;
+
 /// Acts on a signal the session's watch raised: an end or move due now, or
 /// at the next idle point.
 fn on_signal(
     signal: Option<Signal>,
     state: &SessionState,
     ctx: &RelayContext<'_>,
-    ending: &mut Option<(EndReason, tokio::time::Instant)>,
-    moving: &mut Option<(EndReason, tokio::time::Instant)>,
-    at_idle: &mut Option<EndReason>,
+    ending: &mut Option<Due>,
+    moving: &mut Option<Due>,
+    at_idle: &mut Option<Box<EndReason>>,
 ) {
     match signal {
         Some(Signal::EndNow(reason)) if ending.is_none() && moving.is_none() && ctx.movable() => {
             state.moving.store(true, Ordering::Relaxed);
-            *moving = Some((reason, tokio::time::Instant::now() + MOVE_GRACE));
+            *moving = Some(Box::new((reason, tokio::time::Instant::now() + MOVE_GRACE)));
         }
         Some(Signal::EndNow(reason)) if ending.is_none() => {
             state.stop_forwarding.store(true, Ordering::Relaxed);
-            *ending = Some((reason, tokio::time::Instant::now() + END_GRACE));
+            *ending = Some(Box::new((reason, tokio::time::Instant::now() + END_GRACE)));
         }
-        Some(Signal::EndAtIdle(reason)) => *at_idle = Some(reason),
+        Some(Signal::EndAtIdle(reason)) => *at_idle = Some(Box::new(reason)),
         _ => {}
     }
 }
