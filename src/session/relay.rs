@@ -238,16 +238,7 @@ where
     BR: AsyncRead + WaitReadable + Unpin,
     BW: AsyncWrite + Unpin,
 {
-    let mut run = Run {
-        status: ctx.status,
-        epoch: Instant::now(),
-        parks: cr.waits() && br.waits(),
-        tally: Tally {
-            to_backend: LocalCounter::new(&ctx.metrics.bytes_from_clients),
-            to_client: LocalCounter::new(&ctx.metrics.bytes_to_clients),
-            round_trips: LocalLatency::new(&ctx.stats.round_trip),
-        },
-    };
+    let mut run = Run::new(ctx, cr.waits() && br.waits());
     loop {
         // A session starts parked too (after its login, or a move, it is at
         // an idle point): a pooled connection that waits long for its first
@@ -274,6 +265,21 @@ struct Run<'a> {
     /// Whether a run may park (both peers can wait without a buffer).
     parks: bool,
     tally: Tally<'a>,
+}
+
+impl<'a> Run<'a> {
+    fn new(ctx: &RelayContext<'a>, parks: bool) -> Run<'a> {
+        Run {
+            status: ctx.status,
+            epoch: Instant::now(),
+            parks,
+            tally: Tally {
+                to_backend: LocalCounter::new(&ctx.metrics.bytes_from_clients),
+                to_client: LocalCounter::new(&ctx.metrics.bytes_to_clients),
+                round_trips: LocalLatency::new(&ctx.stats.round_trip),
+            },
+        }
+    }
 }
 
 /// The relay's metric batches, kept across runs so that they still flush
