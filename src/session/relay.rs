@@ -549,18 +549,14 @@ where
         ),
     };
     let mut reader = ReadBuffer::new();
-    // An immediate end waiting for the current message to finish.
-    let mut ending: Option<Due> = None;
-    let mut at_idle: Option<Box<EndReason>> = None;
-    // A move due once the session is quiet, and when to give up waiting.
-    let mut moving: Option<Due> = None;
+    let mut orders = Orders::default();
     let mut last_fatal = false;
     let signals = ctx.signals;
     loop {
         if state.is_idle() && framer.at_boundary() {
             reader.idle();
         }
-        let grace = ending.as_ref().or(moving.as_ref()).map(|due| due.1);
+        let grace = orders.grace();
         // `biased` (no random draw per poll): an expired grace first, then
         // bytes, then signals. A goodbye that has arrived is acted on before
         // a topology signal raised about the same event (the goodbye says
@@ -569,21 +565,21 @@ where
         tokio::select! {
             biased;
             _ = sleep_until(grace) => {
-                if let Some(due) = ending.take() {
+                if let Some(due) = orders.ending.take() {
                     return Box::pin(finish(cw, state, due.0, false)).await;
                 }
                 // The work in flight did not finish in time: end the session
                 // as one that cannot move.
-                let mut due = moving.take().expect("grace only while ending or moving");
+                let mut due = orders.moving.take().expect("grace only while ending or moving");
                 state.stop_forwarding.store(true, Ordering::Relaxed);
                 due.1 = tokio::time::Instant::now() + END_GRACE;
-                ending = Some(due);
+                orders.ending = Some(due);
             }
             read = reader.read_from(br) => match read {
                 Ok(0) | Err(_) => {
                     let buf = &reader.bytes;
                     let repairable = buf.is_empty() && framer.at_boundary() && state.upstream_quiet();
-                    if repairable && ending.is_none() && !last_fatal && ctx.mobility.is_some() {
+                    if repairable && orders.ending.is_none() && !last_fatal && ctx.mobility.is_some() {
                         // Closed at a boundary both ways: the session may move,
                         // answering what was in flight itself (or, if it
                         // cannot move, be told why).
@@ -593,16 +589,14 @@ where
                     if !buf.is_empty() && send(cw, buf).await.is_err() {
                         return Outcome::ClientGone;
                     }
-                    if let Some(due) = ending.take() {
+                    if let Some(due) = orders.ending.take() {
                         return Box::pin(finish(cw, state, due.0, framer.at_boundary() && buf.is_empty())).await;
                     }
                     return Outcome::BackendGone { said_why: last_fatal };
                 }
                 Ok(_) => {}
             },
-            _ = signals.raised() => {
-                on_signal(signals.take(), state, ctx, &mut ending, &mut moving, &mut at_idle);
-            },
+            _ = signals.raised() => orders.take_signal(signals, state, ctx),
         }
         let buf = &mut reader.bytes;
         let mut pos = 0;
@@ -616,7 +610,7 @@ where
             if let Frame::Message { tag: t, body } = frame {
                 if ctx.mobility.is_some()
                     && is_goodbye(t, body)
-                    && ending.is_none()
+                    && orders.ending.is_none()
                     && state.upstream_quiet()
                 {
                     // The server is going (shutdown, crash): the signal to
@@ -653,23 +647,16 @@ where
         let at_boundary = framer.at_boundary();
         state.client_clean.store(at_boundary, Ordering::Relaxed);
         if signals.pending() {
-            on_signal(
-                signals.take(),
-                state,
-                ctx,
-                &mut ending,
-                &mut moving,
-                &mut at_idle,
-            );
+            orders.take_signal(signals, state, ctx);
         }
-        if let Some(due) = ending.take_if(|_| at_boundary) {
+        if let Some(due) = orders.ending.take_if(|_| at_boundary) {
             return Box::pin(finish(cw, state, due.0, true)).await;
         }
         let quiet = at_boundary && buf.is_empty() && state.quiet();
-        if let Some(due) = moving.take_if(|_| quiet) {
+        if let Some(due) = orders.moving.take_if(|_| quiet) {
             return state.move_point(MoveCause::Ineligible(due.0));
         }
-        if let Some(reason) = at_idle.take_if(|_| at_boundary && state.is_idle()) {
+        if let Some(reason) = orders.at_idle.take_if(|_| at_boundary && state.is_idle()) {
             if matches!(*reason, EndReason::Lagging { .. }) && quiet && ctx.movable() {
                 // Past its lag budget: a read session moves to a standby
                 // within it.
@@ -687,33 +674,50 @@ where
     }
 }
 
-/// An end or move due, and the deadline of its grace. Boxed, as is an end
-/// due at idle: they are rare, and inline their reasons would add 150 bytes
-/// to the run, which is allocated anew for every transaction (boxed, the
-/// run stays within the size glibc serves from its per-thread cache).
+/// What the session's signals ordered the backend direction to do. Each
+/// order is boxed: they are rare, and inline their reasons would add 150
+/// bytes to the run, which is allocated anew for every transaction (boxed,
+/// the run stays within the size glibc serves from its per-thread cache).
+#[derive(Default)]
+struct Orders {
+    /// An immediate end, waiting for the current message to finish.
+    ending: Option<Due>,
+    /// A move due once the session is quiet.
+    moving: Option<Due>,
+    /// An end at the next idle point.
+    at_idle: Option<Box<EndReason>>,
+}
+
+/// An end or move due, and the deadline of its grace.
 type Due = Box<(EndReason, tokio::time::Instant)>;
 
-/// Acts on a signal the session's watch raised: an end or move due now, or
-/// at the next idle point.
-fn on_signal(
-    signal: Option<Signal>,
-    state: &SessionState,
-    ctx: &RelayContext<'_>,
-    ending: &mut Option<Due>,
-    moving: &mut Option<Due>,
-    at_idle: &mut Option<Box<EndReason>>,
-) {
-    match signal {
-        Some(Signal::EndNow(reason)) if ending.is_none() && moving.is_none() && ctx.movable() => {
-            state.moving.store(true, Ordering::Relaxed);
-            *moving = Some(Box::new((reason, tokio::time::Instant::now() + MOVE_GRACE)));
+impl Orders {
+    /// When the grace of an end (else of a move) runs out.
+    fn grace(&self) -> Option<tokio::time::Instant> {
+        self.ending
+            .as_ref()
+            .or(self.moving.as_ref())
+            .map(|due| due.1)
+    }
+
+    /// Takes the signal the session's watch raised, if any: an end or move
+    /// due now, or an end at the next idle point.
+    fn take_signal(&mut self, signals: &Signals, state: &SessionState, ctx: &RelayContext<'_>) {
+        let grace = |period| tokio::time::Instant::now() + period;
+        match signals.take() {
+            Some(Signal::EndNow(reason))
+                if self.ending.is_none() && self.moving.is_none() && ctx.movable() =>
+            {
+                state.moving.store(true, Ordering::Relaxed);
+                self.moving = Some(Box::new((reason, grace(MOVE_GRACE))));
+            }
+            Some(Signal::EndNow(reason)) if self.ending.is_none() => {
+                state.stop_forwarding.store(true, Ordering::Relaxed);
+                self.ending = Some(Box::new((reason, grace(END_GRACE))));
+            }
+            Some(Signal::EndAtIdle(reason)) => self.at_idle = Some(Box::new(reason)),
+            _ => {}
         }
-        Some(Signal::EndNow(reason)) if ending.is_none() => {
-            state.stop_forwarding.store(true, Ordering::Relaxed);
-            *ending = Some(Box::new((reason, tokio::time::Instant::now() + END_GRACE)));
-        }
-        Some(Signal::EndAtIdle(reason)) => *at_idle = Some(Box::new(reason)),
-        _ => {}
     }
 }
 
