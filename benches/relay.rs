@@ -21,8 +21,11 @@
 //! * `direct`: the primary itself, the baseline.
 //! * `direct (unix)`: the primary over its Unix socket (the baseline a
 //!   client on the database host has).
-//! * `pgpivot FLAVOR xN`: the `pgpivot` binary that cargo built next to this
-//!   bench, as a child process with a generated TOML config (a process of
+//! * `pgpivot FLAVOR xN`: the `pgpivot` binary as `cargo build --release`
+//!   makes it (the bench builds it in `target/shipped` first: the binary
+//!   cargo builds beside a bench has the dev-dependencies' features, tokio's
+//!   `test-util` among them, which costs about 2 % more instructions), as a
+//!   child process with a generated TOML config (a process of
 //!   its own, like PgBouncer and HAProxy), once per `--runtimes` entry
 //!   (`[runtime] flavor` and `workers`), so the runtimes are compared in one
 //!   run, in the same interleaved rounds.
@@ -51,10 +54,12 @@
 //!   with `perf stat -e raw_syscalls:sys_enter -p PID` attached, its
 //!   syscalls; medians, with ratios to PgBouncer's. The method of
 //!   `shared/tools/cost.sh`; see `common/cost.rs`.
-//! * **callgrind**: the `pgpivot` binary under `valgrind --tool=callgrind`,
-//!   user-space instructions per transaction and per connection opened
-//!   (two pgbench `-t` windows of one process; see `common/callgrind.rs`).
-//!   Skipped with a note when valgrind is missing.
+//! * **callgrind**: pgpivot (also with `move_sessions` off), PgBouncer and
+//!   HAProxy under `valgrind --tool=callgrind`, user-space instructions per
+//!   transaction and per connection opened, with ratios to PgBouncer's
+//!   (pgbench `-t` windows, each in a fresh process; see
+//!   `common/callgrind.rs`). Repeatable where CPU time is not, but blind to
+//!   the kernel's share. Skipped with a note when valgrind is missing.
 //! * **memory**: resident memory (`VmRSS`, and its anonymous part) per idle
 //!   session of a fresh process of every target at 1,000 sessions, and after
 //!   each of them ran a 1 MiB result and went idle again; pgpivot and
@@ -78,15 +83,17 @@
 //! | `--cost-seconds` | `RELAY_BENCH_SECS` | 10 | cost case: pgbench `-T` per round |
 //! | `--rounds` | `RELAY_BENCH_ROUNDS` | 3 | cost case: interleaved rounds |
 //! | `--callgrind-tx` | `RELAY_BENCH_CALLGRIND_TX` | 2500 | callgrind: tx per client (2 clients) of the big window; 0 skips |
-//! | `--callgrind-keep` | | | callgrind: copy the big window's dumps into this directory |
+//! | `--callgrind-keep` | | | callgrind: copy every window's dump into this directory |
+//! | `--pgpivot-binary` | `RELAY_BENCH_PGPIVOT` | built in `target/shipped` | the pgpivot binary measured (e.g. another commit's, to compare) |
 //! | `--memory-sessions` | `RELAY_BENCH_MEMORY_SESSIONS` | 1000 | memory: sessions held open at once |
 //! | `--cases` | `RELAY_BENCH_CASES` | select,bulk,cost,callgrind,memory | which cases run |
 //! | `--runtimes` | `RELAY_BENCH_RUNTIMES` | per-core,multi-thread,per-core:1 | pgpivot `[runtime]`s, `flavor[:workers]`, one target each |
 //! | `--no-syscalls` | | | cost case without the perf pass |
 //! | `--pgpivot` | | process | process, in-process or both |
 //!
-//! The default run takes about 6 minutes on 2 cores (cost ≈ 4 min with
-//! three runtimes, callgrind ≈ 20 s, memory ≈ 1 min).
+//! The default run takes about 11 minutes on 2 cores (cost ≈ 4 min with
+//! three runtimes, callgrind ≈ 1 min, memory ≈ 1.5 min), plus about 2 min
+//! the first time to build the shipped binary.
 //!
 //! ```text
 //! cargo bench --bench relay
@@ -111,7 +118,7 @@ mod memory;
 #[path = "common/tls_client.rs"]
 mod tls_client;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -122,7 +129,7 @@ use tokio_postgres::{Client, Statement};
 use pgpivot::localcluster::{ClusterOptions, LocalCluster};
 
 use bulk::{bulk_case, print_bulk};
-use callgrind::{callgrind_case, print_callgrind, CallgrindParams};
+use callgrind::{callgrind_cases, print_callgrind, CallgrindParams};
 use cost::{cost_case, pgbench_init, print_cost, CostParams};
 use fleet::{Fleet, PgpivotMode, RuntimeChoice, Target};
 use memory::{memory_case, print_memory, MemoryParams};
@@ -163,7 +170,7 @@ struct Options {
     /// the case [env: RELAY_BENCH_CALLGRIND_TX] [default: 2500].
     #[arg(long)]
     callgrind_tx: Option<u64>,
-    /// Callgrind case: keep the big window's dumps in this directory, for
+    /// Callgrind case: keep every window's dump in this directory, for
     /// `callgrind_annotate`.
     #[arg(long)]
     callgrind_keep: Option<PathBuf>,
@@ -185,6 +192,10 @@ struct Options {
     /// [default: per-core,multi-thread,per-core:1].
     #[arg(long, value_delimiter = ',')]
     runtimes: Vec<RuntimeChoice>,
+    /// The `pgpivot` binary to measure [env: RELAY_BENCH_PGPIVOT]
+    /// [default: built as `cargo build --release` does, in target/shipped].
+    #[arg(long)]
+    pgpivot_binary: Option<PathBuf>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -199,7 +210,7 @@ enum Case {
     Bulk,
     /// CPU per transaction at a fixed rate.
     Cost,
-    /// pgpivot's instructions per transaction under callgrind.
+    /// Each proxy's instructions per transaction under callgrind.
     Callgrind,
     /// Resident memory per idle session at 1,000 sessions.
     Memory,
@@ -209,6 +220,7 @@ enum Case {
 #[derive(Debug)]
 struct Config {
     clients: usize,
+    binary: PathBuf,
     measured: Duration,
     pgpivot: PgpivotMode,
     runtimes: Vec<RuntimeChoice>,
@@ -265,8 +277,16 @@ impl Config {
         if callgrind_tx == 0 {
             cases.retain(|c| *c != Case::Callgrind);
         }
+        let binary = match opts
+            .pgpivot_binary
+            .or_else(|| std::env::var_os("RELAY_BENCH_PGPIVOT").map(PathBuf::from))
+        {
+            Some(path) => path,
+            None => fleet::shipped_binary()?,
+        };
         Ok(Config {
             clients,
+            binary,
             measured: Duration::from_secs(seconds),
             pgpivot: opts.pgpivot,
             runtimes,
@@ -479,7 +499,16 @@ async fn bench(cluster: &LocalCluster, cfg: &Config) -> anyhow::Result<()> {
         pgbench_init(cluster).await?;
     }
     let mut notes = Vec::new();
-    let fleet = Fleet::start(cluster, cfg.pgpivot, &cfg.runtimes, cfg.clients, &mut notes).await?;
+    let binary = cfg.binary.as_path();
+    let fleet = Fleet::start(
+        cluster,
+        binary,
+        cfg.pgpivot,
+        &cfg.runtimes,
+        cfg.clients,
+        &mut notes,
+    )
+    .await?;
     for note in &notes {
         eprintln!("note: {note}");
     }
@@ -499,21 +528,13 @@ async fn bench(cluster: &LocalCluster, cfg: &Config) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
-    let binary = Path::new(env!("CARGO_BIN_EXE_pgpivot"));
     // pgpivot as configured by default, and without session moves (no
     // state tracking): the difference is what tracking costs.
-    let mut callgrind = Vec::new();
-    if cfg.runs(Case::Callgrind) {
-        for (label, extra) in [
-            ("pgpivot", ""),
-            ("pgpivot (move_sessions off)", fleet::MOVES_OFF),
-        ] {
-            callgrind.push((
-                label,
-                callgrind_case(cluster, binary, &cfg.callgrind, label, extra).await,
-            ));
-        }
-    }
+    let callgrind = if cfg.runs(Case::Callgrind) {
+        callgrind_cases(cluster, binary, &cfg.callgrind, &mut notes).await
+    } else {
+        Vec::new()
+    };
     let memory = if cfg.runs(Case::Memory) {
         memory_case(cluster, binary, &cfg.runtimes, &cfg.memory, &mut notes).await?
     } else {
@@ -532,16 +553,9 @@ async fn bench(cluster: &LocalCluster, cfg: &Config) -> anyhow::Result<()> {
         println!();
         print_cost(targets, &cost, &cfg.cost);
     }
-    for (label, result) in &callgrind {
+    if !callgrind.is_empty() {
         println!();
-        print_callgrind(label, result, &cfg.callgrind);
-    }
-    if let [(_, Ok(on)), (_, Ok(off))] = &callgrind[..] {
-        println!(
-            "state tracking for moves: {:+.0} Ir/tx ({:+.1} %)",
-            on.ir_per_tx - off.ir_per_tx,
-            100.0 * (on.ir_per_tx / off.ir_per_tx - 1.0)
-        );
+        print_callgrind(&callgrind, &cfg.callgrind);
     }
     if !memory.is_empty() {
         println!();

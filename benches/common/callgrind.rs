@@ -1,20 +1,34 @@
-//! The relay bench's instruction count: the `pgpivot` binary under
-//! `valgrind --tool=callgrind`, user-space instructions (Ir) per
-//! transaction and per connection opened.
+//! The relay bench's instruction count: a proxy under
+//! `valgrind --tool=callgrind` (pgpivot, and PgBouncer and HAProxy when
+//! installed), user-space instructions (Ir) per transaction and per
+//! connection opened. Unlike CPU time, the count does not depend on what
+//! else the machine runs, so it compares the proxies' own code on a noisy
+//! machine; it leaves out the kernel's share of a hop (the socket calls),
+//! which the cost case's CPU time includes.
 //!
-//! One pgpivot process runs a warm-up, then three windows, each bracketed by
-//! `callgrind_control --zero` and `--dump`, of pgbench `-n -S -M extended`
-//! with a few clients: `-t N/5`, then `-t N` transactions per client, then
-//! `-t N/5 -C` (a new connection per transaction). The first two open the
-//! same connections, so the difference of their Ir over the difference of
-//! their transactions is the cost of a transaction alone (repeatable
-//! within a few %); the third's Ir per transaction minus that is the cost of
-//! opening a connection. The monitor polls once at start-up and then not
-//! again for the rest of the run (a 10 min interval), so it stays out of
-//! the windows.
+//! Each window is a fresh proxy process under valgrind that answers its
+//! first query, runs a warm-up of pgbench `-n -S -M extended` with a few
+//! clients, then the window, and exits on SIGTERM; its Ir are those of its
+//! whole life, from the dump callgrind writes at exit. The windows are
+//! `-t N/5`, `-t N` and `-t N/5 -C` transactions per client (the last with
+//! a new connection per transaction). Start-up, warm-up and exit are alike
+//! in all three, so the difference of the first two windows' Ir over the
+//! difference of their transactions is the cost of a transaction alone
+//! (repeatable within a few %), and the difference of the first and the
+//! third over the connections the third opened more is the cost of opening
+//! one (for PgBouncer that includes its own SCRAM exchange with the client;
+//! pgpivot and HAProxy leave authentication to the server). pgpivot's
+//! monitor polls once at start-up and then not again (a 10 min interval).
+//!
+//! Why whole processes, not `callgrind_control --zero` and `--dump` around
+//! each window of one process: PgBouncer, which runs as an unprivileged
+//! account, does not answer those (the dump never comes), and one method
+//! for every proxy keeps the figures comparable. A kept dump therefore
+//! holds start-up too: compare two windows' dumps function by function to
+//! see where a transaction's instructions go.
 
-use std::collections::HashSet;
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -25,10 +39,17 @@ use tempfile::TempDir;
 use pgpivot::localcluster::LocalCluster;
 
 use super::cost::pgbench;
-use super::fleet::{start_pgpivot_with, which, Target};
+use super::fleet::{
+    find_or_install, start_haproxy, start_pgbouncer, start_pgpivot_with, which, Peer, Target,
+    MOVES_OFF,
+};
 
 /// Monitor settings under valgrind: one poll at start-up, generous timeout.
 const MONITOR: &str = "interval_ms = 600000\ntimeout_ms = 30000\n";
+/// How long a proxy under valgrind gets to exit after SIGTERM.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The name of callgrind's dump.
+const DUMP: &str = "callgrind.out";
 /// How long pgpivot under valgrind gets to answer its first query.
 const READY: Duration = Duration::from_secs(120);
 
@@ -55,53 +76,58 @@ pub struct CallgrindResult {
     pub windows: Vec<(u64, u64)>,
 }
 
-/// Runs the case against pgpivot `binary`, its config given `extra` TOML.
+/// The proxy a callgrind case measures.
+#[derive(Clone, Copy)]
+pub enum Subject<'a> {
+    /// The `pgpivot` binary, its config given these extra TOML lines.
+    Pgpivot { binary: &'a Path, extra: &'a str },
+    /// The `pgbouncer` binary, in session mode (as in the other cases).
+    Pgbouncer(&'a Path),
+    /// The `haproxy` binary, in TCP mode.
+    Haproxy(&'a Path),
+}
+
+impl Subject<'_> {
+    /// Starts the proxy with `valgrind` as the program that runs it.
+    fn start(self, cluster: &LocalCluster, valgrind: Command) -> anyhow::Result<(u16, Peer)> {
+        let run = |binary: &Path| {
+            let mut cmd = valgrind;
+            cmd.arg(binary);
+            cmd
+        };
+        match self {
+            Subject::Pgpivot { binary, extra } => {
+                start_pgpivot_with(cluster, MONITOR, extra, |config| {
+                    let mut cmd = run(binary);
+                    cmd.arg("--config").arg(config);
+                    cmd
+                })
+            }
+            Subject::Pgbouncer(binary) => start_pgbouncer(run(binary), cluster, 0),
+            Subject::Haproxy(binary) => start_haproxy(run(binary), cluster),
+        }
+    }
+}
+
+/// Runs the case against `subject`: three processes, one window each.
 pub async fn callgrind_case(
     cluster: &LocalCluster,
-    binary: &Path,
+    subject: Subject<'_>,
     p: &CallgrindParams,
     label: &str,
-    extra: &str,
 ) -> anyhow::Result<CallgrindResult> {
-    let valgrind = which("valgrind").context("valgrind not installed (Debian: valgrind)")?;
-    let control = which("callgrind_control").context("callgrind_control not installed")?;
-    let out_dir = TempDir::with_prefix("pgpivot-bench-callgrind-")?;
-    let out_file = out_dir.path().join("callgrind.out");
-    let (port, mut peer) = start_pgpivot_with(cluster, MONITOR, extra, |config| {
-        let mut cmd = Command::new(&valgrind);
-        cmd.arg("--tool=callgrind")
-            .arg(format!("--callgrind-out-file={}", out_file.display()))
-            .arg(binary)
-            .arg("--config")
-            .arg(config);
-        cmd
-    })?;
-    let target = Target::local("pgpivot (callgrind)", port);
-    peer.wait_ready(&target, READY).await?;
-    let pid = peer.child.id();
-    let mut windows = Vec::new();
-    // Two windows on the same connections, then one opening a connection
-    // per transaction (pgbench -C).
     let small = (p.tx_per_client / 5).max(1);
-    // A warm-up window first, not measured: work still under way after
-    // start-up (the monitor's first polls, say) would otherwise land in the
-    // small window and skew the slope.
-    pgbench(cluster, "127.0.0.1", port, &window(p.clients, small, "")).await?;
-    let plans = [(small, ""), (p.tx_per_client, ""), (small, " -C")];
-    for (n, flags) in plans {
+    let mut windows = Vec::new();
+    for (n, flags) in [(small, ""), (p.tx_per_client, ""), (small, " -C")] {
         eprintln!(
-            "callgrind: {} clients x {n} transactions{flags} ...",
+            "callgrind: {label}: {} clients x {n} transactions{flags} ...",
             p.clients
         );
-        callgrind_control(&control, "--zero", pid)?;
-        let run = pgbench(cluster, "127.0.0.1", port, &window(p.clients, n, flags)).await?;
-        let before = dumps(out_dir.path())?;
-        callgrind_control(&control, "--dump", pid)?;
-        let dump = new_dump(out_dir.path(), &before)?;
-        windows.push((run.tx, total_ir(&dump)?));
-        if let (Some(keep), true) = (&p.keep, n == p.tx_per_client && flags.is_empty()) {
-            keep_dump(&dump, keep, label)?;
-        }
+        let keep = p
+            .keep
+            .as_deref()
+            .map(|dir| (dir, window_name(label, n, flags)));
+        windows.push(one_window(cluster, subject, p, (n, flags), keep).await?);
     }
     let [(tx1, ir1), (tx2, ir2), (tx3, ir3)] = windows[..] else {
         unreachable!("three windows")
@@ -109,13 +135,53 @@ pub async fn callgrind_case(
     if tx2 <= tx1 {
         bail!("the big window ran no more transactions ({tx2}) than the small one ({tx1})");
     }
-    let ir_per_tx = (ir2 as f64 - ir1 as f64) / (tx2 - tx1) as f64;
-    let ir_per_connection = ir3 as f64 / tx3 as f64 - ir_per_tx;
+    let connections = u64::from(p.clients);
+    if tx3 <= connections {
+        bail!(
+            "the -C window opened no more connections ({tx3}) than the small one ({connections})"
+        );
+    }
     Ok(CallgrindResult {
-        ir_per_tx,
-        ir_per_connection,
+        ir_per_tx: (ir2 as f64 - ir1 as f64) / (tx2 - tx1) as f64,
+        ir_per_connection: (ir3 as f64 - ir1 as f64) / (tx3 - connections) as f64,
         windows,
     })
+}
+
+/// Starts `subject` under callgrind, runs the warm-up and then pgbench's
+/// `(transactions per client, flags)` window, stops the process with
+/// SIGTERM and reads the Ir of its whole life from the dump it writes at
+/// exit. Returns (transactions of the window, Ir). With `keep`, the dump is
+/// copied to that directory under that name.
+async fn one_window(
+    cluster: &LocalCluster,
+    subject: Subject<'_>,
+    p: &CallgrindParams,
+    (n, flags): (u64, &str),
+    keep: Option<(&Path, String)>,
+) -> anyhow::Result<(u64, u64)> {
+    let valgrind = which("valgrind").context("valgrind not installed (Debian: valgrind)")?;
+    let out_dir = TempDir::with_prefix("pgpivot-bench-callgrind-")?;
+    // PgBouncer runs as an unprivileged account, and writes its dump here.
+    fs::set_permissions(out_dir.path(), fs::Permissions::from_mode(0o1777))?;
+    let dump = out_dir.path().join(DUMP);
+    let mut cmd = Command::new(&valgrind);
+    cmd.arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", dump.display()));
+    let (port, mut peer) = subject.start(cluster, cmd)?;
+    peer.wait_ready(&Target::local("callgrind", port), READY)
+        .await?;
+    // Work still under way after start-up (pgpivot's first monitor polls,
+    // say) lands in the warm-up of every window alike.
+    let warm_up = window(p.clients, (p.tx_per_client / 5).max(1), "");
+    pgbench(cluster, "127.0.0.1", port, &warm_up).await?;
+    let run = pgbench(cluster, "127.0.0.1", port, &window(p.clients, n, flags)).await?;
+    peer.terminate(EXIT_TIMEOUT).await?;
+    let ir = total_ir(&dump)?;
+    if let Some((dir, name)) = keep {
+        keep_dump(&dump, dir, &name)?;
+    }
+    Ok((run.tx, ir))
 }
 
 /// pgbench's arguments for a window of `n` transactions per client.
@@ -126,48 +192,19 @@ fn window(clients: u32, n: u64, flags: &str) -> Vec<String> {
         .collect()
 }
 
-/// Runs `callgrind_control ACTION PID`.
-fn callgrind_control(control: &Path, action: &str, pid: u32) -> anyhow::Result<()> {
-    let out = Command::new(control)
-        .arg(action)
-        .arg(pid.to_string())
-        .output()
-        .context("cannot run callgrind_control")?;
-    if !out.status.success() {
-        bail!(
-            "callgrind_control {action} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// The files in `dir`.
-fn dumps(dir: &Path) -> anyhow::Result<HashSet<PathBuf>> {
-    fs::read_dir(dir)?.map(|e| Ok(e?.path())).collect()
-}
-
-/// The one dump in `dir` that is not in `before`.
-fn new_dump(dir: &Path, before: &HashSet<PathBuf>) -> anyhow::Result<PathBuf> {
-    let mut new: Vec<PathBuf> = dumps(dir)?
-        .into_iter()
-        .filter(|p| !before.contains(p))
-        .collect();
-    match new.pop() {
-        Some(path) if new.is_empty() => Ok(path),
-        _ => bail!("expected one new callgrind dump, found {new:?}"),
-    }
-}
-
-/// Copies `dump` into the directory `keep` under a name made of `label`.
-fn keep_dump(dump: &Path, keep: &Path, label: &str) -> anyhow::Result<()> {
-    fs::create_dir_all(keep)?;
-    let name: String = label
+/// The file name a kept dump of `label`'s window gets.
+fn window_name(label: &str, n: u64, flags: &str) -> String {
+    let name: String = format!("{label} t{n}{flags}")
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
-    let to = keep.join(format!("callgrind.out.{name}"));
+    format!("{DUMP}.{name}")
+}
+
+/// Copies `dump` into the directory `keep` as `name`.
+fn keep_dump(dump: &Path, keep: &Path, name: &str) -> anyhow::Result<()> {
+    fs::create_dir_all(keep)?;
+    let to = keep.join(name);
     fs::copy(dump, &to).with_context(|| format!("cannot copy the dump to {}", to.display()))?;
     eprintln!("callgrind: kept {} (callgrind_annotate it)", to.display());
     Ok(())
@@ -187,28 +224,103 @@ fn total_ir(path: &Path) -> anyhow::Result<u64> {
         .with_context(|| format!("no summary in {}", path.display()))
 }
 
-/// Prints the callgrind line of the pgpivot deployment called `label`.
-pub fn print_callgrind(label: &str, result: &anyhow::Result<CallgrindResult>, p: &CallgrindParams) {
+/// Runs the case for pgpivot as configured by default, pgpivot without
+/// session moves (no state tracking: the difference is what tracking
+/// costs), and PgBouncer and HAProxy when installed (a note says when one
+/// is not).
+pub async fn callgrind_cases(
+    cluster: &LocalCluster,
+    pgpivot: &Path,
+    p: &CallgrindParams,
+    notes: &mut Vec<String>,
+) -> Vec<(&'static str, anyhow::Result<CallgrindResult>)> {
+    let tools = find_or_install(&["pgbouncer", "haproxy"], notes);
+    let mut subjects = vec![
+        (
+            PGPIVOT,
+            Subject::Pgpivot {
+                binary: pgpivot,
+                extra: "",
+            },
+        ),
+        (
+            "pgpivot (move_sessions off)",
+            Subject::Pgpivot {
+                binary: pgpivot,
+                extra: MOVES_OFF,
+            },
+        ),
+    ];
+    if let Some(bin) = &tools[0] {
+        subjects.push((PGBOUNCER, Subject::Pgbouncer(bin)));
+    }
+    if let Some(bin) = &tools[1] {
+        subjects.push(("haproxy (tcp)", Subject::Haproxy(bin)));
+    }
+    let mut results = Vec::new();
+    for (label, subject) in subjects {
+        results.push((label, callgrind_case(cluster, subject, p, label).await));
+    }
+    results
+}
+
+/// The label of pgpivot as configured by default.
+const PGPIVOT: &str = "pgpivot";
+/// The label of the row the ratios are to.
+const PGBOUNCER: &str = "pgbouncer (session)";
+
+/// Prints the callgrind table: per proxy, Ir per transaction and per
+/// connection opened, with ratios to PgBouncer's, then each run's windows.
+pub fn print_callgrind(results: &[(&str, anyhow::Result<CallgrindResult>)], p: &CallgrindParams) {
     println!(
-        "{label} under callgrind, pgbench -n -S -M extended -c {} -j 1: -t {small}, -t {}, -t {small} -C per client",
+        "callgrind: user-space instructions of the proxy process, pgbench -n -S -M extended -c {} -j 1: -t {small}, -t {}, -t {small} -C per client",
         p.clients,
         p.tx_per_client,
         small = (p.tx_per_client / 5).max(1)
     );
-    match result {
-        Ok(r) => {
+    let of = |label: &str| {
+        results
+            .iter()
+            .find(|(l, _)| *l == label)
+            .and_then(|(_, r)| r.as_ref().ok())
+    };
+    let base = of(PGBOUNCER);
+    let ratio = |v: f64, pick: fn(&CallgrindResult) -> f64| match base {
+        Some(b) => format!("{:.2}", v / pick(b)),
+        None => "-".to_owned(),
+    };
+    println!(
+        "{:<28} {:>9} {:>5} {:>11} {:>5}",
+        "target", "Ir/tx", "/pgb", "Ir/connect", "/pgb"
+    );
+    for (label, result) in results {
+        match result {
+            Ok(r) => println!(
+                "{:<28} {:>9.0} {:>5} {:>11.0} {:>5}",
+                label,
+                r.ir_per_tx,
+                ratio(r.ir_per_tx, |b| b.ir_per_tx),
+                r.ir_per_connection,
+                ratio(r.ir_per_connection, |b| b.ir_per_connection),
+            ),
+            Err(err) => println!("{label:<28} skipped: {err:#}"),
+        }
+    }
+    if let (Some(on), Some(off)) = (of(PGPIVOT), of("pgpivot (move_sessions off)")) {
+        println!(
+            "state tracking for moves: {:+.0} Ir/tx ({:+.1} %)",
+            on.ir_per_tx - off.ir_per_tx,
+            100.0 * (on.ir_per_tx / off.ir_per_tx - 1.0)
+        );
+    }
+    for (label, result) in results {
+        if let Ok(r) = result {
             let windows: Vec<String> = r
                 .windows
                 .iter()
                 .map(|(tx, ir)| format!("{tx} tx: {ir} Ir"))
                 .collect();
-            println!(
-                "user-space instructions: {:.0} Ir/tx, {:.0} Ir per connection opened ({})",
-                r.ir_per_tx,
-                r.ir_per_connection,
-                windows.join("; ")
-            );
+            println!("{label} windows: {}", windows.join("; "));
         }
-        Err(err) => println!("callgrind: skipped: {err:#}"),
     }
 }

@@ -7,7 +7,7 @@ use std::fs::{self, File};
 use std::os::unix::fs::chown;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -211,6 +211,30 @@ impl Peer {
         }
     }
 
+    /// Asks the process to exit (SIGTERM) and waits up to `timeout` for it
+    /// to do so: a tool it runs under, such as valgrind, then writes its
+    /// results. Fails, quoting the log, if it does not exit in time.
+    pub async fn terminate(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .context("cannot run kill")?;
+        if !sent.success() {
+            bail!("kill -TERM {} failed ({sent})", self.child.id());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!("did not exit on SIGTERM:\n{}", self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The last lines of the peer's log.
     fn log_tail(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
@@ -247,6 +271,7 @@ impl Fleet {
     /// relay timing off).
     pub async fn start(
         cluster: &LocalCluster,
+        binary: &Path,
         pgpivot: PgpivotMode,
         runtimes: &[RuntimeChoice],
         clients: usize,
@@ -259,7 +284,6 @@ impl Fleet {
         };
         let mut in_process = pgpivot != PgpivotMode::Process;
         if pgpivot != PgpivotMode::InProcess {
-            let binary = Path::new(env!("CARGO_BIN_EXE_pgpivot"));
             if binary.is_file() {
                 for runtime in runtimes {
                     let started = start_pgpivot_process(binary, cluster, &runtime.toml());
@@ -309,13 +333,13 @@ impl Fleet {
         }
         let tools = find_or_install(&["pgbouncer", "haproxy"], notes);
         if let Some(bin) = &tools[0] {
-            let started = start_pgbouncer(bin, cluster, clients);
+            let started = start_pgbouncer(Command::new(bin), cluster, clients);
             fleet
                 .add_optional_peer("pgbouncer (session)", started, notes)
                 .await;
         }
         if let Some(bin) = &tools[1] {
-            let started = start_haproxy(bin, cluster);
+            let started = start_haproxy(Command::new(bin), cluster);
             fleet
                 .add_optional_peer("haproxy (tcp)", started, notes)
                 .await;
@@ -469,20 +493,21 @@ async fn start_pgpivot_in_process(cluster: &LocalCluster) -> anyhow::Result<(Tar
 }
 
 /// Runs PgBouncer in session mode in front of the primary, with SCRAM for
-/// clients (plain password in the auth file) and pools big enough for every
-/// select client.
+/// clients (the role's SCRAM secret in the auth file) and pools big enough for every
+/// select client. `program` is the `pgbouncer` binary's command (or a tool
+/// such as valgrind running it); the config's path is appended to it.
 pub fn start_pgbouncer(
-    binary: &Path,
+    program: Command,
     cluster: &LocalCluster,
     clients: usize,
 ) -> anyhow::Result<(u16, Peer)> {
-    start_pgbouncer_tls(binary, cluster, clients, None)
+    start_pgbouncer_tls(program, cluster, clients, None)
 }
 
 /// Like [`start_pgbouncer`]; with `tls`, clients must use TLS
 /// (`client_tls_sslmode = require`) with that certificate.
 pub fn start_pgbouncer_tls(
-    binary: &Path,
+    mut program: Command,
     cluster: &LocalCluster,
     clients: usize,
     tls: Option<&SelfSigned>,
@@ -504,8 +529,20 @@ pub fn start_pgbouncer_tls(
             )
         }
     };
+    // The role's SCRAM secret, as a production auth file holds it: with the
+    // plain password PgBouncer would derive the keys (4,096 rounds of
+    // HMAC) at every login, which neither the server nor pgpivot does.
+    let secret = cluster
+        .psql(
+            0,
+            &format!("select rolpassword from pg_authid where rolname = '{SUPERUSER}'"),
+        )
+        .context("cannot read the role's SCRAM secret")?;
+    if !secret.starts_with("SCRAM-SHA-256$") {
+        bail!("the role's password is not a SCRAM secret: {secret:.14}");
+    }
     let userlist = dir.path().join("userlist.txt");
-    fs::write(&userlist, format!("\"{SUPERUSER}\" \"{PASSWORD}\"\n"))?;
+    fs::write(&userlist, format!("\"{SUPERUSER}\" \"{secret}\"\n"))?;
     let ini = dir.path().join("pgbouncer.ini");
     // The cost case's pgbench runs 8 clients, whatever the select case's count.
     let pool = clients.max(8) + 2;
@@ -531,14 +568,14 @@ pub fn start_pgbouncer_tls(
             max_client = pool * 2,
         ),
     )?;
-    let mut cmd = Command::new(binary);
-    cmd.arg(&ini);
-    run_unprivileged(&mut cmd, dir.path())?;
-    Ok((port, Peer::spawn("pgbouncer", dir, cmd)?))
+    program.arg(&ini);
+    run_unprivileged(&mut program, dir.path())?;
+    Ok((port, Peer::spawn("pgbouncer", dir, program)?))
 }
 
 /// Runs HAProxy in TCP mode in the foreground, one backend: the primary.
-pub fn start_haproxy(binary: &Path, cluster: &LocalCluster) -> anyhow::Result<(u16, Peer)> {
+/// `program` is the `haproxy` binary's command (or a tool running it).
+pub fn start_haproxy(mut program: Command, cluster: &LocalCluster) -> anyhow::Result<(u16, Peer)> {
     let port = free_port();
     let dir = TempDir::with_prefix("pgpivot-bench-haproxy-")?;
     let cfg = dir.path().join("haproxy.cfg");
@@ -553,9 +590,8 @@ pub fn start_haproxy(binary: &Path, cluster: &LocalCluster) -> anyhow::Result<(u
             primary = cluster.node(0).port,
         ),
     )?;
-    let mut cmd = Command::new(binary);
-    cmd.arg("-db").arg("-f").arg(&cfg);
-    Ok((port, Peer::spawn("haproxy", dir, cmd)?))
+    program.arg("-db").arg("-f").arg(&cfg);
+    Ok((port, Peer::spawn("haproxy", dir, program)?))
 }
 
 /// When this process is root, makes `cmd` run as [`OS_USER`] and hands
@@ -564,9 +600,16 @@ fn run_unprivileged(cmd: &mut Command, dir: &Path) -> anyhow::Result<()> {
     if effective_uid()? != 0 {
         return Ok(());
     }
-    let (uid, gid) = account(OS_USER)?;
+    let (uid, gid, home) = account(OS_USER)?;
     chown(dir, Some(uid), Some(gid))?;
-    cmd.uid(uid).gid(gid);
+    // The account's own environment too: valgrind's gdbserver, through
+    // which callgrind_control reaches a process, does not answer one
+    // running with root's.
+    cmd.uid(uid)
+        .gid(gid)
+        .env("HOME", home)
+        .env("USER", OS_USER)
+        .env("LOGNAME", OS_USER);
     Ok(())
 }
 
@@ -580,17 +623,51 @@ fn effective_uid() -> anyhow::Result<u32> {
         .context("no effective uid in /proc/self/status")
 }
 
-/// Uid and gid of account `name`, from `/etc/passwd`.
-fn account(name: &str) -> anyhow::Result<(u32, u32)> {
+/// Uid, gid and home directory of account `name`, from `/etc/passwd`.
+fn account(name: &str) -> anyhow::Result<(u32, u32, String)> {
     let passwd = fs::read_to_string("/etc/passwd")?;
     passwd
         .lines()
         .map(|l| l.split(':').collect::<Vec<_>>())
         .find_map(|f| match f[..] {
-            [user, _, uid, gid, ..] if user == name => Some((uid.parse().ok()?, gid.parse().ok()?)),
+            [user, _, uid, gid, _, home, ..] if user == name => {
+                Some((uid.parse().ok()?, gid.parse().ok()?, home.to_owned()))
+            }
             _ => None,
         })
         .with_context(|| format!("no account {name} in /etc/passwd"))
+}
+
+/// Builds the `pgpivot` binary as `cargo build --release` does and returns
+/// its path. The one cargo builds beside a bench (`CARGO_BIN_EXE_pgpivot`)
+/// is not that binary: a bench build turns on the dev-dependencies'
+/// features, and tokio's `test-util` (for the unit tests' paused clock)
+/// puts a lock and a clock offset behind every tokio clock read, about
+/// 2 % more instructions per transaction. The build goes to its own target
+/// directory (`target/shipped`), so that the two builds do not replace each
+/// other's binary.
+pub fn shipped_binary() -> anyhow::Result<PathBuf> {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest.join("target"))
+        .join("shipped");
+    eprintln!(
+        "building the shipped pgpivot binary (cargo build --release) in {} ...",
+        target.display()
+    );
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--release", "--locked", "--bin", "pgpivot"])
+        .arg("--manifest-path")
+        .arg(manifest.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target)
+        .status()
+        .context("cannot run cargo")?;
+    if !status.success() {
+        bail!("cargo build --release failed ({status})");
+    }
+    Ok(target.join("release").join("pgpivot"))
 }
 
 /// Finds each of `tools`; when some are missing, tries `apt-get install`

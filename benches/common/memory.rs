@@ -23,6 +23,7 @@
 //! (its monitor's, PgBouncer's pool) are gone.
 
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -217,7 +218,7 @@ pub async fn memory_case(
     }
     let tools = find_or_install(&["pgbouncer", "haproxy"], notes);
     if let Some(bin) = &tools[1] {
-        let started = start_haproxy(bin, cluster);
+        let started = start_haproxy(Command::new(bin), cluster);
         results.push(run_target("haproxy (tcp)".into(), started, None, &direct, base, p).await);
     }
     if let Some(bin) = &tools[0] {
@@ -227,7 +228,7 @@ pub async fn memory_case(
                 None => "pgbouncer (session)",
                 Some(_) => "pgbouncer (session), TLS",
             };
-            let started = start_pgbouncer_tls(bin, cluster, p.sessions, tls);
+            let started = start_pgbouncer_tls(Command::new(bin), cluster, p.sessions, tls);
             results.push(run_target(name.into(), started, tls, &direct, base, p).await);
         }
     }
