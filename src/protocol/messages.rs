@@ -78,15 +78,23 @@ const MAX_MESSAGE_CHARS: usize = 1000;
 /// The NUL-terminated UTF-8 string at the start of `body` (a Query's text,
 /// a statement name, a CommandComplete tag).
 pub fn c_str(body: &[u8]) -> Option<&str> {
-    let end = body.iter().position(|&b| b == 0)?;
-    std::str::from_utf8(&body[..end]).ok()
+    std::str::from_utf8(c_bytes(body)?).ok()
+}
+
+/// The bytes before the first NUL of `body`, not checked to be UTF-8: for
+/// statement texts, which the tracker checks only when it has not seen the
+/// same text lately (they are read on every message of every session).
+pub fn c_bytes(body: &[u8]) -> Option<&[u8]> {
+    let end = memchr::memchr(0, body)?;
+    Some(&body[..end])
 }
 
 /// A client Parse message, borrowed from its body.
 #[derive(Debug)]
 pub struct ParseMessage<'a> {
     pub name: &'a str,
-    pub query: &'a str,
+    /// The statement text, not checked to be UTF-8 (see [`c_bytes`]).
+    pub query: &'a [u8],
     types: &'a [u8],
 }
 
@@ -103,7 +111,7 @@ impl ParseMessage<'_> {
 pub fn parse(body: &[u8]) -> Option<ParseMessage<'_>> {
     let name = c_str(body)?;
     let rest = &body[name.len() + 1..];
-    let query = c_str(rest)?;
+    let query = c_bytes(rest)?;
     let rest = &rest[query.len() + 1..];
     let count = u16::from_be_bytes([*rest.first()?, *rest.get(1)?]) as usize;
     let types = rest.get(2..2 + 4 * count)?;
@@ -111,13 +119,13 @@ pub fn parse(body: &[u8]) -> Option<ParseMessage<'_>> {
 }
 
 /// Appends a Parse message (the move stage re-creates prepared statements).
-pub fn put_parse(buf: &mut BytesMut, name: &str, query: &str, types: &[u32]) {
+pub fn put_parse(buf: &mut BytesMut, name: &str, query: &[u8], types: &[u32]) {
     let len = 4 + name.len() + 1 + query.len() + 1 + 2 + 4 * types.len();
     buf.put_u8(b'P');
     buf.put_u32(len as u32);
     buf.put_slice(name.as_bytes());
     buf.put_u8(0);
-    buf.put_slice(query.as_bytes());
+    buf.put_slice(query);
     buf.put_u8(0);
     buf.put_u16(types.len() as u16);
     types.iter().for_each(|&t| buf.put_u32(t));

@@ -297,7 +297,7 @@ async fn replay<S: AsyncRead + AsyncWrite + Unpin>(
         match item {
             Replay::Sql(sql) => messages::put_query(&mut batch, sql),
             Replay::Parse { name, query, types } => {
-                messages::put_parse(&mut batch, name, query, types);
+                messages::put_parse(&mut batch, name, query.as_bytes(), types);
                 messages::put_sync(&mut batch);
             }
         }
@@ -408,7 +408,7 @@ fn first_message(buf: &[u8], max_message_bytes: usize) -> Option<First> {
         Ok(Frame::Message { tag: t, body }) => {
             let sql = match t {
                 tag::QUERY => messages::c_str(body),
-                _ => messages::parse(body).map(|p| p.query),
+                _ => messages::parse(body).and_then(|p| std::str::from_utf8(p.query).ok()),
             };
             if sql.is_some_and(ends_block) {
                 Some(First::EndsBlock)

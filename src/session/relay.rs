@@ -800,7 +800,7 @@ fn track_client(m: &Mobility, frame: &Frame<'_>) {
         Frame::Message {
             tag: tag::QUERY,
             body,
-        } => match messages::c_str(body) {
+        } => match messages::c_bytes(body) {
             Some(sql) => m.tracker().client_query(sql),
             None => m.tracker().client_query_unread(),
         },

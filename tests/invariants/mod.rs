@@ -591,12 +591,21 @@ fn tracked_messages(body: &[u8]) {
             "Parse round trip"
         );
     }
-    let text = String::from_utf8_lossy(body);
+    // Texts as sent, not UTF-8 ones too (the tracker takes those as
+    // unread), and then the same bytes made UTF-8.
     let mut tracker = Tracker::default();
+    for (i, sql) in body.split(|&b| b == b'\n').enumerate() {
+        match i % 2 {
+            0 => tracker.client_query(sql),
+            _ => tracker.client_parse("", sql, &[]),
+        }
+        tracker.server_ready(TxStatus::Idle);
+    }
+    let text = String::from_utf8_lossy(body);
     for (i, sql) in text.split('\n').enumerate() {
         match i % 4 {
-            0 => tracker.client_query(sql),
-            1 => tracker.client_parse(if i % 8 == 1 { "" } else { "s1" }, sql, &[23]),
+            0 => tracker.client_query(sql.as_bytes()),
+            1 => tracker.client_parse(if i % 8 == 1 { "" } else { "s1" }, sql.as_bytes(), &[23]),
             2 => tracker.client_sync(),
             _ => tracker.client_close_statement(sql),
         }

@@ -137,9 +137,12 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    /// A client simple Query.
-    pub fn client_query(&mut self, sql: &str) {
-        let words = scan_words_recent(sql);
+    /// A client simple Query, its text as sent (a text that is not UTF-8 is
+    /// taken as unread).
+    pub fn client_query(&mut self, sql: &[u8]) {
+        let Some(words) = scan_words_recent(sql) else {
+            return self.client_query_unread();
+        };
         let may_commit = words.commit;
         if !words.state {
             self.awaiting.push_back(Unit {
@@ -148,7 +151,9 @@ impl Tracker {
             });
             return;
         }
-        let Some(statements) = sql::statements(sql) else {
+        // The scan found it UTF-8; only a text that may change state is
+        // taken apart, and needs it as a string.
+        let Some(statements) = std::str::from_utf8(sql).ok().and_then(sql::statements) else {
             self.pins.insert(Pin::Unparsed);
             self.awaiting.push_back(Unit {
                 changes: VecDeque::new(),
@@ -189,8 +194,10 @@ impl Tracker {
     /// A client Parse. Named statements are kept for replay; a statement
     /// that itself changes session state pins (the extended protocol is not
     /// followed statement by statement).
-    pub fn client_parse(&mut self, name: &str, query: &str, types: &[u32]) {
-        let words = scan_words_recent(query);
+    pub fn client_parse(&mut self, name: &str, query: &[u8], types: &[u32]) {
+        let Some(words) = scan_words_recent(query) else {
+            return self.client_parse_unread();
+        };
         if words.commit {
             if name.is_empty() {
                 self.parsed_commit = true;
@@ -198,6 +205,15 @@ impl Tracker {
                 self.named_commit = true;
             }
         }
+        if !words.state && name.is_empty() {
+            // The common case (an unnamed statement that changes nothing
+            // followed): no string needed.
+            return;
+        }
+        // The scan found it UTF-8; what follows takes it apart or keeps it.
+        let Ok(query) = std::str::from_utf8(query) else {
+            return self.client_parse_unread();
+        };
         if words.state {
             match sql::statements(query) {
                 Some(statements) => {

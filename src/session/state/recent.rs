@@ -34,15 +34,17 @@ thread_local! {
     static RECENT: RefCell<Vec<Slot>> = const { RefCell::new(Vec::new()) };
 }
 
-/// [`scan_words`] of `sql`, from this thread's recent texts when it is one.
-pub fn scan_words_recent(sql: &str) -> Words {
-    let text = sql.as_bytes();
+/// [`scan_words`] of the statement text `text`, from this thread's recent
+/// texts when it is one; `None` when it is not UTF-8. Only a text not seen
+/// lately is checked: one in a slot was checked when it went in.
+pub fn scan_words_recent(text: &[u8]) -> Option<Words> {
+    let scan = || std::str::from_utf8(text).ok().map(scan_words);
     if text.len() > MAX_TEXT {
-        return scan_words(sql);
+        return scan();
     }
     RECENT.with(|recent| {
         let Ok(mut slots) = recent.try_borrow_mut() else {
-            return scan_words(sql);
+            return scan();
         };
         if slots.is_empty() {
             slots.extend((0..SLOTS).map(|_| Slot {
@@ -53,13 +55,13 @@ pub fn scan_words_recent(sql: &str) -> Words {
         }
         let slot = &mut slots[slot_of(text)];
         if slot.len == text.len() && slot.text[..text.len()] == *text {
-            return slot.words;
+            return Some(slot.words);
         }
-        let words = scan_words(sql);
+        let words = scan()?;
         slot.len = text.len();
         slot.text[..text.len()].copy_from_slice(text);
         slot.words = words;
-        words
+        Some(words)
     })
 }
 
@@ -99,8 +101,8 @@ mod tests {
         for round in 0..3 {
             for text in &texts {
                 assert_eq!(
-                    scan_words_recent(text),
-                    scan_words(text),
+                    scan_words_recent(text.as_bytes()),
+                    Some(scan_words(text)),
                     "{text:?} (round {round})"
                 );
             }
@@ -115,8 +117,23 @@ mod tests {
         assert_eq!(plain.len(), state.len());
         assert_eq!(slot_of(plain.as_bytes()), slot_of(state.as_bytes()));
         for _ in 0..3 {
-            assert!(!scan_words_recent(plain).state);
-            assert!(scan_words_recent(state).state);
+            assert!(!scan_words_recent(plain.as_bytes()).unwrap().state);
+            assert!(scan_words_recent(state.as_bytes()).unwrap().state);
         }
+    }
+
+    #[test]
+    fn a_text_that_is_not_utf8_is_never_taken_from_a_slot() {
+        // Asked for again and again, it is checked every time, and a valid
+        // text in its slot is not taken for it.
+        let valid = "SELECT 'abc'";
+        let invalid = b"SELECT '\xff\xfe\xfd'";
+        assert_eq!(valid.len(), invalid.len());
+        for _ in 0..3 {
+            assert_eq!(scan_words_recent(invalid), None);
+            assert!(scan_words_recent(valid.as_bytes()).is_some());
+        }
+        let long = [b"select ".as_slice(), &[0xff; MAX_TEXT]].concat();
+        assert_eq!(scan_words_recent(&long), None);
     }
 }

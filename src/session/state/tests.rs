@@ -5,7 +5,7 @@ use super::*;
 /// Runs `sql` as one simple Query that succeeds, statement tags `tags`, and
 /// ends with ReadyForQuery `status`.
 fn ok(t: &mut Tracker, sql: &str, tags: &[&str], status: TxStatus) {
-    t.client_query(sql);
+    t.client_query(sql.as_bytes());
     for tag in tags {
         t.server_command_complete(tag);
     }
@@ -65,7 +65,7 @@ fn changes_in_a_block_count_only_once_it_commits() {
     // A failed block: its COMMIT answers ROLLBACK.
     ok(&mut t, "BEGIN", &["BEGIN"], InTransaction);
     ok(&mut t, "SET datestyle = 'ISO'", &["SET"], InTransaction);
-    t.client_query("select 1/0");
+    t.client_query(b"select 1/0");
     t.server_error();
     t.server_ready(TxStatus::Failed);
     ok(&mut t, "COMMIT", &["ROLLBACK"], Idle);
@@ -75,7 +75,7 @@ fn changes_in_a_block_count_only_once_it_commits() {
 #[test]
 fn a_failed_statement_and_the_rest_of_its_query_change_nothing() {
     let mut t = Tracker::default();
-    t.client_query("SET search_path = a; SET nonsense.x = 1 2; LISTEN ch");
+    t.client_query(b"SET search_path = a; SET nonsense.x = 1 2; LISTEN ch");
     t.server_command_complete("SET");
     t.server_error();
     t.server_ready(Idle);
@@ -86,8 +86,8 @@ fn a_failed_statement_and_the_rest_of_its_query_change_nothing() {
 fn prepared_statements_and_listens_follow_their_commands() {
     let mut t = Tracker::default();
     ok(&mut t, "PREPARE q1 AS select $1::int", &["PREPARE"], Idle);
-    t.client_parse("s1", "select 1", &[23]);
-    t.client_parse("", "select 2", &[]);
+    t.client_parse("s1", b"select 1", &[23]);
+    t.client_parse("", b"select 2", &[]);
     ok(
         &mut t,
         "LISTEN jobs; LISTEN \"Other\"",
@@ -194,23 +194,41 @@ fn a_rollback_to_savepoint_over_tracked_changes_pins() {
 #[test]
 fn a_parse_that_changes_state_pins_and_state_is_bounded() {
     let mut t = Tracker::default();
-    t.client_parse("", "SET search_path = x", &[]);
+    t.client_parse("", b"SET search_path = x", &[]);
     assert_eq!(t.pinned(), Some(Pin::Unparsed));
     let mut t = Tracker::default();
     let big = format!("select '{}'", "x".repeat(MAX_STATE_BYTES / 4));
     for i in 0..5 {
-        t.client_parse(&format!("s{i}"), &big, &[]);
+        t.client_parse(&format!("s{i}"), big.as_bytes(), &[]);
     }
     assert_eq!(t.pinned(), Some(Pin::TooMuchState));
     assert!(t.state_bytes() > MAX_STATE_BYTES);
 }
 
 #[test]
+fn a_statement_text_that_is_not_utf8_pins_as_unread() {
+    // Asked twice each: the second time, the text is one seen lately.
+    for _ in 0..2 {
+        let mut t = Tracker::default();
+        t.client_query(b"select '\xff'");
+        assert_eq!(t.pinned(), Some(Pin::Unparsed));
+        let mut t = Tracker::default();
+        t.client_parse("", b"select '\xfe'", &[]);
+        assert_eq!(t.pinned(), Some(Pin::Unparsed));
+        // Valid texts beside them still pin nothing.
+        let mut t = Tracker::default();
+        t.client_query(b"select 'x'");
+        t.client_parse("", b"select 'y'", &[]);
+        assert_eq!(t.pinned(), None);
+    }
+}
+
+#[test]
 fn pipelined_queries_are_matched_to_their_own_answers() {
     let mut t = Tracker::default();
-    t.client_query("SET a.x = 1");
+    t.client_query(b"SET a.x = 1");
     t.client_sync(); // an extended-protocol batch between them
-    t.client_query("SET b.x = 2; SET c.x = 3");
+    t.client_query(b"SET b.x = 2; SET c.x = 3");
     t.server_command_complete("SET");
     t.server_ready(Idle);
     t.server_command_complete("SELECT 1"); // the batch's Execute
@@ -249,22 +267,22 @@ fn only_text_with_a_state_word_is_lexed() {
 #[test]
 fn a_commit_in_flight_is_known() {
     let mut t = Tracker::default();
-    t.client_query("UPDATE t SET x = 1");
+    t.client_query(b"UPDATE t SET x = 1");
     assert!(!t.commit_in_flight());
-    t.client_query("COMMIT");
+    t.client_query(b"COMMIT");
     assert!(t.commit_in_flight());
     t.lose_backend();
     assert!(!t.commit_in_flight());
     // Extended protocol: an unnamed Parse before its Sync, and any Sync once
     // a named statement may commit.
-    t.client_parse("", "END", &[]);
+    t.client_parse("", b"END", &[]);
     t.client_sync();
     assert!(t.commit_in_flight());
     t.server_ready(Idle);
     t.client_sync();
     assert!(!t.commit_in_flight());
     t.server_ready(Idle);
-    t.client_parse("c", "commit", &[]);
+    t.client_parse("c", b"commit", &[]);
     t.client_sync();
     t.server_ready(Idle);
     t.client_sync();
