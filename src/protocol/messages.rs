@@ -282,6 +282,23 @@ mod tests {
     }
 
     #[test]
+    fn reads_nul_terminated_strings_and_parse_bodies() {
+        assert_eq!(c_bytes(b"\0rest"), Some(&b""[..]));
+        assert_eq!(c_bytes(b"select 1\0\0\0"), Some(&b"select 1"[..]));
+        assert_eq!(c_bytes(b"no end"), None);
+        assert_eq!(c_bytes(b""), None);
+        // Not UTF-8: bytes as sent, but no string.
+        assert_eq!(c_bytes(b"\xff\0"), Some(&b"\xff"[..]));
+        assert_eq!(c_str(b"\xff\0"), None);
+        let mut buf = BytesMut::new();
+        put_parse(&mut buf, "s1", b"select $1", &[23]);
+        let parse = super::parse(&buf[5..]).expect("a Parse");
+        assert_eq!((parse.name, parse.query), ("s1", &b"select $1"[..]));
+        assert_eq!(parse.types().collect::<Vec<_>>(), [23]);
+        assert!(super::parse(&buf[5..buf.len() - 1]).is_none(), "cut short");
+    }
+
+    #[test]
     fn reads_parameter_status_and_backend_key() {
         assert_eq!(
             parameter_status(b"in_hot_standby\0off\0"),
