@@ -62,7 +62,8 @@
 mod common;
 #[path = "common/knobs.rs"]
 mod knobs;
-// Only the pgpivot process helpers of the relay bench's fleet are used.
+// Only the pgpivot process helpers of the relay bench's fleet are used,
+// and its build of the shipped binary.
 #[allow(dead_code)]
 #[path = "common/fleet.rs"]
 mod fleet;
@@ -211,7 +212,10 @@ struct Pgpivot {
 
 /// Starts the `pgpivot` binary in front of `cluster`.
 async fn start_pgpivot(cluster: &LocalCluster, config: &Config) -> anyhow::Result<Pgpivot> {
-    let binary = Path::new(env!("CARGO_BIN_EXE_pgpivot"));
+    // The binary `cargo build --release` makes, not the bench build's (which
+    // has tokio's test-util on).
+    let shipped = fleet::shipped_binary()?;
+    let binary = shipped.as_path();
     let tls_dir = tempfile::TempDir::with_prefix("pgpivot-soak-tls-")?;
     let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])?;
     let (cert_file, key_file) = (
