@@ -67,11 +67,11 @@ mod knobs;
 #[allow(dead_code)]
 #[path = "common/fleet.rs"]
 mod fleet;
-// The fleet's TLS targets need it; the soak runs plaintext.
 #[path = "common/soak_load.rs"]
 mod soak_load;
 #[path = "common/soak_probe.rs"]
 mod soak_probe;
+// pgpivot's certificate; the fleet's TLS targets need the rest.
 #[allow(dead_code)]
 #[path = "common/tls_client.rs"]
 mod tls_client;
@@ -93,6 +93,7 @@ use pgpivot::localcluster::{free_port, ClusterOptions, LocalCluster, PASSWORD, S
 use fleet::{Peer, Target, READY_TIMEOUT};
 use soak_load::{start_sessions, Endpoint, Mix, Totals, KV_ROWS};
 use soak_probe::{clock_ticks, descendant, flatness, header, row, Probe, Reading, FLAT_TOLERANCE};
+use tls_client::SelfSigned;
 
 /// How long closing sessions get to leave pgpivot at the end.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -154,6 +155,9 @@ struct Config {
     pgpivot_toml: String,
     wrapper: Vec<String>,
     warmup: Duration,
+    /// The binary `cargo build --release` makes, not the bench build's
+    /// (which has tokio's test-util on).
+    binary: PathBuf,
 }
 
 impl Config {
@@ -190,6 +194,7 @@ impl Config {
                 "SOAK_WARMUP_SECONDS",
                 60,
             )?),
+            binary: fleet::shipped_binary()?,
         };
         if run.is_zero() || config.sessions < 20 || config.sample.is_zero() {
             bail!("the run and the sample interval must be positive, and sessions at least 20");
@@ -207,31 +212,19 @@ struct Pgpivot {
     admin: String,
     log: PathBuf,
     /// Certificate and key files; removed on drop.
-    _tls_dir: tempfile::TempDir,
+    _tls: SelfSigned,
 }
 
 /// Starts the `pgpivot` binary in front of `cluster`.
 async fn start_pgpivot(cluster: &LocalCluster, config: &Config) -> anyhow::Result<Pgpivot> {
-    // The binary `cargo build --release` makes, not the bench build's (which
-    // has tokio's test-util on).
-    let shipped = fleet::shipped_binary()?;
-    let binary = shipped.as_path();
-    let tls_dir = tempfile::TempDir::with_prefix("pgpivot-soak-tls-")?;
-    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])?;
-    let (cert_file, key_file) = (
-        tls_dir.path().join("cert.pem"),
-        tls_dir.path().join("key.pem"),
-    );
-    fs::write(&cert_file, cert.cert.pem())?;
-    fs::write(&key_file, cert.key_pair.serialize_pem())?;
+    let binary = config.binary.as_path();
+    let tls = SelfSigned::new()?;
     let admin = format!("127.0.0.1:{}", free_port());
     let extra = format!(
-        "\n[limits]\nmax_client_connections = {}\n\n\
-         [tls]\ncert = \"{}\"\nkey = \"{}\"\nmode = \"prefer\"\n\n\
+        "\n[limits]\nmax_client_connections = {}\n{}\n\
          [admin]\naddress = \"{admin}\"\n{}\n",
         config.sessions + 100,
-        cert_file.display(),
-        key_file.display(),
+        tls.pgpivot_toml(),
         config.pgpivot_toml,
     );
     let mut log = PathBuf::new();
@@ -262,7 +255,7 @@ async fn start_pgpivot(cluster: &LocalCluster, config: &Config) -> anyhow::Resul
         port,
         admin,
         log,
-        _tls_dir: tls_dir,
+        _tls: tls,
     })
 }
 

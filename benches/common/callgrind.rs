@@ -50,7 +50,7 @@ const MONITOR: &str = "interval_ms = 600000\ntimeout_ms = 30000\n";
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// The name of callgrind's dump.
 const DUMP: &str = "callgrind.out";
-/// How long pgpivot under valgrind gets to answer its first query.
+/// How long a proxy under valgrind gets to answer its first query.
 const READY: Duration = Duration::from_secs(120);
 
 /// Parameters of the callgrind case.
@@ -60,7 +60,7 @@ pub struct CallgrindParams {
     pub tx_per_client: u64,
     /// pgbench clients (`-c`; one thread).
     pub clients: u32,
-    /// Where to copy the big window's dump for `callgrind_annotate`, if
+    /// Where to copy every window's dump for `callgrind_annotate`, if
     /// anywhere.
     pub keep: Option<PathBuf>,
 }
@@ -69,8 +69,8 @@ pub struct CallgrindParams {
 pub struct CallgrindResult {
     /// Instructions per transaction (slope between the two windows).
     pub ir_per_tx: f64,
-    /// Instructions per connection opened: Ir/tx of the `-C` window minus
-    /// [`CallgrindResult::ir_per_tx`].
+    /// Instructions per connection opened: the `-C` window's Ir over the
+    /// small window's, per connection it opened more.
     pub ir_per_connection: f64,
     /// (transactions, Ir) of each window: `-t N/5`, `-t N`, `-t N/5 -C`.
     pub windows: Vec<(u64, u64)>,

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::ValueEnum;
 use tempfile::TempDir;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, NoTls, Socket};
 
 use pgpivot::config::FileConfig;
 use pgpivot::localcluster::{free_port, LocalCluster, PASSWORD, SUPERUSER};
@@ -142,26 +143,23 @@ impl Target {
 
     /// A new connection, its driver task spawned on the runtime.
     pub async fn connect(&self) -> anyhow::Result<Client> {
-        let context = || format!("cannot connect to {}", self.name);
         let client = match &self.tls {
-            None => {
-                let (client, connection) = tokio_postgres::connect(&self.conn_string, NoTls)
-                    .await
-                    .with_context(context)?;
-                tokio::spawn(connection);
-                client
-            }
-            Some(config) => {
-                let tls = RustlsConnect(config.clone());
-                let (client, connection) = tokio_postgres::connect(&self.conn_string, tls)
-                    .await
-                    .with_context(context)?;
-                tokio::spawn(connection);
-                client
-            }
+            None => open(&self.conn_string, NoTls).await,
+            Some(config) => open(&self.conn_string, RustlsConnect(config.clone())).await,
         };
-        Ok(client)
+        client.with_context(|| format!("cannot connect to {}", self.name))
     }
+}
+
+/// Connects with `tls` and spawns the connection's driver task.
+async fn open<T>(conn_string: &str, tls: T) -> Result<Client, tokio_postgres::Error>
+where
+    T: MakeTlsConnect<Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, connection) = tokio_postgres::connect(conn_string, tls).await?;
+    tokio::spawn(connection);
+    Ok(client)
 }
 
 /// A proxy running as a child process, with the temporary directory holding
@@ -215,10 +213,11 @@ impl Peer {
     /// to do so: a tool it runs under, such as valgrind, then writes its
     /// results. Fails, quoting the log, if it does not exit in time.
     pub async fn terminate(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
-        let sent = Command::new("kill")
+        let sent = tokio::process::Command::new("kill")
             .arg("-TERM")
             .arg(self.child.id().to_string())
             .status()
+            .await
             .context("cannot run kill")?;
         if !sent.success() {
             bail!("kill -TERM {} failed ({sent})", self.child.id());

@@ -88,12 +88,10 @@ pub struct ReadBuffer {
 }
 
 /// A run's buffers end with it (at a park, or with the session): an empty
-/// first chunk goes back to the thread's spares.
+/// first chunk goes back to the thread's spares (`give` keeps no other).
 impl Drop for ReadBuffer {
     fn drop(&mut self) {
-        if self.bytes.is_empty() {
-            self.release();
-        }
+        spares::give(std::mem::take(&mut self.bytes));
     }
 }
 
