@@ -92,6 +92,9 @@
 //! RUST_LOG=pgpivot=info cargo bench --bench failover   # pgpivot's logs
 //! ```
 
+// Benches run on their own runtimes: tokio's timers are fine here (see src/timers.rs).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -30,6 +30,9 @@
 //! PGPIVOT_BENCH_SECONDS=10 cargo bench --bench read_scaling
 //! ```
 
+// Benches run on their own runtimes: tokio's timers are fine here (see src/timers.rs).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::collections::BTreeMap;

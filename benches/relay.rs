@@ -102,6 +102,9 @@
 //! PGPIVOT_BENCH_CLIENTS=4 PGPIVOT_BENCH_SECONDS=3 RELAY_BENCH_CASES=cost,callgrind cargo bench --bench relay
 //! ```
 
+// Benches run on their own runtimes: tokio's timers are fine here (see src/timers.rs).
+#![allow(clippy::disallowed_methods)]
+
 #[path = "common/bulk.rs"]
 mod bulk;
 #[path = "common/callgrind.rs"]

@@ -59,6 +59,9 @@
 //! SOAK_SECONDS=40 SOAK_SAMPLE_SECONDS=10 SOAK_SESSIONS=200 cargo bench --bench soak
 //! ```
 
+// Benches run on their own runtimes: tokio's timers are fine here (see src/timers.rs).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 #[path = "common/knobs.rs"]
 mod knobs;

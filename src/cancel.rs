@@ -114,7 +114,7 @@ impl CancelRegistry {
             stream.write_all(&target.key.encode_request()).await?;
             stream.shutdown().await
         };
-        match tokio::time::timeout(timeout, send).await {
+        match crate::timers::timeout(timeout, send).await {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
                 tracing::warn!(backend = %target.backend, error = %e, "cancel request not delivered");

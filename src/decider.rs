@@ -198,7 +198,7 @@ impl ChangeLog {
 pub async fn log_session_figures(topology: TopologyHandle, stop: CancellationToken) {
     let mut reported = 0u64;
     let mut last_look: Vec<(u64, String)> = Vec::new();
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut tick = crate::timers::interval(std::time::Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,

@@ -108,7 +108,7 @@ impl Fanout {
         // checks the present, and an immediate tick would race the first
         // registrations.
         let mut lag_tick =
-            tokio::time::interval_at(tokio::time::Instant::now() + lag_check, lag_check);
+            crate::timers::interval_at(tokio::time::Instant::now() + lag_check, lag_check);
         lag_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut shutting_down = false;
         loop {

@@ -47,8 +47,12 @@
 //! secrets, ClientKeys and re-login, for moving sessions), [`shared`] (the state
 //! every task shares: a leaf, so no stage imports another through it),
 //! [`proxy`] (start and graceful shutdown), [`metrics`], [`net`] (socket
-//! options), [`localcluster`] (a real primary + standbys for tests, benches
+//! options), [`timers`] (every timer, on the control runtime's driver when
+//! made on a session worker), [`localcluster`] (a real primary + standbys for tests, benches
 //! and the demo), [`demo`].
+
+// Unit tests run on their own runtimes, where tokio's timers are fine.
+#![cfg_attr(test, allow(clippy::disallowed_methods))]
 
 pub mod address;
 pub mod admin;
@@ -73,6 +77,7 @@ pub mod reload;
 pub mod routing;
 pub mod session;
 pub mod shared;
+pub mod timers;
 pub mod tls;
 pub mod topology;
 pub mod workers;

@@ -41,7 +41,7 @@ pub async fn accept_loop(
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    crate::timers::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },

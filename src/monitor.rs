@@ -182,7 +182,7 @@ impl Poller {
                 return;
             }
             tokio::select! {
-                _ = tokio::time::sleep(self.delay(failures)) => {}
+                _ = crate::timers::sleep(self.delay(failures)) => {}
                 _ = poke.notified() => {}
                 _ = stop.cancelled() => return,
             }
@@ -202,7 +202,7 @@ impl Poller {
 
     async fn poll(&mut self) -> Result<Observation, PollError> {
         let timeout = self.settings.timeout;
-        let result = tokio::time::timeout(timeout, self.poll_once())
+        let result = crate::timers::timeout(timeout, self.poll_once())
             .await
             .unwrap_or(Err(PollError::Timeout(timeout)));
         if result.is_err() {

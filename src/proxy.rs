@@ -91,7 +91,8 @@ impl Proxy {
             )),
             None => None,
         };
-        let sessions = Sessions::start(settings.runtime).map_err(StartError::Workers)?;
+        let sessions = Sessions::start(settings.runtime, tokio::runtime::Handle::current())
+            .map_err(StartError::Workers)?;
         let shared = start_control(settings, config_path, addresses.clone());
         let admin_address = admin.as_ref().and_then(|(l, _)| l.local_addr().ok());
         if let Some((listener, token)) = admin {
@@ -118,7 +119,7 @@ impl Proxy {
     pub async fn wait_for_primary(&self, timeout: Duration) -> bool {
         let mut changes = self.shared.topology.subscribe();
         let topology = &self.shared.topology;
-        let found = tokio::time::timeout(
+        let found = crate::timers::timeout(
             timeout,
             changes.wait_for(|_| topology.load().primary.is_some()),
         );
@@ -134,7 +135,7 @@ impl Proxy {
         let deadline = std::time::Instant::now() + timeout;
         self.shared.shutdown.cancel();
         self.sessions.close();
-        let _ = tokio::time::timeout_at(deadline.into(), self.sessions.wait()).await;
+        let _ = crate::timers::timeout_at(deadline.into(), self.sessions.wait()).await;
         let open = self.sessions.len();
         let stray = self.sessions.stop_workers(deadline).await;
         self.shared.stop.cancel();

@@ -56,13 +56,14 @@ struct Worker {
 
 impl Sessions {
     /// Starts the worker threads `runtime` asks for (none for
-    /// `multi-thread`).
-    pub fn start(runtime: RuntimeSettings) -> std::io::Result<Sessions> {
+    /// `multi-thread`). Their timers run on `control`'s driver
+    /// ([`crate::timers`]).
+    pub fn start(runtime: RuntimeSettings, control: Handle) -> std::io::Result<Sessions> {
         let placement = match runtime.flavor {
             RuntimeFlavor::MultiThread => Placement::Here,
             RuntimeFlavor::PerCore => {
                 let workers = (0..runtime.workers.max(1))
-                    .map(Worker::start)
+                    .map(|index| Worker::start(index, control.clone()))
                     .collect::<std::io::Result<_>>()?;
                 Placement::Workers(workers, AtomicUsize::new(0))
             }
@@ -158,7 +159,7 @@ impl Sessions {
                 .sum()
         };
         while alive() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(STRAY_TASK_POLL).await;
+            crate::timers::sleep(STRAY_TASK_POLL).await;
         }
         let left = alive();
         for w in workers {
@@ -185,9 +186,11 @@ fn least_loaded(workers: &[Worker], turn: usize) -> &Worker {
 }
 
 impl Worker {
-    fn start(index: usize) -> std::io::Result<Worker> {
+    fn start(index: usize, control: Handle) -> std::io::Result<Worker> {
+        // No time driver: its wheel would be scanned at every park, about
+        // twice per transaction. Sessions time on `control` instead.
         let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+            .enable_io()
             .build()?;
         let handle = runtime.handle().clone();
         let stop = CancellationToken::new();
@@ -196,6 +199,7 @@ impl Worker {
         std::thread::Builder::new()
             .name(format!("pgpivot-worker-{index}"))
             .spawn(move || {
+                crate::timers::lend(control);
                 runtime.block_on(stopped.cancelled());
                 // Drops what still runs here (after a shutdown timeout).
                 drop(runtime);
@@ -270,10 +274,13 @@ mod tests {
     use super::*;
 
     fn per_core(workers: usize) -> Sessions {
-        Sessions::start(RuntimeSettings {
-            flavor: RuntimeFlavor::PerCore,
-            workers,
-        })
+        Sessions::start(
+            RuntimeSettings {
+                flavor: RuntimeFlavor::PerCore,
+                workers,
+            },
+            Handle::current(),
+        )
         .unwrap()
     }
 
@@ -342,10 +349,13 @@ mod tests {
 
     #[tokio::test]
     async fn multi_thread_spawns_here() {
-        let sessions = Sessions::start(RuntimeSettings {
-            flavor: RuntimeFlavor::MultiThread,
-            workers: 4,
-        })
+        let sessions = Sessions::start(
+            RuntimeSettings {
+                flavor: RuntimeFlavor::MultiThread,
+                workers: 4,
+            },
+            Handle::current(),
+        )
         .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (accepted, _client) = pair(&listener).await;

@@ -1,6 +1,9 @@
 //! The admin endpoint: metrics, status, health, ready, the bearer token and
 //! `pgpivot status`, against a real cluster.
 
+// Tests run on their own runtimes: tokio's timers are fine here (see src/timers.rs).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::collections::HashMap;

@@ -3,6 +3,9 @@
 //! server's own, and TLS is terminated at the proxy (psql is the TLS
 //! client). Real cluster, real clients.
 
+// Tests run on their own runtimes: tokio's timers are fine here (see src/timers.rs).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::net::SocketAddr;

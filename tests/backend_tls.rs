@@ -4,6 +4,9 @@
 //! reason in `/status`, when a node's certificate or TLS support does not
 //! meet its mode.
 
+// Tests run on their own runtimes: tokio's timers are fine here (see src/timers.rs).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::path::PathBuf;

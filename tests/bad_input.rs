@@ -2,6 +2,9 @@
 //! with a protocol error where the protocol allows one, closes that
 //! connection, and keeps serving everyone else. Real cluster, raw sockets.
 
+// Tests run on their own runtimes: tokio's timers are fine here (see src/timers.rs).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::collections::HashMap;

@@ -2,6 +2,9 @@
 //! primaries, and holds new sessions through the gap. Each test breaks its
 //! own cluster.
 
+// Tests run on their own runtimes: tokio's timers are fine here (see src/timers.rs).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::collections::BTreeSet;

@@ -35,6 +35,9 @@
 //! time (a partition of the shared cluster's primary would disturb a
 //! neighbour, and the fd count is per process).
 
+// Tests run on their own runtimes: tokio's timers are fine here (see src/timers.rs).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::net::SocketAddr;

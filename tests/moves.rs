@@ -4,6 +4,9 @@
 //! error a retry loop expects. Each test breaks its own cluster; the
 //! clients are tokio-postgres, psql and pgbench.
 
+// Tests run on their own runtimes: tokio's timers are fine here (see src/timers.rs).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::process::Stdio;

@@ -2,6 +2,9 @@
 //! errors and the runtime flavors, against a real cluster. The admin
 //! endpoint's own tests are in `admin.rs`, reloads in `reload.rs`.
 
+// Tests run on their own runtimes: tokio's timers are fine here (see src/timers.rs).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::collections::BTreeSet;

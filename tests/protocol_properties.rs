@@ -6,6 +6,9 @@
 //! flipped, lengths rewritten, cut short), with random chunking: random
 //! bytes alone rarely get past a length word.
 
+// Tests run on their own runtimes: tokio's timers are fine here (see src/timers.rs).
+#![allow(clippy::disallowed_methods)]
+
 mod invariants;
 
 use rand::rngs::StdRng;

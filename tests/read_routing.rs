@@ -18,6 +18,9 @@
 //! most share one cluster whose replay they pause, and several measure
 //! timings that a concurrent cluster start would distort.
 
+// Tests run on their own runtimes: tokio's timers are fine here (see src/timers.rs).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::collections::BTreeMap;

@@ -1,6 +1,9 @@
 //! The relay: everything a client does on a direct connection works through
 //! pgpivot. Real cluster, real clients (tokio-postgres, psql, pgbench).
 
+// Tests run on their own runtimes: tokio's timers are fine here (see src/timers.rs).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::time::Duration;

@@ -2,6 +2,9 @@
 //! configs, concurrent reloads, TLS certificates and listener targets,
 //! against a real cluster.
 
+// Tests run on their own runtimes: tokio's timers are fine here (see src/timers.rs).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::time::Duration;

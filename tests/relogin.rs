@@ -5,6 +5,9 @@
 //! credential must log in to a standby as that role. This is the first step
 //! of moving sessions at a failover; sessions do not move yet.
 
+// Tests run on their own runtimes: tokio's timers are fine here (see src/timers.rs).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::sync::{Arc, OnceLock};

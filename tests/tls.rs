@@ -3,6 +3,9 @@
 //! no larger than PostgreSQL's, and every TLS connection pgpivot closes ends
 //! with a close_notify (libpq 17+ encrypted cancels depend on it).
 
+// Tests run on their own runtimes: tokio's timers are fine here (see src/timers.rs).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::time::Duration;

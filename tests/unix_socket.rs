@@ -3,6 +3,9 @@
 //! its directory with `port`). Sessions log in with a real SCRAM exchange
 //! over the socket (`pg_hba.conf` has `local all all scram-sha-256`).
 
+// Tests run on their own runtimes: tokio's timers are fine here (see src/timers.rs).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::time::Duration;

@@ -134,7 +134,7 @@ async fn pause(
     let deadline = Instant::now() + Duration::from_millis(p.timeout_ms);
     // Sessions report idleness through gauges; a short poll is simplest.
     while busy() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        crate::timers::sleep(Duration::from_millis(5)).await;
     }
     Json(PauseAnswer {
         paused: p.scope,
@@ -168,7 +168,7 @@ async fn resume(State(shared): State<Arc<Shared>>) -> Json<ResumeAnswer> {
             .all(|n| n.polled_at.is_some_and(|at| at >= asked))
     };
     while !fresh() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        crate::timers::sleep(Duration::from_millis(5)).await;
     }
     shared.pause.set(PauseScope::None);
     let primary = shared

@@ -65,7 +65,7 @@ where
     let node = ctx.node.to_string();
     let abandoned = |detail: String| AuthError::Abandoned { node, detail };
     tokio::select! {
-        r = tokio::time::timeout(timeout, authenticate(client, backend, ctx)) => {
+        r = crate::timers::timeout(timeout, authenticate(client, backend, ctx)) => {
             r.unwrap_or_else(|_| Err(abandoned(format!("authentication timed out after {timeout:?}"))))
         }
         // The client message adds "pgpivot:" itself.

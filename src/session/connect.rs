@@ -122,7 +122,7 @@ pub async fn connect(
         let wake = (Instant::now() + settings.monitor.interval).min(deadline);
         tokio::select! {
             _ = shared.shutdown.cancelled() => return Err(ConnectError::ShuttingDown),
-            _ = tokio::time::timeout_at(wake.into(), changes.changed()) => {}
+            _ = crate::timers::timeout_at(wake.into(), changes.changed()) => {}
         }
         avoid.clear();
     }
@@ -169,7 +169,7 @@ async fn try_once(
     };
     let started = Instant::now();
     let timeout = settings.connect_timeout;
-    let opened = tokio::time::timeout(timeout, open(settings, &node.name, &node.address)).await;
+    let opened = crate::timers::timeout(timeout, open(settings, &node.name, &node.address)).await;
     let mut backend = match opened {
         Ok(Ok(stream)) => stream,
         Ok(Err(detail)) => return Err(unreachable(detail)),
@@ -190,7 +190,7 @@ async fn try_once(
     // and retries. Nothing has reached the client yet, so this is safe.
     let mut first = BytesMut::with_capacity(1024);
     let answer =
-        tokio::time::timeout(timeout, fill_message(&mut backend, &mut first, 64 * 1024)).await;
+        crate::timers::timeout(timeout, fill_message(&mut backend, &mut first, 64 * 1024)).await;
     match answer {
         Err(_) => return Err(unreachable(format!("no answer within {timeout:?}"))),
         Ok(Err(e)) => return Err(unreachable(e.to_string())),

@@ -67,7 +67,7 @@ pub async fn negotiate<S: Transport>(
 
 /// Runs `f` unless the startup deadline passes first.
 async fn before<F: Future>(deadline: Instant, f: F) -> Result<F::Output, HandshakeError> {
-    tokio::time::timeout_at(deadline.into(), f)
+    crate::timers::timeout_at(deadline.into(), f)
         .await
         .map_err(|_| HandshakeError::Timeout)
 }

@@ -188,7 +188,7 @@ async fn log_in(
     // a pause waits for it, and a paused proxy holds it here.
     let busy_gauge = shared.metrics.busy(request.target.needs_primary());
     let deadline = Instant::now() + settings.hold_timeout;
-    let entered = tokio::time::timeout_at(
+    let entered = crate::timers::timeout_at(
         deadline.into(),
         shared
             .pause
@@ -467,7 +467,7 @@ impl Relayed<'_> {
         };
         let waited = tokio::select! {
             _ = self.shared.shutdown.cancelled() => None,
-            reason = tokio::time::timeout(self.settings.hold_timeout, wait) => reason.ok().flatten(),
+            reason = crate::timers::timeout(self.settings.hold_timeout, wait) => reason.ok().flatten(),
         };
         waited.map(|r| r.message())
     }
@@ -518,11 +518,12 @@ fn mobility_for(
                 .map(|n| n.tls.clone());
             let metrics = shared.metrics.clone();
             let timeout = settings.connect_timeout + settings.monitor.timeout;
-            tokio::spawn(async move {
+            // On the control runtime: tokio-postgres times its connect.
+            crate::timers::spawn_with_timers(async move {
                 let secret = match (primary, tls) {
                     (Some((name, address)), Some(tls)) => {
                         let lookup = store.lookup(&role, &name, &address, &tls);
-                        match tokio::time::timeout(timeout, lookup).await {
+                        match crate::timers::timeout(timeout, lookup).await {
                             Ok(Ok(secret)) => secret,
                             Ok(Err(e)) if e.is_repeat() => {
                                 tracing::debug!(role, "{e}");
@@ -744,5 +745,5 @@ const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// reading" without it, and libpq 17 then counts an encrypted cancel as
 /// failed), then a TCP FIN.
 pub(crate) async fn close<W: AsyncWrite + Unpin>(client: &mut W) {
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, client.shutdown()).await;
+    let _ = crate::timers::timeout(CLOSE_TIMEOUT, client.shutdown()).await;
 }

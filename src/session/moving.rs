@@ -210,7 +210,7 @@ async fn answer_in_flight<C: AsyncWrite + Unpin>(
 /// The pause gate and hold timeout a new session meets.
 async fn enter<'a>(ctx: &MoveContext<'a>) -> Result<crate::metrics::GaugeGuard<'a>, MoveError> {
     let needs_primary = ctx.request.target.needs_primary();
-    let entered = tokio::time::timeout(
+    let entered = crate::timers::timeout(
         ctx.settings.hold_timeout,
         ctx.pause.enter(needs_primary, ctx.busy_gauge),
     );
@@ -238,7 +238,7 @@ async fn log_in_and_replay(
     let node = connected.name.clone();
     let first = std::mem::take(&mut connected.first);
     let login = relogin::answer_challenges(&mut connected.backend, first, credential);
-    let logged_in = match tokio::time::timeout(super::AUTH_TIMEOUT, login).await {
+    let logged_in = match crate::timers::timeout(super::AUTH_TIMEOUT, login).await {
         Ok(Ok(logged_in)) => logged_in,
         Ok(Err(source)) => {
             if matches!(source, ReloginError::Refused { .. }) {

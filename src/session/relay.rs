@@ -726,7 +726,7 @@ impl Orders {
 /// its size to every idle session's relay future.
 async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
-        Some(at) => Box::pin(tokio::time::sleep_until(at)).await,
+        Some(at) => Box::pin(crate::timers::sleep_until(at)).await,
         None => std::future::pending().await,
     }
 }

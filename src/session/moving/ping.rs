@@ -46,7 +46,7 @@ pub async fn accepts_connections(
             .ok()??;
         Some(accepts(t, &body))
     };
-    tokio::time::timeout(timeout, ask)
+    crate::timers::timeout(timeout, ask)
         .await
         .ok()
         .flatten()
