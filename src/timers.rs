@@ -102,23 +102,27 @@ where
 mod tests {
     use super::*;
 
-    /// A worker-like thread: a runtime with no time driver, lent `control`.
-    fn on_timerless_thread<T: Send + 'static>(
+    /// Runs `body` on a worker-like thread, lent `control`, without
+    /// blocking the caller's runtime (so its driver can fire the timers).
+    async fn on_lent_thread<T: Send + 'static>(
         control: Handle,
         body: impl FnOnce() -> T + Send + 'static,
     ) -> T {
-        std::thread::spawn(move || {
+        let thread = std::thread::spawn(move || {
             lend(control);
             body()
-        })
-        .join()
-        .expect("the thread ran")
+        });
+        tokio::task::spawn_blocking(move || thread.join().expect("the thread ran"))
+            .await
+            .unwrap()
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    /// The control runtime is current-thread, as the binary's is: parked
+    /// with no timer of its own, it must be woken by a timer a worker makes.
+    #[tokio::test]
     async fn a_lent_thread_times_on_the_control_driver() {
         let control = Handle::current();
-        let (fired, timed_out, spawned) = on_timerless_thread(control, || {
+        let (fired, timed_out, spawned) = on_lent_thread(control, || {
             let worker = tokio::runtime::Builder::new_current_thread()
                 .enable_io()
                 .build()
@@ -136,7 +140,8 @@ mod tests {
                     .unwrap();
                 (fired, timed_out, spawned_on != std::thread::current().id())
             })
-        });
+        })
+        .await;
         assert!(fired, "the sleep ended at its deadline, not before");
         assert!(
             timed_out,
