@@ -12,7 +12,7 @@
 //! never move: a removed node stays as a tombstone (`Status::Removed`) and
 //! new nodes are appended.
 //!
-//! Reloads run one at a time, in one task ([`serve`]): each merges its node
+//! Reloads run one at a time, in one task (`serve`): each merges its node
 //! list against the one the previous reload published. Two reloads at once
 //! (SIGHUP and `POST /reload`) would both merge against the same snapshot
 //! and could add a node twice or bring back one just removed.

@@ -16,8 +16,8 @@
 //! Each stage is a module with its own function and error type; this one
 //! runs them in order inside the session's tracing span, with one settings
 //! snapshot, turns a stage's error into the client's ErrorResponse, and
-//! closes the client's connection the way PostgreSQL does ([`close`]). After
-//! the login, [`Relayed`] alternates relay and move for as long as the
+//! closes the client's connection the way PostgreSQL does (`close`). After
+//! the login, `Relayed` alternates relay and move for as long as the
 //! session can move (`[failover] move_sessions`, see [`mobility`]).
 
 pub mod auth;
@@ -77,7 +77,7 @@ pub struct Admission {
 /// Serves one accepted connection, in the session's tracing span.
 ///
 /// Not an `async fn`: the span is made here, and the session's future is
-/// the instrumented [`run`] alone, with no outer state machine keeping the
+/// the instrumented `run` alone, with no outer state machine keeping the
 /// arguments a second time (an idle session's task is sized by it).
 pub fn serve(
     shared: Arc<Shared>,

@@ -69,7 +69,7 @@ mod spares {
 
 /// One direction's read buffer and how much it reads at a time.
 ///
-/// It reads [`FIRST_CHUNK`] at first, doubles (up to [`READ_CHUNK`]) while
+/// It reads `FIRST_CHUNK` at first, doubles (up to `READ_CHUNK`) while
 /// reads fill it, and goes back to the first size at idle points. Whenever
 /// all of it was relayed the next read lands at the start of the allocation
 /// again, so a session keeps resident only the pages its largest reads

@@ -426,7 +426,7 @@ pub struct Words {
 /// Scans `sql` once, comparing only at the start of each alphanumeric run
 /// (`_` and `$` separate runs, so `pg_advisory_lock` and `set_config` are
 /// seen): every token the lexer could make starts at such a point, so this
-/// finds at least what [`classify`] acts on. Case does not matter; a false
+/// finds at least what `classify` acts on. Case does not matter; a false
 /// positive only costs a lex.
 pub fn scan_words(sql: &str) -> Words {
     let text = sql.as_bytes();
