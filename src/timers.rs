@@ -62,12 +62,16 @@ pub fn sleep_until(deadline: Instant) -> Sleep {
 /// [`tokio::time::timeout`], on the lent driver.
 #[allow(clippy::disallowed_methods)]
 pub fn timeout<F: IntoFuture>(duration: Duration, future: F) -> Timeout<F::IntoFuture> {
+    // Made into a future outside the lent context: nothing it spawns may
+    // land on the control runtime.
+    let future = future.into_future();
     on_timer_driver(|| tokio::time::timeout(duration, future))
 }
 
 /// [`tokio::time::timeout_at`], on the lent driver.
 #[allow(clippy::disallowed_methods)]
 pub fn timeout_at<F: IntoFuture>(deadline: Instant, future: F) -> Timeout<F::IntoFuture> {
+    let future = future.into_future();
     on_timer_driver(|| tokio::time::timeout_at(deadline, future))
 }
 

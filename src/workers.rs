@@ -144,10 +144,12 @@ impl Sessions {
     }
 
     /// For `per-core`, after the sessions: waits until `deadline` for the
-    /// workers to run no task at all (a session's background credential
-    /// lookup may outlive it briefly), then ends the worker threads and waits for them. Returns
-    /// the tasks that were still alive, ended with their runtimes: nothing a
-    /// session leaves behind outlives the proxy unseen.
+    /// workers to run no task at all (a task a session spawned may outlive
+    /// it briefly; its credential lookup runs on the control runtime, see
+    /// [`crate::timers::spawn_with_timers`]), then ends the worker threads
+    /// and waits for them. Returns the tasks that were still alive, ended
+    /// with their runtimes: nothing a session leaves behind outlives the
+    /// proxy unseen.
     pub async fn stop_workers(&self, deadline: Instant) -> usize {
         let Placement::Workers(workers, _) = &*self.placement else {
             return 0;
