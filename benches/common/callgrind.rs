@@ -244,7 +244,7 @@ pub async fn callgrind_cases(
             },
         ),
         (
-            "pgpivot (move_sessions off)",
+            PGPIVOT_MOVES_OFF,
             Subject::Pgpivot {
                 binary: pgpivot,
                 extra: MOVES_OFF,
@@ -266,6 +266,8 @@ pub async fn callgrind_cases(
 
 /// The label of pgpivot as configured by default.
 const PGPIVOT: &str = "pgpivot";
+/// The label of pgpivot without session moves (no state tracking).
+const PGPIVOT_MOVES_OFF: &str = "pgpivot (move_sessions off)";
 /// The label of the row the ratios are to.
 const PGBOUNCER: &str = "pgbouncer (session)";
 
@@ -306,7 +308,7 @@ pub fn print_callgrind(results: &[(&str, anyhow::Result<CallgrindResult>)], p: &
             Err(err) => println!("{label:<28} skipped: {err:#}"),
         }
     }
-    if let (Some(on), Some(off)) = (of(PGPIVOT), of("pgpivot (move_sessions off)")) {
+    if let (Some(on), Some(off)) = (of(PGPIVOT), of(PGPIVOT_MOVES_OFF)) {
         println!(
             "state tracking for moves: {:+.0} Ir/tx ({:+.1} %)",
             on.ir_per_tx - off.ir_per_tx,

@@ -601,9 +601,9 @@ fn run_unprivileged(cmd: &mut Command, dir: &Path) -> anyhow::Result<()> {
     }
     let (uid, gid, home) = account(OS_USER)?;
     chown(dir, Some(uid), Some(gid))?;
-    // The account's own environment too: valgrind's gdbserver, through
-    // which callgrind_control reaches a process, does not answer one
-    // running with root's.
+    // The account's own environment too, not root's: a program (or a tool
+    // such as valgrind running it) that looks at HOME or USER then finds
+    // the account it runs as.
     cmd.uid(uid)
         .gid(gid)
         .env("HOME", home)

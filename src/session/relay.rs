@@ -568,12 +568,7 @@ where
                 if let Some(due) = orders.ending.take() {
                     return Box::pin(finish(cw, state, due.0, false)).await;
                 }
-                // The work in flight did not finish in time: end the session
-                // as one that cannot move.
-                let mut due = orders.moving.take().expect("grace only while ending or moving");
-                state.stop_forwarding.store(true, Ordering::Relaxed);
-                due.1 = tokio::time::Instant::now() + END_GRACE;
-                orders.ending = Some(due);
+                orders.move_ran_out(state);
             }
             read = reader.read_from(br) => match read {
                 Ok(0) | Err(_) => {
@@ -703,22 +698,38 @@ impl Orders {
     /// Takes the signal the session's watch raised, if any: an end or move
     /// due now, or an end at the next idle point.
     fn take_signal(&mut self, signals: &Signals, state: &SessionState, ctx: &RelayContext<'_>) {
-        let grace = |period| tokio::time::Instant::now() + period;
         match signals.take() {
             Some(Signal::EndNow(reason))
                 if self.ending.is_none() && self.moving.is_none() && ctx.movable() =>
             {
                 state.moving.store(true, Ordering::Relaxed);
-                self.moving = Some(Box::new((reason, grace(MOVE_GRACE))));
+                self.moving = Some(Box::new((reason, grace_from_now(MOVE_GRACE))));
             }
             Some(Signal::EndNow(reason)) if self.ending.is_none() => {
                 state.stop_forwarding.store(true, Ordering::Relaxed);
-                self.ending = Some(Box::new((reason, grace(END_GRACE))));
+                self.ending = Some(Box::new((reason, grace_from_now(END_GRACE))));
             }
             Some(Signal::EndAtIdle(reason)) => self.at_idle = Some(Box::new(reason)),
             _ => {}
         }
     }
+
+    /// A move's grace ran out with work still in flight: the session ends
+    /// instead, as one that cannot move, with an end's grace.
+    fn move_ran_out(&mut self, state: &SessionState) {
+        let mut due = self
+            .moving
+            .take()
+            .expect("grace only while ending or moving");
+        state.stop_forwarding.store(true, Ordering::Relaxed);
+        due.1 = grace_from_now(END_GRACE);
+        self.ending = Some(due);
+    }
+}
+
+/// When a grace of `period` starting now runs out.
+fn grace_from_now(period: Duration) -> tokio::time::Instant {
+    tokio::time::Instant::now() + period
 }
 
 /// Resolves at `at`; never without one. The timer is boxed: it is needed
